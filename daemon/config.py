@@ -1,0 +1,269 @@
+"""Settings: pydantic models of the TOML config, loading, path resolution and friendly errors.
+
+`load_settings(path)` is the only reader; the `Settings` object is passed explicitly, never global.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from daemon.errors import ConfigError, UnknownProcessorError
+from daemon.processors import known_kinds, options_model
+
+DEFAULT_CONFIG = Path("config/medbatch.toml")
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_DURATIONS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def _parse_quantity(value: Any, units: dict[str, Any], what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    match = _QUANTITY.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in units:
+        raise ValueError(f"{value!r} is not a {what} (e.g. {'64MiB' if what == 'size' else '30s'})")
+    return float(match.group(1)) * units[unit]
+
+
+def _to_bytes(value: Any) -> Any:
+    parsed = _parse_quantity(value, _UNITS, "size")
+    return int(parsed) if isinstance(parsed, float) and parsed.is_integer() else parsed
+
+
+def _to_seconds(value: Any) -> Any:
+    return _parse_quantity(value, _DURATIONS, "duration")
+
+
+Bytes = Annotated[int, BeforeValidator(_to_bytes), Field(gt=0)]
+Seconds = Annotated[float, BeforeValidator(_to_seconds), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0)]
+
+# Memory a batch needs, per byte of input, by kind (images decode to far more than their files).
+DEFAULT_MEMORY_FACTOR = {"emr": 8.0, "genomics": 8.0, "imaging": 16.0}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Model):
+    inbox: Path = Path("../inbox")
+    outbox: Path = Path("../outbox")
+    state: Path = Path("../state")
+    quarantine: Path = Path("../quarantine")
+
+    @property
+    def spool(self) -> Path:
+        return self.state / "spool"
+
+    @property
+    def archive(self) -> Path:
+        return self.state / "archive"
+
+    @property
+    def journal(self) -> Path:
+        return self.state / "journal.db"
+
+    @property
+    def audit(self) -> Path:
+        return self.outbox / "_audit"
+
+
+class WorkersConfig(_Model):
+    count: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    executor: Literal["process", "dask"] = "process"
+    memory_budget: Bytes = 8 * 1024**3
+    batch_timeout_s: PositiveSeconds = 600.0
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    scheduler_address: str | None = None
+    scheduler_file: Path | None = None
+
+
+class DispatchConfig(_Model):
+    aging_s: PositiveSeconds = 60.0
+
+
+class ServiceConfig(_Model):
+    graceful_timeout_s: Seconds = 60.0
+    rescan_s: PositiveSeconds = 30.0
+    tick_s: PositiveSeconds = 0.5
+    metrics_address: str | None = None
+
+
+class Pipeline(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
+    kind: str
+    priority: int = Field(default=3, ge=1, le=5)
+    max_files: int = Field(default=200, ge=1)
+    max_bytes: Bytes = 64 * 1024**2
+    max_wait: PositiveSeconds = 30.0
+    settle_s: Seconds = 1.0
+    max_file_bytes: Bytes = 1024**3
+    memory_factor: float | None = Field(default=None, gt=0)
+    duplicates: Literal["skip", "process"] = "skip"
+    after_publish: Literal["archive", "delete"] = "archive"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_options(cls, data: Any) -> Any:
+        """Processor options live in the pipeline table too; move them aside and check them."""
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields)
+        data = dict(data)
+        extra = {k: data.pop(k) for k in list(data) if k not in known}
+        kind = data.get("kind")
+        if not isinstance(kind, str):
+            return data
+        try:
+            model = options_model(kind)
+        except UnknownProcessorError:
+            kinds = ", ".join(known_kinds())
+            raise ValueError(f"kind: unknown kind {kind!r} (known: {kinds})") from None
+        try:
+            data["options"] = model.model_validate(extra).model_dump(mode="json")
+        except ValidationError as exc:
+            raise ValueError(_describe(exc)) from None
+        return data
+
+    @property
+    def estimated_memory_factor(self) -> float:
+        return self.memory_factor or DEFAULT_MEMORY_FACTOR.get(self.kind, 8.0)
+
+
+class Settings(_Model):
+    paths: PathsConfig = PathsConfig()
+    workers: WorkersConfig = WorkersConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    service: ServiceConfig = ServiceConfig()
+    pipeline: list[Pipeline] = Field(min_length=1)
+    config_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        names = [p.name for p in self.pipeline]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pipeline: names must be unique ({', '.join(dupes)})")
+        if self.workers.executor == "dask" and not (
+            self.workers.scheduler_address or self.workers.scheduler_file
+        ):
+            raise ValueError(
+                "workers.scheduler_address: required (or workers.scheduler_file) "
+                "with executor = 'dask'"
+            )
+        _check_no_overlap(self.paths)
+        return self
+
+    def pipeline_named(self, name: str) -> Pipeline:
+        for p in self.pipeline:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def _check_no_overlap(paths: PathsConfig) -> None:
+    named = {
+        key: Path(os.path.realpath(getattr(paths, key)))
+        for key in ("inbox", "outbox", "state", "quarantine")
+    }
+    for a, pa in named.items():
+        for b, pb in named.items():
+            if a < b and (pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)):
+                raise ValueError(
+                    f"paths.{b}: overlaps paths.{a} ({pb} / {pa}); "
+                    "each must be its own folder, none inside another"
+                )
+
+
+_NESTED_KEY = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.*)$", re.DOTALL)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ""
+        for item in err["loc"]:
+            loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
+        msg = err["msg"].removeprefix("Value error, ")
+        nested = _NESTED_KEY.match(msg) if err["type"] == "value_error" else None
+        if nested:
+            loc, msg = (f"{loc}.{nested.group(1)}" if loc else nested.group(1)), nested.group(2)
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _first_key(exc: ValidationError) -> str:
+    text = _describe(exc)
+    return text.split(":", 1)[0] if ":" in text else "config"
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    paths = raw.get("paths")
+    if not isinstance(paths, dict):
+        raw["paths"] = paths = {}
+    for key in ("inbox", "outbox", "state", "quarantine"):
+        value = paths.get(key, getattr(PathsConfig(), key))
+        if isinstance(value, str | Path):
+            paths[key] = Path(os.path.normpath(base / Path(value).expanduser()))
+    workers = raw.get("workers")
+    if isinstance(workers, dict) and isinstance(workers.get("scheduler_file"), str):
+        workers["scheduler_file"] = base / workers["scheduler_file"]
+
+
+def config_path_from(arg: str | Path | None) -> Path:
+    """--config, else $MEDBATCH_CONFIG, else config/medbatch.toml."""
+    return Path(arg or os.environ.get("MEDBATCH_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read, resolve and validate a config; raise ConfigError naming the key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
+    if "config_path" in raw:
+        raise ConfigError("config_path", "Extra inputs are not permitted")
+    _resolve_paths(raw, path.resolve().parent)
+    raw["config_path"] = path.resolve()
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_first_key(exc), _describe(exc).split(": ", 1)[-1]) from None

@@ -1,0 +1,339 @@
+"""Journal: SQLite (WAL, synchronous=FULL) holding every file's and batch's state.
+
+The service's main loop is its only writer; `status` and `trace` open it read-only.
+One method per state transition; every write is an explicit IMMEDIATE transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.resources import files as package_files
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import JournalCorruptError
+from daemon.models import Batch, BatchResult, Facts
+
+SCHEMA_VERSION = 1
+TERMINAL_FILE_STATES = ("published", "quarantined", "duplicate")
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    id: int
+    pipeline: str
+    name: str
+    spool_name: str
+    sha256: str | None
+    size: int | None
+    received_at: float
+    state: str
+    batch_id: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    id: str
+    pipeline: str
+    priority: int
+    state: str
+    opened_at: float
+    sealed_at: float
+    attempts: int
+    folder: str | None
+
+
+class Journal:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if readonly:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        is_new = not path.exists()
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        if is_new:
+            os.chmod(path, 0o600)
+        self._check_integrity()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _check_integrity(self) -> None:
+        try:
+            (result,) = self._db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise JournalCorruptError(
+                f"journal {self.path} is not a readable database ({exc}); refusing to start. "
+                "Restore it from a backup or move it aside deliberately."
+            ) from None
+        if result != "ok":
+            raise JournalCorruptError(
+                f"journal {self.path} failed PRAGMA quick_check ({result}); refusing to start."
+            )
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise JournalCorruptError(
+                f"journal {self.path} has schema version {version}, newer than this medbatch "
+                f"({SCHEMA_VERSION}); upgrade medbatch"
+            )
+        if version < SCHEMA_VERSION:
+            schema = package_files("daemon").joinpath("schema.sql").read_text(encoding="utf-8")
+            self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{schema}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
+        """Record intent to move (pipeline, name, spool_name, received_at) into the spool."""
+        ids = []
+        with self.transaction() as db:
+            for pipeline, name, spool_name, received_at in claims:
+                cur = db.execute(
+                    "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
+                    "VALUES (?, ?, ?, ?, 'claiming')",
+                    (pipeline, name, spool_name, received_at),
+                )
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def finish_claims(
+        self,
+        received: Iterable[tuple[int, str, int]],
+        dropped: Iterable[int] = (),
+        quarantined: Iterable[tuple[int, str, int, str]] = (),
+    ) -> None:
+        """Claims that landed (id, sha256, size), vanished (id), or were refused (…, reason)."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET state='received', sha256=?, size=? WHERE id=?",
+                [(sha, size, fid) for fid, sha, size in received],
+            )
+            db.executemany("DELETE FROM files WHERE id=?", [(fid,) for fid in dropped])
+            db.executemany(
+                "UPDATE files SET state='quarantined', sha256=?, size=?, reason=?, done_at="
+                "received_at WHERE id=?",
+                [(sha, size, reason, fid) for fid, sha, size, reason in quarantined],
+            )
+
+    def claiming(self) -> list[FileRow]:
+        return self._files("state='claiming'")
+
+    def received(self) -> list[FileRow]:
+        """Claimed files not yet in a sealed batch, oldest first."""
+        return self._files("state='received' ORDER BY received_at, id")
+
+    def publisher_of(self, pipeline: str, sha256: str) -> str | None:
+        """The batch that already published this content in this pipeline, if any."""
+        row = self._db.execute(
+            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND state='published' "
+            "LIMIT 1",
+            (pipeline, sha256),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def mark_duplicates(self, dupes: Iterable[tuple[int, str]]) -> None:
+        """Files (id, earlier batch id) whose content that batch already published."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET state='duplicate', reason='duplicate_of:' || ?, "
+                "done_at=received_at WHERE id=?",
+                [(batch_id, fid) for fid, batch_id in dupes],
+            )
+
+    def record_rejected(self, pipeline: str, name: str, inode: int, reason: str, at: float) -> bool:
+        """Remember a refused inbox entry; False when it was reported before."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO rejected (pipeline, name, inode, reason, at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (pipeline, name, inode, reason, at),
+            )
+        return cur.rowcount > 0
+
+    # -- batches --------------------------------------------------------------------------
+
+    def seal_batch(self, batch: Batch, opened_at: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
+                "n_files, n_bytes) VALUES (?, ?, ?, 'sealed', ?, ?, ?, ?)",
+                (
+                    batch.batch_id,
+                    batch.pipeline,
+                    batch.priority,
+                    opened_at,
+                    batch.sealed_at,
+                    len(batch.files),
+                    batch.n_bytes,
+                ),
+            )
+            db.executemany(
+                "UPDATE files SET state='batched', batch_id=? WHERE id=? AND state='received'",
+                [(batch.batch_id, f.file_id) for f in batch.files],
+            )
+
+    def mark_running(self, batch_id: str, at: float) -> int:
+        """Start one more attempt; return its number."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE batches SET state='running', attempts=attempts+1, started_at=? WHERE id=?",
+                (at, batch_id),
+            )
+            (attempts,) = db.execute(
+                "SELECT attempts FROM batches WHERE id=?", (batch_id,)
+            ).fetchone()
+        return int(attempts)
+
+    def mark_sealed_again(self, batch_id: str, reason: str) -> None:
+        """Put a batch whose attempt failed back in line."""
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET state='sealed', reason=? WHERE id=?", (reason, batch_id))
+
+    def mark_published(self, result: BatchResult, at: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE batches SET state='published', finished_at=?, folder=? WHERE id=?",
+                (at, str(result.folder), result.batch_id),
+            )
+            self._finish_files(db, result, at)
+
+    def mark_batch_quarantined(self, result: BatchResult, at: float) -> None:
+        """Every input of the batch was refused by its processor: nothing to publish."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE batches SET state='quarantined', finished_at=? WHERE id=?",
+                (at, result.batch_id),
+            )
+            self._finish_files(db, result, at)
+
+    def mark_failed(self, batch_id: str, reason: str, at: float) -> None:
+        """Give up on a batch: each of its inputs goes to quarantine with `reason`."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE batches SET state='failed', finished_at=?, reason=? WHERE id=?",
+                (at, reason, batch_id),
+            )
+            db.execute(
+                "UPDATE files SET state='quarantined', reason=?, done_at=? "
+                "WHERE batch_id=? AND state='batched'",
+                (reason, at, batch_id),
+            )
+
+    @staticmethod
+    def _finish_files(db: sqlite3.Connection, result: BatchResult, at: float) -> None:
+        db.executemany(
+            "UPDATE files SET state='quarantined', reason=?, facts=?, done_at=? WHERE id=?",
+            [
+                (reason, json.dumps({"detail": detail}), at, fid)
+                for fid, (reason, detail) in result.quarantined.items()
+            ],
+        )
+        db.executemany(
+            "UPDATE files SET state='published', facts=?, done_at=? WHERE id=?",
+            [(json.dumps(facts), at, fid) for fid, facts in result.facts.items()],
+        )
+
+    def unfinished_batches(self) -> list[BatchRow]:
+        rows = self._db.execute(
+            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
+            "FROM batches WHERE state IN ('sealed', 'running') ORDER BY sealed_at"
+        ).fetchall()
+        return [BatchRow(*row) for row in rows]
+
+    def batch_files(self, batch_id: str) -> list[FileRow]:
+        return self._files("batch_id=? ORDER BY id", (batch_id,))
+
+    # -- disposal of terminal inputs ------------------------------------------------------
+
+    def undisposed(self) -> list[FileRow]:
+        """Terminal files whose spooled copy has not been archived, quarantined or deleted."""
+        states = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
+        return self._files(f"disposed=0 AND state IN ({states}) ORDER BY id")
+
+    def mark_disposed(self, file_ids: Iterable[int]) -> None:
+        with self.transaction() as db:
+            db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
+
+    # -- meta, status, trace ---------------------------------------------------------------
+
+    def set_meta(self, **values: Any) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
+
+    def meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def file_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._db.execute(
+            "SELECT pipeline, state, count(*) FROM files GROUP BY pipeline, state"
+        ).fetchall()
+        return {(p, s): int(n) for p, s, n in rows}
+
+    def batch_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._db.execute(
+            "SELECT pipeline, state, count(*) FROM batches GROUP BY pipeline, state"
+        ).fetchall()
+        return {(p, s): int(n) for p, s, n in rows}
+
+    def oldest_waiting(self) -> dict[str, float]:
+        rows = self._db.execute(
+            "SELECT pipeline, min(received_at) FROM files "
+            "WHERE state IN ('received', 'batched') GROUP BY pipeline"
+        ).fetchall()
+        return {p: float(t) for p, t in rows}
+
+    def find_files(self, key: str) -> list[FileRow]:
+        """Files whose sha256, name or spool name is `key`."""
+        return self._files("sha256=? OR name=? OR spool_name=? ORDER BY id", (key, key, key))
+
+    def batch(self, batch_id: str) -> BatchRow | None:
+        row = self._db.execute(
+            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
+            "FROM batches WHERE id=?",
+            (batch_id,),
+        ).fetchone()
+        return None if row is None else BatchRow(*row)
+
+    def file_facts(self, file_id: int) -> Facts:
+        row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()
+        return {} if row is None or row[0] is None else dict(json.loads(row[0]))
+
+    def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
+        rows = self._db.execute(
+            "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
+            f"reason FROM files WHERE {where}",
+            params,
+        ).fetchall()
+        return [FileRow(*row) for row in rows]

@@ -1,0 +1,616 @@
+"""Supervisor: wires the parts and runs the one main loop that owns the journal and audit log.
+
+Threads (watcher, scheduler, pool callbacks) and signal handlers only put messages on
+`self._messages`; this loop handles them in order. Start: journal check → recovery → pool →
+watches → start-up scan → READY. Stop: watcher → scheduler → drain in-flight batches (up to
+`graceful_timeout_s`) → pool → journal, each step an audit line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import sys
+import time
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from daemon import __version__
+from daemon.audit import AuditEvent, AuditLog
+from daemon.batcher import Batcher, Sealed
+from daemon.config import Pipeline, Settings, load_settings
+from daemon.dispatcher import PriorityDispatcher
+from daemon.errors import BatchFailedError, ConfigError, MedbatchError
+from daemon.executors.process import ProcessExecutor
+from daemon.intake import Intake
+from daemon.journal import FileRow, Journal
+from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
+from daemon.notify import Notifier
+from daemon.outbox import move_aside, quarantine, remove_stale_staging
+from daemon.periodic import HEARTBEAT_S, Heartbeat, Periodic, Rescan, Tick
+from daemon.watcher import InboxWatcher, PathSeen
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReceived:
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    batch_id: str
+    future: Future[BatchResult]
+
+
+@dataclass
+class _InFlight:
+    task: BatchTask
+    generation: int
+    started: float
+
+
+@dataclass
+class _Progress:
+    published: int = 0
+    quarantined: int = 0
+    files_taken: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, once: bool = False) -> None:
+        self.settings = settings
+        self.once = once
+        self._messages: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._notifier = Notifier()
+        self._stopping = False
+        self._stop_now = False
+        self._inflight: dict[str, _InFlight] = {}
+        self._generation = 0
+        self._progress = _Progress()
+        self._last_tick = time.monotonic()
+        self._is_tty = sys.stderr.isatty()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._start()
+        try:
+            while not self._is_finished():
+                self._wait_and_handle()
+                self._step()
+        finally:
+            self._stop()
+        return 0
+
+    def _start(self) -> None:
+        paths = self.settings.paths
+        for folder in (paths.state, paths.spool, paths.outbox, paths.quarantine, paths.archive):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._check_filesystems()
+        self.journal = Journal(paths.journal)
+        self.audit = AuditLog(paths.audit)
+        self.audit.append(
+            AuditEvent.DAEMON_STARTED, pid=os.getpid(), version=__version__, once=self.once or None
+        )
+        self.intake = Intake(self.settings, self.journal, self.audit)
+        self.batcher = Batcher(self._pipelines())
+        workers = self.settings.workers
+        self.dispatcher = PriorityDispatcher(
+            workers.count, workers.memory_budget, self.settings.dispatch.aging_s
+        )
+        self._recover()
+        self.executor = ProcessExecutor(workers.count, self._kinds(), self._on_done)
+        self.executor.start()
+        self._install_signal_handlers()
+        self.watcher = InboxWatcher(self._messages)
+        if not self.once:
+            self.watcher.start(self._inbox_folders())
+        found = self.intake.scan()
+        self.periodic = Periodic(self._messages)
+        service = self.settings.service
+        self.periodic.start(service.tick_s, service.rescan_s, self._heartbeat_s())
+        self._heartbeat()
+        self.audit.sync()
+        log.info(
+            "daemon.ready",
+            pipelines=len(self.settings.pipeline),
+            backlog=found,
+            workers=workers.count,
+        )
+        self._notifier.ready()
+
+    def _check_filesystems(self) -> None:
+        paths = self.settings.paths
+        for p in self.settings.pipeline:
+            (paths.inbox / p.name).mkdir(parents=True, exist_ok=True)
+        if os.stat(paths.inbox).st_dev != os.stat(paths.spool).st_dev:
+            raise ConfigError(
+                "paths.state",
+                "must be on the same filesystem as paths.inbox "
+                "(claiming a file is a rename into state/spool)",
+            )
+
+    def _stop(self) -> None:
+        self._notifier.stopping()
+        with contextlib.suppress(AttributeError):
+            self.watcher.stop()
+        with contextlib.suppress(AttributeError):
+            self.periodic.stop()
+        if not hasattr(self, "executor"):
+            return
+        self._drain()
+        self.executor.shutdown(wait=not self._inflight)
+        self._record_heartbeat(stopped=True)
+        self.audit.append(
+            AuditEvent.DAEMON_STOPPED, pid=os.getpid(), interrupted=len(self._inflight) or None
+        )
+        self.audit.sync()
+        self.audit.close()
+        self.journal.close()
+        log.info("daemon.stopped", interrupted=len(self._inflight))
+
+    def _drain(self) -> None:
+        """Finish in-flight batches, up to the graceful timeout (or a second SIGTERM)."""
+        if not self._inflight:
+            return
+        self.audit.append(AuditEvent.DAEMON_DRAINING, in_flight=len(self._inflight))
+        self.audit.sync()
+        deadline = time.monotonic() + self.settings.service.graceful_timeout_s
+        while self._inflight and not self._stop_now:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(queue.Empty):
+                self._handle(self._messages.get(timeout=min(remaining, 1.0)), draining=True)
+        if self._inflight:
+            log.warning("daemon.drain_timeout", in_flight=len(self._inflight))
+            self._terminate_workers()
+
+    def _terminate_workers(self) -> None:
+        """Running futures cannot be cancelled: stop their processes; recovery re-runs them."""
+        for pid in self.executor.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _is_finished(self) -> bool:
+        if self._stopping:
+            return True
+        if not self.once:
+            return False
+        return (
+            self.intake.pending == 0
+            and not self.batcher.open_batches()
+            and len(self.dispatcher) == 0
+            and not self._inflight
+        )
+
+    # -- signals --------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._messages.put(SignalReceived(signum))  # SimpleQueue.put is reentrant
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self._reload()
+        elif self._stopping:
+            self._stop_now = True
+            log.warning("daemon.stop_now")
+        else:
+            self._stopping = True
+            log.info("daemon.stopping", signal=signal.Signals(signum).name)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _wait_and_handle(self) -> None:
+        due = self.intake.next_due()
+        timeout = None if due is None else max(0.0, due - time.monotonic())
+        if self.once and timeout is None:
+            timeout = 0.2
+        try:
+            message = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._handle(message)
+        # Take whatever else is waiting, so a burst of events costs one step.
+        for _ in range(100_000):
+            try:
+                self._handle(self._messages.get_nowait())
+            except queue.Empty:
+                return
+
+    def _handle(self, message: object, *, draining: bool = False) -> None:
+        if isinstance(message, PathSeen):
+            if not draining:
+                self.intake.offer(message.pipeline, message.path, is_writing=message.is_writing)
+        elif isinstance(message, BatchDone):
+            self._on_batch_done(message.batch_id, message.future)
+        elif isinstance(message, SignalReceived):
+            self._handle_signal(message.signum)
+        elif isinstance(message, Tick):
+            self._last_tick = time.monotonic()
+        elif isinstance(message, Rescan) and not draining:
+            found = self.intake.scan()
+            if found:
+                log.info("intake.rescan_found", files=found)
+        elif isinstance(message, Heartbeat):
+            self._heartbeat()
+
+    def _step(self) -> None:
+        if self._stopping:
+            return
+        now = time.time()
+        sealed: list[Sealed] = []
+        for incoming in self.intake.take_settled():
+            sealed += self._admit(incoming, now)
+        sealed += self.batcher.seal_due(now)
+        if self.once and self.intake.pending == 0:
+            sealed += self.batcher.seal_all(now)
+        for s in sealed:
+            self._seal(s)
+        self._dispatch()
+        self.audit.sync()
+        self._report_progress()
+
+    def _admit(self, incoming: IncomingFile, now: float) -> list[Sealed]:
+        self._progress.files_taken += 1
+        pipeline = self._pipelines().get(incoming.pipeline)
+        if pipeline is not None and pipeline.duplicates == "skip":
+            earlier = self.journal.publisher_of(incoming.pipeline, incoming.sha256)
+            if earlier is not None:
+                self.journal.mark_duplicates([(incoming.file_id, earlier)])
+                self.audit.append(
+                    AuditEvent.FILE_DUPLICATE,
+                    pipeline=incoming.pipeline,
+                    file_id=incoming.file_id,
+                    sha256=incoming.sha256,
+                    batch_id=earlier,
+                )
+                self._dispose()
+                return []
+        if pipeline is None:
+            return []
+        return self.batcher.add(incoming, now)
+
+    def _seal(self, sealed: Sealed) -> None:
+        batch = sealed.batch
+        self.journal.seal_batch(batch, sealed.opened_at)
+        self.audit.append(
+            AuditEvent.BATCH_SEALED,
+            pipeline=batch.pipeline,
+            batch_id=batch.batch_id,
+            files=len(batch.files),
+            bytes=batch.n_bytes,
+            priority=batch.priority,
+        )
+        self.dispatcher.push(self._task(batch))
+
+    def _task(self, batch: Batch) -> BatchTask:
+        pipeline = self._pipelines()[batch.pipeline]
+        return BatchTask(
+            batch=batch,
+            options=pipeline.options,
+            outbox_dir=self.settings.paths.outbox / batch.pipeline,
+            memory_estimate=int(batch.n_bytes * pipeline.estimated_memory_factor),
+        )
+
+    def _dispatch(self) -> None:
+        for task in self.dispatcher.pop_ready():
+            batch = task.batch
+            attempt = self.journal.mark_running(batch.batch_id, time.time())
+            task = BatchTask(
+                Batch(
+                    batch.batch_id,
+                    batch.pipeline,
+                    batch.kind,
+                    batch.priority,
+                    batch.sealed_at,
+                    batch.files,
+                    attempt,
+                ),
+                task.options,
+                task.outbox_dir,
+                task.memory_estimate,
+            )
+            self.audit.append(
+                AuditEvent.BATCH_STARTED,
+                pipeline=batch.pipeline,
+                batch_id=batch.batch_id,
+                attempt=attempt,
+            )
+            self._inflight[batch.batch_id] = _InFlight(task, self._generation, time.monotonic())
+            self.executor.submit(task)
+
+    def _on_done(self, batch_id: str, future: Future[BatchResult]) -> None:
+        """Pool thread: hand the outcome to the main loop."""
+        self._messages.put(BatchDone(batch_id, future))
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _on_batch_done(self, batch_id: str, future: Future[BatchResult]) -> None:
+        flight = self._inflight.pop(batch_id, None)
+        self.dispatcher.done(batch_id)
+        if flight is None:
+            return
+        batch = flight.task.batch
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            if flight.generation == self._generation:
+                self._generation += 1
+                self.executor.rebuild()
+            self._retry_or_fail(flight.task, "worker_crash")
+            return
+        except BatchFailedError as exc:
+            log.warning("batch.failed_attempt", batch_id=batch_id, reason=exc.reason)
+            self._retry_or_fail(flight.task, exc.reason)
+            return
+        now = time.time()
+        if result.is_published:
+            self.journal.mark_published(result, now)
+            self.audit.append(
+                AuditEvent.BATCH_PUBLISHED,
+                pipeline=batch.pipeline,
+                batch_id=batch_id,
+                files=len(result.facts),
+                quarantined=len(result.quarantined),
+                folder=str(result.folder),
+            )
+            self._progress.published += 1
+        else:
+            self.journal.mark_batch_quarantined(result, now)
+            self.audit.append(
+                AuditEvent.BATCH_FAILED,
+                pipeline=batch.pipeline,
+                batch_id=batch_id,
+                reason="every_input_quarantined",
+            )
+        by_id = {f.file_id: f for f in batch.files}
+        for file_id, (reason, _) in result.quarantined.items():
+            self.audit.append(
+                AuditEvent.FILE_QUARANTINED,
+                pipeline=batch.pipeline,
+                batch_id=batch_id,
+                file_id=file_id,
+                sha256=by_id[file_id].sha256,
+                reason=reason,
+            )
+        self._progress.quarantined += len(result.quarantined)
+        self.audit.sync()
+        self._dispose()
+
+    def _retry_or_fail(self, task: BatchTask, reason: str) -> None:
+        batch = task.batch
+        if batch.attempt < self.settings.workers.max_attempts:
+            self.journal.mark_sealed_again(batch.batch_id, reason)
+            self.audit.append(
+                AuditEvent.BATCH_RETRIED,
+                pipeline=batch.pipeline,
+                batch_id=batch.batch_id,
+                attempt=batch.attempt,
+                reason=reason,
+            )
+            self.dispatcher.push(task)
+            return
+        self.journal.mark_failed(batch.batch_id, reason, time.time())
+        self.audit.append(
+            AuditEvent.BATCH_FAILED,
+            pipeline=batch.pipeline,
+            batch_id=batch.batch_id,
+            reason=reason,
+            attempts=batch.attempt,
+        )
+        for f in batch.files:
+            self.audit.append(
+                AuditEvent.FILE_QUARANTINED,
+                pipeline=batch.pipeline,
+                batch_id=batch.batch_id,
+                file_id=f.file_id,
+                sha256=f.sha256,
+                reason=reason,
+            )
+        self._progress.quarantined += len(batch.files)
+        self.audit.sync()
+        self._dispose()
+
+    def _dispose(self) -> None:
+        """Move terminal inputs out of the spool: archive (or delete) or quarantine.
+
+        Idempotent, after the journal commit: a crash in between is finished by recovery.
+        """
+        rows = self.journal.undisposed()
+        for row in rows:
+            source = self.settings.paths.spool / row.spool_name
+            if not (source.exists() or source.is_symlink()):
+                continue
+            pipeline = self._pipelines().get(row.pipeline)
+            if row.state == "quarantined":
+                self._quarantine(row, source)
+            elif pipeline is not None and pipeline.after_publish == "delete":
+                source.unlink()
+            else:
+                day = time.strftime("%Y-%m-%d", time.gmtime(row.received_at))
+                move_aside(source, self.settings.paths.archive / row.pipeline / day, source.name)
+        if rows:
+            self.journal.mark_disposed(r.id for r in rows)
+
+    def _quarantine(self, row: FileRow, source: Path) -> None:
+        detail = self.journal.file_facts(row.id).get("detail", "")
+        quarantine(
+            source,
+            self.settings.paths.quarantine / row.pipeline,
+            row.name,
+            {
+                "name": row.name,
+                "pipeline": row.pipeline,
+                "reason": row.reason,
+                "detail": detail,
+                "sha256": row.sha256,
+                "size": row.size,
+                "batch_id": row.batch_id,
+                "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted; every step is idempotent."""
+        paths = self.settings.paths
+        stale = remove_stale_staging(paths.outbox / p.name for p in self.settings.pipeline)
+        claims = self.intake.finish_interrupted_claims()
+        self._dispose()
+        rerun = 0
+        for row in self.journal.unfinished_batches():
+            files = [
+                self._incoming(f) for f in self.journal.batch_files(row.id) if f.state == "batched"
+            ]
+            if row.pipeline not in self._pipelines() or not files:
+                continue
+            pipeline = self._pipelines()[row.pipeline]
+            batch = Batch(
+                row.id,
+                row.pipeline,
+                pipeline.kind,
+                row.priority,
+                row.sealed_at,
+                tuple(files),
+                row.attempts,
+            )
+            self.dispatcher.push(self._task(batch))
+            rerun += 1
+        reopened = 0
+        for received in self.journal.received():
+            if received.pipeline in self._pipelines():
+                for s in self.batcher.add(self._incoming(received), time.time()):
+                    self._seal(s)
+                reopened += 1
+        if stale or claims or rerun or reopened:
+            self.audit.append(
+                AuditEvent.DAEMON_RECOVERED,
+                stale_staging=stale,
+                claims_finished=len(claims),
+                batches_rerun=rerun,
+                files_rebatched=reopened,
+            )
+            log.info(
+                "daemon.recovered",
+                stale_staging=stale,
+                claims_finished=len(claims),
+                batches_rerun=rerun,
+                files_rebatched=reopened,
+            )
+
+    def _incoming(self, row: FileRow) -> IncomingFile:
+        return IncomingFile(
+            row.id,
+            row.pipeline,
+            row.name,
+            self.settings.paths.spool / row.spool_name,
+            row.sha256 or "",
+            row.size or 0,
+            row.received_at,
+        )
+
+    # -- heartbeat, reload ----------------------------------------------------------------
+
+    def _heartbeat_s(self) -> float:
+        interval = self._notifier.watchdog_interval_s
+        return min(HEARTBEAT_S, interval) if interval else HEARTBEAT_S
+
+    def _is_healthy(self) -> bool:
+        """Watches set, scheduler ticking: otherwise stop pinging systemd's watchdog."""
+        tick_late = time.monotonic() - self._last_tick > max(
+            10.0, 20 * self.settings.service.tick_s
+        )
+        watcher_ok = self.once or self.watcher.is_alive()
+        return watcher_ok and self.periodic.is_alive() and not tick_late
+
+    def _heartbeat(self) -> None:
+        if not self.once and not self.watcher.is_alive():
+            log.error("watcher.dead_restarting")
+            self.watcher.restart(self._inbox_folders())
+            self.intake.scan()
+        healthy = self._is_healthy()
+        self._record_heartbeat(stopped=False, healthy=healthy)
+        if healthy:
+            self._notifier.watchdog()
+        self._notifier.status(
+            f"{self.intake.pending} settling, {len(self.dispatcher)} waiting, "
+            f"{len(self._inflight)} in flight, {self._progress.published} published"
+        )
+
+    def _record_heartbeat(self, *, stopped: bool, healthy: bool = True) -> None:
+        self.journal.set_meta(
+            heartbeat=None if stopped else time.time(),
+            pid=os.getpid(),
+            healthy=healthy,
+            heartbeat_s=self._heartbeat_s(),
+            audit_head=list(self.audit.head),
+        )
+
+    def _reload(self) -> None:
+        self._notifier.reloading()
+        path = self.settings.config_path
+        try:
+            if path is None:
+                raise ConfigError("config", "no config file to reload")
+            settings = load_settings(path)
+            if settings.paths != self.settings.paths:
+                raise ConfigError("paths", "paths cannot change on reload; restart the service")
+        except MedbatchError as exc:
+            log.error("config.rejected", error=str(exc))
+            self.audit.append(AuditEvent.CONFIG_REJECTED, reason=str(exc))
+            self._notifier.ready()
+            return
+        self.settings = settings
+        self.intake.reconfigure(settings)
+        self.batcher.reconfigure(self._pipelines())
+        workers = settings.workers
+        self.dispatcher.reconfigure(workers.count, workers.memory_budget, settings.dispatch.aging_s)
+        self.executor.reconfigure(workers.count, self._kinds())
+        self.watcher.restart(self._inbox_folders())
+        self.periodic.reschedule(
+            settings.service.tick_s, settings.service.rescan_s, self._heartbeat_s()
+        )
+        self.intake.scan()
+        self.audit.append(
+            AuditEvent.CONFIG_RELOADED, pipelines=len(settings.pipeline), workers=workers.count
+        )
+        log.info("config.reloaded", pipelines=len(settings.pipeline))
+        self._notifier.ready()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _pipelines(self) -> dict[str, Pipeline]:
+        return {p.name: p for p in self.settings.pipeline}
+
+    def _kinds(self) -> list[str]:
+        return [p.kind for p in self.settings.pipeline]
+
+    def _inbox_folders(self) -> dict[str, Path]:
+        return {p.name: self.settings.paths.inbox / p.name for p in self.settings.pipeline}
+
+    def _report_progress(self) -> None:
+        if not (self.once and self._is_tty):
+            return
+        elapsed = max(time.monotonic() - self._progress.started, 1e-6)
+        p = self._progress
+        sys.stderr.write(
+            f"\r{p.files_taken} files taken, {p.published} batches published, "
+            f"{p.quarantined} quarantined, {p.files_taken / elapsed:.0f} files/s "
+        )
+        sys.stderr.flush()

@@ -1,0 +1,93 @@
+"""InboxWatcher: a watchdog (inotify) observer on every `<inbox>/<pipeline>/`.
+
+Its thread only puts `PathSeen` messages on the main loop's queue; events are hints, and the
+periodic rescan (periodic.py) is what guarantees a dropped event never loses a file.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from watchdog.events import (
+    FileClosedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class PathSeen:
+    pipeline: str
+    path: Path
+    is_writing: bool | None
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, pipeline: str, messages: queue.SimpleQueue[object]) -> None:
+        self._pipeline = pipeline
+        self._messages = messages
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        # Never raise here: an exception would end watchdog's dispatcher thread for good
+        # (gorakhargosh/watchdog#427).
+        try:
+            if event.is_directory:
+                return
+            if isinstance(event, FileMovedEvent):
+                path, is_writing = event.dest_path, None
+            elif isinstance(event, FileModifiedEvent):
+                path, is_writing = event.src_path, True
+            elif isinstance(event, FileClosedEvent):
+                path, is_writing = event.src_path, False
+            elif event.event_type == "created":
+                path, is_writing = event.src_path, None
+            else:
+                return
+            text = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+            self._messages.put(PathSeen(self._pipeline, Path(text), is_writing))
+        except Exception:
+            log.exception("watcher.handler_failed")
+
+
+class InboxWatcher:
+    def __init__(self, messages: queue.SimpleQueue[object]) -> None:
+        self._messages = messages
+        self._observer: BaseObserver | None = None
+        self._folders: dict[str, Path] = {}
+
+    def start(self, folders: dict[str, Path]) -> None:
+        """Watch each pipeline's folder (not recursive: an inbox is flat)."""
+        self._folders = dict(folders)
+        observer = Observer()
+        for pipeline, folder in self._folders.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            observer.schedule(_Handler(pipeline, self._messages), str(folder), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def is_alive(self) -> bool:
+        """The observer and every emitter thread are running (a dead one leaves us blind)."""
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        return all(emitter.is_alive() for emitter in observer.emitters)
+
+    def restart(self, folders: dict[str, Path] | None = None) -> None:
+        self.stop()
+        self.start(folders if folders is not None else self._folders)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None

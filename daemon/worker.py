@@ -1,0 +1,99 @@
+"""The worker entry point: processor → merge → atomic publish → small summary back.
+
+Runs inside a worker process (process pool or Dask). It reads only the batch's spooled inputs and
+writes only `<outbox>/<pipeline>/.tmp-<batch id>/`, renamed to `<batch id>/` when whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterable
+from functools import cache
+from typing import Any
+
+from daemon.errors import BatchFailedError, ProcessorError
+from daemon.models import BatchResult, BatchTask, Facts, OutputFile
+from daemon.outbox import (
+    build_manifest,
+    describe_outputs,
+    publish,
+    read_manifest,
+    staging_folder,
+    write_manifest,
+)
+from daemon.processors import load_processor, options_model
+from daemon.processors.base import Processor
+
+
+def init_worker(kinds: Iterable[str] = ()) -> None:
+    """Pool initializer: Ctrl-C is for the main process (it drains); preload the processors."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for kind in kinds:
+        load_processor(kind)
+
+
+def warm_up() -> int:
+    return 0
+
+
+@cache
+def _processor(kind: str, options_json: str) -> Processor:
+    options = options_model(kind).model_validate(json.loads(options_json))
+    return load_processor(kind)(options)
+
+
+def run_batch(task: BatchTask) -> BatchResult:
+    try:
+        return _run(task)
+    except (ProcessorError, BatchFailedError):
+        raise
+    except OSError as exc:
+        # Errors cross the process boundary pickled: keep them plain (CPython bpo-31699).
+        raise BatchFailedError("io_error", f"{exc.__class__.__name__} errno={exc.errno}") from None
+    except MemoryError:
+        raise BatchFailedError("out_of_memory") from None
+    except Exception as exc:
+        raise BatchFailedError("processor_failed", type(exc).__name__) from None
+
+
+def _run(task: BatchTask) -> BatchResult:
+    batch = task.batch
+    processor = _processor(batch.kind, json.dumps(task.options, sort_keys=True))
+    partials: list[Any] = []
+    facts: dict[int, Facts] = {}
+    quarantined: dict[int, tuple[str, str]] = {}
+    for f in batch.files:
+        try:
+            partial, facts[f.file_id] = processor.read(f.spool_path, f.name)
+            partials.append(partial)
+        except ProcessorError as exc:
+            quarantined[f.file_id] = (exc.reason, exc.detail)
+        except MemoryError:
+            quarantined[f.file_id] = ("out_of_memory", "reading it took more memory than free")
+        except Exception as exc:
+            quarantined[f.file_id] = ("unreadable", type(exc).__name__)
+    if not partials:
+        return BatchResult(batch.batch_id, None, None, quarantined=quarantined)
+
+    final = task.outbox_dir / batch.batch_id
+    earlier = read_manifest(final)
+    if earlier is not None:
+        # An earlier attempt published it and died before the journal heard: keep that one.
+        outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
+        return BatchResult(batch.batch_id, final, time.time(), outputs, facts, quarantined)
+    if final.exists():
+        shutil.rmtree(final)
+    merged = processor.merge(partials)
+    tmp = staging_folder(task.outbox_dir, batch.batch_id)
+    try:
+        outputs = describe_outputs(tmp, processor.write(merged, tmp))
+        published_at = time.time()
+        write_manifest(tmp, build_manifest(batch, outputs, facts, quarantined, published_at))
+        publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BatchResult(batch.batch_id, final, published_at, outputs, facts, quarantined)
