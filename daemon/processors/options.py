@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
 class _Options(BaseModel):
@@ -45,14 +45,21 @@ class EmrOptions(_Options):
 
 
 class ImagingOptions(_Options):
-    rotate_deg: float = 0.0
-    resize: tuple[int, int] | None = None
+    # Applied before measuring, in this order: grey, rotate (canvas grows to fit), resize.
+    rotate_deg: float = Field(default=0.0, allow_inf_nan=False)
+    resize: tuple[PositiveInt, PositiveInt] | None = None  # (height, width)
     grey: bool = False
     per_frame: bool = False
+    # Refuse, before decoding, an image declaring more samples than this
+    # (rows x columns x frames x samples per pixel). Pillow's own bomb guard (2 x 89,478,485
+    # pixels, the default here) still stops PNG and JPEG files past it.
     max_pixels: int = Field(default=178_956_970, gt=0)
     thumbnail_px: int = Field(default=128, ge=16, le=1024)
 
 
 class GenomicsOptions(_Options):
     layout: Literal["auto", "long", "wide"] = "auto"
-    gene_column: str = "gene"
+    gene_column: str = Field(default="gene", min_length=1)
+    # Long layout only: the other two columns (auto-detection looks for all three).
+    sample_column: str = Field(default="sample", min_length=1)
+    expression_column: str = Field(default="expression", min_length=1)

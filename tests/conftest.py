@@ -1,0 +1,42 @@
+"""Guards on every test: no leaked threads, no leaked child processes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        threads = {t for t in threading.enumerate() if t not in threads_before and t.is_alive()}
+        children = _children() - children_before
+        if not threads and not children:
+            return
+        time.sleep(0.05)
+    assert not threads, f"test leaked threads: {threads}"
+    assert not children, f"test leaked child processes: {children}"

@@ -1,0 +1,1 @@
+"""Shared test helpers: waiting, the service as a subprocess, the accounting checker."""

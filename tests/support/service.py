@@ -1,0 +1,209 @@
+"""The real service as a subprocess (`python -m daemon run`) over a temp folder tree."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tests.support.data import drop
+from tests.support.waiting import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render_config(
+    pipelines: Iterable[Mapping[str, Any]], sections: Mapping[str, Mapping[str, Any]]
+) -> str:
+    lines = [
+        "[paths]",
+        'inbox = "inbox"',
+        'outbox = "outbox"',
+        'state = "state"',
+        'quarantine = "quarantine"',
+    ]
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    for pipeline in pipelines:
+        lines.append("[[pipeline]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in pipeline.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Service:
+    def __init__(
+        self, root: Path, pipelines: Iterable[Mapping[str, Any]], **sections: Mapping[str, Any]
+    ) -> None:
+        self.root = root
+        self.config = root / "medbatch.toml"
+        sections = {"workers": {"count": 2}, "service": {"tick_s": 0.1, "rescan_s": 5}, **sections}
+        self.config.write_text(render_config(pipelines, sections))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    # -- folders --------------------------------------------------------------------------
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "state" / "spool"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.root / f"stderr-{self.runs}.log"
+
+    def drop(self, pipeline: str, name: str, content: bytes) -> str:
+        return drop(self.inbox / pipeline, name, content)
+
+    # -- process --------------------------------------------------------------------------
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "daemon", "--config", str(self.config), *args]
+
+    def start(
+        self, *args: str, env: Mapping[str, str] | None = None, wait_ready: bool = True
+    ) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        stderr = self.stderr_path.open("wb")
+        self.process = subprocess.Popen(
+            self.command("run", *args),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        stderr.close()
+        if wait_ready:
+            wait_until(
+                lambda: self.is_ready() or self.process.poll() is not None,
+                60,
+                message="daemon.ready",
+            )
+            assert self.process.poll() is None, self.stderr()
+        return self.process
+
+    def is_ready(self) -> bool:
+        return any(line.get("event") == "daemon.ready" for line in self.logs())
+
+    def run(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """A one-shot command (`run --once`, `status`, `check-config` …)."""
+        return subprocess.run(
+            self.command(*args),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM and wait for a clean exit."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        """kill -9 the service (its workers die with their session at teardown, or live on)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def kill_all(self) -> None:
+        """kill -9 the service and every process of its session (the workers)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(p) for p in children.read_text().split()]
+        return []
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.stderr().splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(line))
+        return lines
+
+    # -- what it published ----------------------------------------------------------------
+
+    def manifests(self, pipeline: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for folder in sorted(self.outbox.glob(f"{pipeline or '*'}/*")):
+            if folder.name.startswith((".", "_")) or not folder.is_dir():
+                continue
+            found.append(json.loads((folder / "manifest.json").read_text()))
+        return sorted(found, key=lambda m: m["published_at"])
+
+    def published_inputs(self, pipeline: str | None = None) -> list[dict[str, Any]]:
+        return [i for m in self.manifests(pipeline) for i in m["inputs"]]
+
+    def quarantined(self, pipeline: str | None = None) -> list[dict[str, Any]]:
+        folder = self.root / "quarantine"
+        return [
+            json.loads(p.read_text())
+            for p in sorted(folder.glob(f"{pipeline or '*'}/*.error.json"))
+        ]
+
+    def audit(self) -> list[dict[str, Any]]:
+        lines = []
+        for path in sorted((self.outbox / "_audit").glob("audit-*.jsonl")):
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(line))
+        return lines
+
+    def journal(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        db = sqlite3.connect(f"file:{self.root / 'state' / 'journal.db'}?mode=ro", uri=True)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def accounted(self) -> int:
+        """Files in a terminal state (published, quarantined, duplicate)."""
+        if not (self.root / "state" / "journal.db").exists():
+            return 0
+        return self.journal(
+            "SELECT count(*) FROM files WHERE state IN "
+            "('published', 'quarantined', 'duplicate') AND disposed=1"
+        )[0][0]
