@@ -131,6 +131,8 @@ class Pipeline(_Model):
     max_wait: PositiveSeconds = 30.0
     settle_s: Seconds = 1.0
     max_file_bytes: Bytes = 1024**3
+    # A file whose writer never closed it is taken once unchanged this long.
+    max_incomplete_s: PositiveSeconds = 60.0
     memory_factor: float | None = Field(default=None, gt=0)
     duplicates: Literal["skip", "process"] = "skip"
     after_publish: Literal["archive", "delete"] = "archive"

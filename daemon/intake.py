@@ -26,8 +26,6 @@ from daemon.models import IncomingFile
 log = structlog.get_logger()
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
-# A lost close event (inotify overflow) must not hold a file forever.
-WRITER_GRACE_S = 60.0
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
 
 
@@ -71,6 +69,7 @@ class _Plan:
     source: Path
     spool_name: str
     received_at: float
+    is_suspect_incomplete: bool = False
 
 
 class Intake:
@@ -162,7 +161,10 @@ class Intake:
             signature = _signature(st)
             if signature != c.signature:
                 c.signature, c.stable_since = signature, now
-            elif not c.is_writing or now - c.stable_since >= max(WRITER_GRACE_S, 10 * settle_s):
+            elif not c.is_writing or now - c.stable_since >= max(
+                self._pipelines[c.pipeline].max_incomplete_s, settle_s
+            ):
+                # A lost close event (inotify overflow) must not hold a file forever either.
                 del self._candidates[path]
                 ready.append(c)
         return ready
@@ -200,6 +202,7 @@ class Intake:
                         sha256,
                         size,
                         plan.received_at,
+                        plan.is_suspect_incomplete,
                     )
                 )
         self._journal.finish_claims(received, dropped, refused)
@@ -260,7 +263,7 @@ class Intake:
             self._reject(pipeline.name, c.path.name, st.st_ino, reason, size=st.st_size)
             return None
         spool_name = f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}"
-        return _Plan(pipeline, c.path, spool_name + spool_suffix(c.path.name), now)
+        return _Plan(pipeline, c.path, spool_name + spool_suffix(c.path.name), now, c.is_writing)
 
     def _reject(self, pipeline: str, name: str, inode: int, reason: str, size: int) -> None:
         """Leave the entry alone (never opened, never followed) and report it once."""

@@ -20,6 +20,9 @@ class IncomingFile:
     sha256: str
     size: int
     received_at: float
+    # Taken while a writer still seemed to hold it open (no close event within
+    # max_incomplete_s): if it then fails to parse, it is quarantined as "incomplete".
+    is_suspect_incomplete: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -28,7 +27,7 @@ from daemon.batcher import Batcher, Sealed
 from daemon.config import Pipeline, Settings, load_settings
 from daemon.dispatcher import PriorityDispatcher
 from daemon.errors import BatchFailedError, ConfigError, MedbatchError
-from daemon.executors.process import ProcessExecutor
+from daemon.executors import make_executor
 from daemon.intake import Intake
 from daemon.journal import FileRow, Journal
 from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
@@ -54,7 +53,6 @@ class BatchDone:
 @dataclass
 class _InFlight:
     task: BatchTask
-    generation: int
     started: float
 
 
@@ -75,7 +73,6 @@ class Supervisor:
         self._stopping = False
         self._stop_now = False
         self._inflight: dict[str, _InFlight] = {}
-        self._generation = 0
         self._progress = _Progress()
         self._last_tick = time.monotonic()
         self._is_tty = sys.stderr.isatty()
@@ -109,7 +106,7 @@ class Supervisor:
             workers.count, workers.memory_budget, self.settings.dispatch.aging_s
         )
         self._recover()
-        self.executor = ProcessExecutor(workers.count, self._kinds(), self._on_done)
+        self.executor = make_executor(self.settings, self._kinds(), self._on_done)
         self.executor.start()
         self._install_signal_handlers()
         self.watcher = InboxWatcher(self._messages)
@@ -331,7 +328,7 @@ class Supervisor:
                 batch_id=batch.batch_id,
                 attempt=attempt,
             )
-            self._inflight[batch.batch_id] = _InFlight(task, self._generation, time.monotonic())
+            self._inflight[batch.batch_id] = _InFlight(task, time.monotonic())
             self.executor.submit(task)
 
     def _on_done(self, batch_id: str, future: Future[BatchResult]) -> None:
@@ -348,15 +345,20 @@ class Supervisor:
         batch = flight.task.batch
         try:
             result = future.result()
-        except BrokenProcessPool:
-            if flight.generation == self._generation:
-                self._generation += 1
-                self.executor.rebuild()
-            self._retry_or_fail(flight.task, "worker_crash")
-            return
         except BatchFailedError as exc:
             log.warning("batch.failed_attempt", batch_id=batch_id, reason=exc.reason)
             self._retry_or_fail(flight.task, exc.reason)
+            return
+        except Exception as exc:
+            if self.executor.is_worker_loss(exc):
+                self.executor.recover()
+                reason = "worker_crash"
+            else:
+                # Whatever else comes back (an unpicklable result, a lost connection) is a
+                # failed attempt, never the end of the service.
+                reason = "executor_error"
+                log.error("batch.executor_error", batch_id=batch_id, error=type(exc).__name__)
+            self._retry_or_fail(flight.task, reason)
             return
         now = time.time()
         if result.is_published:

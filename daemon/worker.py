@@ -70,7 +70,13 @@ def _run(task: BatchTask) -> BatchResult:
             partial, facts[f.file_id] = processor.read(f.spool_path, f.name)
             partials.append(partial)
         except ProcessorError as exc:
-            quarantined[f.file_id] = (exc.reason, exc.detail)
+            if f.is_suspect_incomplete:
+                quarantined[f.file_id] = (
+                    "incomplete",
+                    f"its writer never closed it ({exc.reason})",
+                )
+            else:
+                quarantined[f.file_id] = (exc.reason, exc.detail)
         except MemoryError:
             quarantined[f.file_id] = ("out_of_memory", "reading it took more memory than free")
         except Exception as exc:

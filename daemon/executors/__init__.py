@@ -1,21 +1,49 @@
-"""Executors run batch tasks somewhere and report back through a callback (main loop queue)."""
+"""Executors run batch tasks somewhere and report each outcome through a callback.
+
+The callback runs on an executor thread; the supervisor's only puts it on the main loop's queue.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Protocol
 
+from daemon.config import Settings
 from daemon.models import BatchResult, BatchTask
 
 DoneCallback = Callable[[str, "Future[BatchResult]"], None]
 
 
 class Executor(Protocol):
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Connect or spawn workers; raise MedbatchError when that is impossible."""
 
-    def submit(self, task: BatchTask) -> None: ...
+    def submit(self, task: BatchTask) -> None:
+        """Run one attempt; its outcome arrives through the done callback."""
 
-    def rebuild(self) -> None: ...
+    def is_worker_loss(self, exc: BaseException) -> bool:
+        """Did this attempt fail because its worker died (not because of its batch's code)?"""
+
+    def recover(self) -> None:
+        """After a worker loss: make the executor usable again (idempotent)."""
+
+    def is_healthy(self) -> bool:
+        """Can it run work now (the pool is whole, the cluster reachable)?"""
+
+    def worker_pids(self) -> list[int]:
+        """Local worker processes, to kill on a timeout or a forced stop (none for remote)."""
+
+    def reconfigure(self, workers: int, kinds: Iterable[str]) -> None: ...
 
     def shutdown(self, *, wait: bool) -> None: ...
+
+
+def make_executor(settings: Settings, kinds: Iterable[str], on_done: DoneCallback) -> Executor:
+    if settings.workers.executor == "dask":
+        from daemon.executors.dask import DaskExecutor
+
+        return DaskExecutor(settings.workers, kinds, on_done)
+    from daemon.executors.process import ProcessExecutor
+
+    return ProcessExecutor(settings.workers.count, kinds, on_done)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import structlog
 
@@ -48,10 +49,18 @@ class ProcessExecutor:
         processes = getattr(self._pool, "_processes", None) or {}
         return sorted(int(pid) for pid in processes)
 
-    def rebuild(self) -> None:
-        log.warning("pool.rebuilding")
-        self.shutdown(wait=False)
-        self.start()
+    def is_worker_loss(self, exc: BaseException) -> bool:
+        return isinstance(exc, BrokenProcessPool)
+
+    def recover(self) -> None:
+        """One dead worker breaks the whole pool: every running future fails with it."""
+        if self._pool is not None and getattr(self._pool, "_broken", False):
+            log.warning("pool.rebuilding")
+            self.shutdown(wait=False)
+            self.start()
+
+    def is_healthy(self) -> bool:
+        return self._pool is not None and not getattr(self._pool, "_broken", False)
 
     def reconfigure(self, workers: int, kinds: Iterable[str]) -> None:
         kinds = tuple(sorted(set(kinds)))
