@@ -1,15 +1,18 @@
 """The audit vocabulary, the hash-chained writer of `<outbox>/_audit/` and its verifier.
 
 Runs in the main process only: `AuditLog` is the single writer, owned by the main loop.
+Pipelines whose file names may carry patient identity get a keyed hash in `file` instead.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +23,9 @@ from types import TracebackType
 from daemon.errors import MedbatchError
 
 GENESIS_HASH = "0" * 64
+NAME_KEY_FILE = "audit-name.key"
+NAME_KEY_BYTES = 32
+NAME_HASH_PREFIX = "hmac-sha256:"
 _FILE_NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl")
 _RESERVED_FIELDS = frozenset({"ts", "seq", "event", "prev", "hash"})
 _TAIL_CHUNK_BYTES = 64 * 1024
@@ -52,6 +58,10 @@ class AuditLogCorruptError(MedbatchError):
     """The last complete line of the audit log is unreadable; refusing to continue its chain."""
 
 
+class NameKeyError(MedbatchError):
+    """The audit name key is unreadable or not 32 bytes; refusing to hash names with another."""
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     ok: bool
@@ -66,11 +76,23 @@ class AuditLog:
 
     `append` hands each line to the OS in one write (no fsync); `sync` makes them durable. Record
     `head` in the journal only after `sync` returned. Not thread-safe: one owner.
+
+    A line whose `pipeline` is in `hashed_pipelines` carries `hash_name(name_key, file)` in
+    `file` instead of the name: file names are the one place patient identity can slip in.
     """
 
-    def __init__(self, folder: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        hashed_pipelines: frozenset[str] = frozenset(),
+        name_key: bytes | None = None,
+    ) -> None:
         self._folder = folder
         self._clock = clock
+        self._name_key = name_key
+        self.set_hashed_pipelines(hashed_pipelines)
         self._seq = 0
         self._hash = GENESIS_HASH
         self._last_ms = 0
@@ -92,11 +114,21 @@ class AuditLog:
     def head(self) -> tuple[int, str]:
         return self._seq, self._hash
 
+    def set_hashed_pipelines(self, pipelines: frozenset[str]) -> None:
+        """Which pipelines' file names are hashed from now on (a reload may change it)."""
+        if pipelines and self._name_key is None:
+            raise ValueError("hashed_pipelines needs a name_key")
+        self._hashed_pipelines = frozenset(pipelines)
+
     def append(self, event: AuditEvent, **fields: object) -> dict[str, object]:
         """Write one line; on OSError the file and `head` stay as they were (retry later)."""
         clash = _RESERVED_FIELDS.intersection(fields)
         if clash:
             raise ValueError(f"reserved audit field(s): {', '.join(sorted(clash))}")
+        name = fields.get("file")
+        if isinstance(name, str) and fields.get("pipeline") in self._hashed_pipelines:
+            assert self._name_key is not None
+            fields["file"] = hash_name(self._name_key, name)
         # A wall clock stepped back must neither reorder lines nor send one to an older day's file.
         now_ms = max(int(self._clock() * 1000), self._last_ms)
         ts = _format_ts(now_ms)
@@ -207,6 +239,60 @@ class AuditLog:
         for data in self._unsynced:
             _write_all(fd, data)
         self._is_tail_dirty = False
+
+
+def hash_name(key: bytes, name: str) -> str:
+    """The keyed hash written instead of a file name: stable for one key, useless without it."""
+    raw = name.encode("utf-8", "surrogateescape")
+    return NAME_HASH_PREFIX + hmac.new(key, raw, hashlib.sha256).hexdigest()[:32]
+
+
+def load_name_key(state: Path) -> bytes:
+    """`<state>/audit-name.key`, created (32 random bytes, mode 0600) on first use."""
+    path = state / NAME_KEY_FILE
+    key = read_name_key(state)
+    if key is not None:
+        return key
+    state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    tmp = state / f".{NAME_KEY_FILE}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        _write_all(fd, secrets.token_bytes(NAME_KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        # link() never replaces: if another process created the key meanwhile, theirs wins.
+        os.link(tmp, path)
+        _fsync_dir(state)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    key = read_name_key(state)
+    assert key is not None
+    return key
+
+
+def read_name_key(state: Path) -> bytes | None:
+    """The name key if it exists (None if not); NameKeyError if it is not 32 bytes."""
+    path = state / NAME_KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NameKeyError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        key = os.read(fd, NAME_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(key) != NAME_KEY_BYTES:
+        raise NameKeyError(
+            f"{path} holds {len(key)} bytes, not {NAME_KEY_BYTES}; restore it from a backup "
+            "(a new key would make earlier hashed names untraceable)"
+        )
+    return key
 
 
 def verify(folder: Path, expected_head: tuple[int, str] | None = None) -> VerifyReport:

@@ -211,10 +211,40 @@ class Journal:
             ).fetchone()
         return int(attempts)
 
-    def mark_sealed_again(self, batch_id: str, reason: str) -> None:
-        """Put a batch whose attempt failed back in line."""
+    def mark_sealed_again(self, batch_id: str, reason: str, *, is_counted: bool = True) -> None:
+        """Put a batch whose attempt failed back in line; an attempt that was not the batch's
+        fault (a full disk, a stop) does not count against it."""
         with self.transaction() as db:
-            db.execute("UPDATE batches SET state='sealed', reason=? WHERE id=?", (reason, batch_id))
+            db.execute(
+                "UPDATE batches SET state='sealed', reason=?, attempts=attempts-? WHERE id=?",
+                (reason, 0 if is_counted else 1, batch_id),
+            )
+
+    def split_batch(self, parent_id: str, children: Iterable[Batch], reason: str) -> None:
+        """Replace a batch by smaller ones (to isolate an input that kills its worker)."""
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET state='split', reason=? WHERE id=?", (reason, parent_id))
+            opened_at, priority = db.execute(
+                "SELECT opened_at, priority FROM batches WHERE id=?", (parent_id,)
+            ).fetchone()
+            for child in children:
+                db.execute(
+                    "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
+                    "n_files, n_bytes) VALUES (?, ?, ?, 'sealed', ?, ?, ?, ?)",
+                    (
+                        child.batch_id,
+                        child.pipeline,
+                        priority,
+                        opened_at,
+                        child.sealed_at,
+                        len(child.files),
+                        child.n_bytes,
+                    ),
+                )
+                db.executemany(
+                    "UPDATE files SET batch_id=? WHERE id=?",
+                    [(child.batch_id, f.file_id) for f in child.files],
+                )
 
     def mark_published(self, result: BatchResult, at: float) -> None:
         with self.transaction() as db:

@@ -1,30 +1,66 @@
-"""structlog set-up: JSON lines to stderr when not a terminal (journald keeps them), readable
-key=value on a terminal. Every line has an `event` name; never a patient value."""
+"""Operational logs: structlog to stderr, JSON lines when not a terminal (journald keeps them),
+readable key=value on a terminal. Libraries' stdlib `logging` goes through the same renderer, so
+every line has the same shape: `timestamp`, `level`, `event` (a stable dotted name) and facts."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
+from structlog.stdlib import ProcessorFormatter
+
+from daemon.errors import ConfigError
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Chatty below WARNING (apscheduler logs every job run at INFO): their INFO is not ours to show.
+LIBRARY_LOGGERS = ("apscheduler", "watchdog", "distributed", "tornado", "pebble", "asyncio", "PIL")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    is_terminal = sys.stderr.isatty()
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=True)
-        if is_terminal
-        else structlog.processors.JSONRenderer()
+def parse_level(level: str) -> int:
+    name = level.strip().upper()
+    if name == "WARN":
+        name = "WARNING"
+    if name not in LEVELS:
+        raise ConfigError("log_level", f"{level!r} is not one of {', '.join(LEVELS).lower()}")
+    return int(getattr(logging, name))
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to one handler on `stream` (default: stderr)."""
+    threshold = parse_level(level)
+    stream = sys.stderr if stream is None else stream
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        ProcessorFormatter(
+            processors=[ProcessorFormatter.remove_processors_meta, *_renderer(stream)],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
     )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(threshold, logging.WARNING))
+    logging.captureWarnings(True)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=[*shared, ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
+
+
+def _renderer(stream: TextIO) -> list[structlog.typing.Processor]:
+    if stream.isatty():
+        # ConsoleRenderer formats exc_info itself (and warns if format_exc_info ran before it).
+        return [structlog.dev.ConsoleRenderer(colors=True)]
+    return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS batches (
     id           TEXT PRIMARY KEY,
     pipeline     TEXT NOT NULL,
     priority     INTEGER NOT NULL,
-    state        TEXT NOT NULL,             -- sealed|running|published|quarantined|failed
+    state        TEXT NOT NULL,             -- sealed|running|published|quarantined|failed|split
     opened_at    REAL NOT NULL,             -- arrival of its first file
     sealed_at    REAL NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -23,7 +23,7 @@ import structlog
 
 from daemon import __version__
 from daemon.audit import AuditEvent, AuditLog
-from daemon.batcher import Batcher, Sealed
+from daemon.batcher import Batcher, Sealed, batch_id_for
 from daemon.config import Pipeline, Settings, load_settings
 from daemon.dispatcher import PriorityDispatcher
 from daemon.errors import BatchFailedError, ConfigError, MedbatchError
@@ -37,6 +37,9 @@ from daemon.periodic import HEARTBEAT_S, Heartbeat, Periodic, Rescan, Tick
 from daemon.watcher import InboxWatcher, PathSeen
 
 log = structlog.get_logger()
+
+# An attempt that failed on these was the disk's fault, not the batch's: it does not count.
+DISK_REASONS = frozenset({"disk_full", "io_error"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,8 @@ class Supervisor:
         self._stopping = False
         self._stop_now = False
         self._inflight: dict[str, _InFlight] = {}
+        self._delayed: list[tuple[float, BatchTask]] = []
+        self._paused: str | None = None
         self._progress = _Progress()
         self._last_tick = time.monotonic()
         self._is_tty = sys.stderr.isatty()
@@ -171,13 +176,8 @@ class Supervisor:
                 self._handle(self._messages.get(timeout=min(remaining, 1.0)), draining=True)
         if self._inflight:
             log.warning("daemon.drain_timeout", in_flight=len(self._inflight))
-            self._terminate_workers()
-
-    def _terminate_workers(self) -> None:
-        """Running futures cannot be cancelled: stop their processes; recovery re-runs them."""
-        for pid in self.executor.worker_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            # Running tasks cannot be cancelled: shutdown stops their workers, and the next
+            # start re-runs their batches (they are still "running" in the journal).
 
     def _is_finished(self) -> bool:
         if self._stopping:
@@ -189,6 +189,7 @@ class Supervisor:
             and not self.batcher.open_batches()
             and len(self.dispatcher) == 0
             and not self._inflight
+            and not self._delayed
         )
 
     # -- signals --------------------------------------------------------------------------
@@ -251,13 +252,15 @@ class Supervisor:
             return
         now = time.time()
         sealed: list[Sealed] = []
-        for incoming in self.intake.take_settled():
-            sealed += self._admit(incoming, now)
+        if not self._paused:
+            for incoming in self.intake.take_settled():
+                sealed += self._admit(incoming, now)
         sealed += self.batcher.seal_due(now)
         if self.once and self.intake.pending == 0:
             sealed += self.batcher.seal_all(now)
         for s in sealed:
             self._seal(s)
+        self._release_delayed()
         self._dispatch()
         self.audit.sync()
         self._report_progress()
@@ -342,31 +345,95 @@ class Supervisor:
         self.dispatcher.done(batch_id)
         if flight is None:
             return
-        batch = flight.task.batch
         try:
             result = future.result()
-        except BatchFailedError as exc:
-            log.warning("batch.failed_attempt", batch_id=batch_id, reason=exc.reason)
-            self._retry_or_fail(flight.task, exc.reason)
-            return
         except Exception as exc:
-            if self.executor.is_worker_loss(exc):
-                self.executor.recover()
-                reason = "worker_crash"
-            else:
-                # Whatever else comes back (an unpicklable result, a lost connection) is a
-                # failed attempt, never the end of the service.
-                reason = "executor_error"
-                log.error("batch.executor_error", batch_id=batch_id, error=type(exc).__name__)
-            self._retry_or_fail(flight.task, reason)
+            self._on_attempt_failed(flight.task, self._failure_reason(batch_id, exc))
             return
+        self._commit(flight.task.batch, result)
+        if self._paused:
+            self._resume()
+
+    def _failure_reason(self, batch_id: str, exc: BaseException) -> str:
+        if isinstance(exc, BatchFailedError):
+            reason = exc.reason
+        elif isinstance(exc, TimeoutError):
+            reason = "timeout"  # the pool killed the worker: running tasks cannot be cancelled
+        elif self.executor.is_worker_loss(exc):
+            self.executor.recover()
+            reason = "worker_crash"
+        else:
+            # Whatever else comes back (an unpicklable result, a lost connection) is a failed
+            # attempt, never the end of the service.
+            reason = "executor_error"
+        log.warning(
+            "batch.attempt_failed", batch_id=batch_id, reason=reason, error=type(exc).__name__
+        )
+        return reason
+
+    def _on_attempt_failed(self, task: BatchTask, reason: str) -> None:
+        """Retry with back-off; split a batch that kills its worker twice; give up at last."""
+        batch = task.batch
+        if reason in DISK_REASONS:
+            self._pause(reason)
+            self._retry(task, reason, is_counted=False)
+        elif reason == "worker_crash" and batch.attempt >= 2 and len(batch.files) > 1:
+            self._split(batch, reason)
+        elif batch.attempt < self._max_attempts(reason):
+            self._retry(task, reason)
+        else:
+            self._fail(batch, reason)
+
+    def _max_attempts(self, reason: str) -> int:
+        return 2 if reason in ("timeout", "worker_crash") else self.settings.workers.max_attempts
+
+    def _retry(self, task: BatchTask, reason: str, *, is_counted: bool = True) -> None:
+        batch = task.batch
+        self.journal.mark_sealed_again(batch.batch_id, reason, is_counted=is_counted)
+        delay_s = min(2.0 ** max(batch.attempt - 1, 0), 5.0 if not is_counted else 60.0)
+        self.audit.append(
+            AuditEvent.BATCH_RETRIED,
+            pipeline=batch.pipeline,
+            batch_id=batch.batch_id,
+            attempt=batch.attempt,
+            reason=reason,
+            delay_s=delay_s,
+        )
+        self._delayed.append((time.monotonic() + delay_s, task))
+
+    def _split(self, batch: Batch, reason: str) -> None:
+        """Halve a batch whose inputs killed its worker twice, to find the one that does it."""
+        half = len(batch.files) // 2
+        children = [
+            Batch(
+                batch_id_for(batch.pipeline, batch.sealed_at, part),
+                batch.pipeline,
+                batch.kind,
+                batch.priority,
+                batch.sealed_at,
+                part,
+            )
+            for part in (batch.files[:half], batch.files[half:])
+        ]
+        self.journal.split_batch(batch.batch_id, children, reason)
+        self.audit.append(
+            AuditEvent.BATCH_SPLIT,
+            pipeline=batch.pipeline,
+            batch_id=batch.batch_id,
+            reason=reason,
+            into=[c.batch_id for c in children],
+        )
+        for child in children:
+            self.dispatcher.push(self._task(child))
+
+    def _commit(self, batch: Batch, result: BatchResult) -> None:
         now = time.time()
         if result.is_published:
             self.journal.mark_published(result, now)
             self.audit.append(
                 AuditEvent.BATCH_PUBLISHED,
                 pipeline=batch.pipeline,
-                batch_id=batch_id,
+                batch_id=batch.batch_id,
                 files=len(result.facts),
                 quarantined=len(result.quarantined),
                 folder=str(result.folder),
@@ -377,7 +444,7 @@ class Supervisor:
             self.audit.append(
                 AuditEvent.BATCH_FAILED,
                 pipeline=batch.pipeline,
-                batch_id=batch_id,
+                batch_id=batch.batch_id,
                 reason="every_input_quarantined",
             )
         by_id = {f.file_id: f for f in batch.files}
@@ -385,7 +452,7 @@ class Supervisor:
             self.audit.append(
                 AuditEvent.FILE_QUARANTINED,
                 pipeline=batch.pipeline,
-                batch_id=batch_id,
+                batch_id=batch.batch_id,
                 file_id=file_id,
                 sha256=by_id[file_id].sha256,
                 reason=reason,
@@ -394,19 +461,8 @@ class Supervisor:
         self.audit.sync()
         self._dispose()
 
-    def _retry_or_fail(self, task: BatchTask, reason: str) -> None:
-        batch = task.batch
-        if batch.attempt < self.settings.workers.max_attempts:
-            self.journal.mark_sealed_again(batch.batch_id, reason)
-            self.audit.append(
-                AuditEvent.BATCH_RETRIED,
-                pipeline=batch.pipeline,
-                batch_id=batch.batch_id,
-                attempt=batch.attempt,
-                reason=reason,
-            )
-            self.dispatcher.push(task)
-            return
+    def _fail(self, batch: Batch, reason: str) -> None:
+        """Give up: every input of the batch goes to quarantine with the reason."""
         self.journal.mark_failed(batch.batch_id, reason, time.time())
         self.audit.append(
             AuditEvent.BATCH_FAILED,
@@ -427,6 +483,28 @@ class Supervisor:
         self._progress.quarantined += len(batch.files)
         self.audit.sync()
         self._dispose()
+
+    def _pause(self, reason: str) -> None:
+        """Out of disk (or failing): stop taking files until a retried batch publishes."""
+        if self._paused == reason:
+            return
+        self._paused = reason
+        log.error("intake.paused", reason=reason)
+        self.audit.append(AuditEvent.INTAKE_PAUSED, reason=reason)
+        self.journal.set_meta(paused=reason)
+
+    def _resume(self) -> None:
+        log.info("intake.resumed", after=self._paused)
+        self.audit.append(AuditEvent.INTAKE_RESUMED, after=self._paused)
+        self._paused = None
+        self.journal.set_meta(paused=None)
+
+    def _release_delayed(self) -> None:
+        now = time.monotonic()
+        due = [task for at, task in self._delayed if at <= now]
+        self._delayed = [(at, task) for at, task in self._delayed if at > now]
+        for task in due:
+            self.dispatcher.push(task)
 
     def _dispose(self) -> None:
         """Move terminal inputs out of the spool: archive (or delete) or quarantine.
@@ -477,6 +555,10 @@ class Supervisor:
         self._dispose()
         rerun = 0
         for row in self.journal.unfinished_batches():
+            if row.state == "running":
+                # Interrupted by the crash or stop, not failed: that attempt does not count.
+                self.journal.mark_sealed_again(row.id, "interrupted", is_counted=False)
+                row = replace(row, attempts=row.attempts - 1)
             files = [
                 self._incoming(f) for f in self.journal.batch_files(row.id) if f.state == "batched"
             ]

@@ -6,6 +6,7 @@ writes only `<outbox>/<pipeline>/.tmp-<batch id>/`, renamed to `<batch id>/` whe
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import signal
@@ -52,7 +53,8 @@ def run_batch(task: BatchTask) -> BatchResult:
         raise
     except OSError as exc:
         # Errors cross the process boundary pickled: keep them plain (CPython bpo-31699).
-        raise BatchFailedError("io_error", f"{exc.__class__.__name__} errno={exc.errno}") from None
+        reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
+        raise BatchFailedError(reason, f"{exc.__class__.__name__} errno={exc.errno}") from None
     except MemoryError:
         raise BatchFailedError("out_of_memory") from None
     except Exception as exc:

@@ -46,4 +46,4 @@ def make_executor(settings: Settings, kinds: Iterable[str], on_done: DoneCallbac
         return DaskExecutor(settings.workers, kinds, on_done)
     from daemon.executors.process import ProcessExecutor
 
-    return ProcessExecutor(settings.workers.count, kinds, on_done)
+    return ProcessExecutor(settings.workers.count, kinds, on_done, settings.workers.batch_timeout_s)

@@ -1,18 +1,21 @@
-"""ProcessExecutor: a spawn-context process pool, rebuilt when a dead worker breaks it.
+"""ProcessExecutor: a spawn-context worker pool (pebble) where one dead worker costs one batch.
 
-The dispatcher never hands it more batches than it has workers, so its internal FIFO never
-decides the order (CPython keeps max_workers + 1 calls queued that cannot be cancelled).
-`max_tasks_per_child` is left unset: on Python 3.11 it can hang the pool (CPython gh-115634).
+With the standard library's pool, one worker killed by the OOM killer or a segfault breaks the
+whole pool and fails every running batch (BrokenProcessPool), and a running task cannot be
+stopped on a timeout (pebble#25). pebble reports a dead worker on the one task it was running,
+with its exit code, kills a worker whose task outlives its timeout, and starts a new one.
+The dispatcher never submits more batches than there are workers, so no queue inside the pool
+ever decides the order.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, wait
 
 import structlog
+from pebble import ProcessExpired, ProcessPool
 
 from daemon.executors import DoneCallback
 from daemon.models import BatchResult, BatchTask
@@ -22,45 +25,50 @@ log = structlog.get_logger()
 
 
 class ProcessExecutor:
-    def __init__(self, workers: int, kinds: Iterable[str], on_done: DoneCallback) -> None:
+    def __init__(
+        self, workers: int, kinds: Iterable[str], on_done: DoneCallback, timeout_s: float
+    ) -> None:
         self._workers = workers
         self._kinds = tuple(sorted(set(kinds)))
         self._on_done = on_done
-        self._pool: ProcessPoolExecutor | None = None
+        self._timeout_s = timeout_s
+        self._pool: ProcessPool | None = None
 
     def start(self) -> None:
         # spawn, not fork: the main process runs watchdog and scheduler threads.
-        self._pool = ProcessPoolExecutor(
+        self._pool = ProcessPool(
             max_workers=self._workers,
-            mp_context=multiprocessing.get_context("spawn"),
             initializer=init_worker,
             initargs=(self._kinds,),
+            context=multiprocessing.get_context("spawn"),
         )
-        # Start every worker now, so the first batch does not pay for imports.
-        wait([self._pool.submit(warm_up) for _ in range(self._workers)])
+        # Start every worker now, so the first batch does not pay for the imports.
+        wait([self._pool.schedule(warm_up) for _ in range(self._workers)])
 
     def submit(self, task: BatchTask) -> None:
         assert self._pool is not None, "start() first"
-        future: Future[BatchResult] = self._pool.submit(run_batch, task)
+        future: Future[BatchResult] = self._pool.schedule(
+            run_batch, args=(task,), timeout=self._timeout_s
+        )
         batch_id = task.batch.batch_id
         future.add_done_callback(lambda f: self._on_done(batch_id, f))
 
-    def worker_pids(self) -> list[int]:
-        processes = getattr(self._pool, "_processes", None) or {}
-        return sorted(int(pid) for pid in processes)
-
     def is_worker_loss(self, exc: BaseException) -> bool:
-        return isinstance(exc, BrokenProcessPool)
+        if isinstance(exc, ProcessExpired):
+            log.warning("worker.lost", exitcode=exc.exitcode, pid=exc.pid)
+            return True
+        return False
 
     def recover(self) -> None:
-        """One dead worker breaks the whole pool: every running future fails with it."""
-        if self._pool is not None and getattr(self._pool, "_broken", False):
-            log.warning("pool.rebuilding")
-            self.shutdown(wait=False)
-            self.start()
+        """Nothing to do: the pool has already started a worker in place of the dead one."""
 
     def is_healthy(self) -> bool:
-        return self._pool is not None and not getattr(self._pool, "_broken", False)
+        return self._pool is not None and self._pool.active
+
+    def worker_pids(self) -> list[int]:
+        manager = getattr(self._pool, "_pool_manager", None)
+        workers = getattr(getattr(manager, "worker_manager", None), "workers", {})
+        return sorted(int(pid) for pid in workers)
 
     def reconfigure(self, workers: int, kinds: Iterable[str]) -> None:
         kinds = tuple(sorted(set(kinds)))
@@ -70,6 +78,12 @@ class ProcessExecutor:
             self.start()
 
     def shutdown(self, *, wait: bool) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
+        """`wait`: let running batches finish; else stop the workers now."""
+        if self._pool is None:
+            return
+        if wait:
+            self._pool.close()  # type: ignore[no-untyped-call]
+        else:
+            self._pool.stop()  # type: ignore[no-untyped-call]
+        self._pool.join()
+        self._pool = None
