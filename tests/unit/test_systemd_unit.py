@@ -115,7 +115,7 @@ def test_unit_has_the_lifecycle_directives() -> None:
         "Service.ExecReload": "/bin/kill -HUP $MAINPID",
         "Service.KillMode": "mixed",
         "Service.OOMPolicy": "continue",
-        "Service.RestartPreventExitStatus": "78",
+        "Service.RestartPreventExitStatus": "78 65",
         "Service.Restart": "on-failure",
         "Service.WatchdogSec": "30",
         "Service.User": "medbatch",
@@ -176,7 +176,7 @@ def test_tmpfiles_conf_creates_the_folders(tmp_path: Path) -> None:
     assert result.stderr == ""
     expected_modes = {
         "etc/medbatch": 0o750,
-        "var/lib/medbatch": 0o750,
+        "srv/medbatch/state": 0o700,
         "srv/medbatch": 0o750,
         "srv/medbatch/inbox": 0o2770,
         "srv/medbatch/inbox/emr": 0o2770,
