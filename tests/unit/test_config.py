@@ -66,7 +66,7 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
 
 def test_unknown_kind_lists_the_known_ones(tmp_path: Path) -> None:
     """The message for an unknown kind lists every registered kind."""
-    with pytest.raises(ConfigError, match="known: emr, .*genomics.*imaging"):
+    with pytest.raises(ConfigError, match=r"known: emr, .*genomics.*imaging"):
         load_settings(write(tmp_path, '[[pipeline]]\nname = "x"\nkind = "nope"\n'))
 
 

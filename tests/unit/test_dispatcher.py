@@ -37,7 +37,7 @@ def test_never_more_in_flight_than_slots() -> None:
 
 
 def test_aging_lets_a_routine_batch_overtake_later_urgent_ones() -> None:
-    """A priority-5 batch waiting 4 × aging_s ranks with a priority-1 batch sealed now."""
+    """A priority-5 batch waiting 4 aging_s periods ranks with a priority-1 batch sealed now."""
     d = PriorityDispatcher(slots=1, memory_budget=10**9, aging_s=10)
     d.push(task("routine", 5, 0))
     d.push(task("urgent-later", 1, 41))
