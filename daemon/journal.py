@@ -337,6 +337,14 @@ class Journal:
         ).fetchall()
         return {(p, s): int(n) for p, s, n in rows}
 
+    def unfinished_count(self) -> int:
+        """Files not yet published, quarantined or skipped as duplicates."""
+        states = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
+        (count,) = self._db.execute(
+            f"SELECT count(*) FROM files WHERE state NOT IN ({states})"
+        ).fetchone()
+        return int(count)
+
     def oldest_waiting(self) -> dict[str, float]:
         rows = self._db.execute(
             "SELECT pipeline, min(received_at) FROM files "

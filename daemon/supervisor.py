@@ -85,14 +85,26 @@ class Supervisor:
     # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Run until stopped (or, with --once, until the inboxes are drained); exit status."""
         self._start()
         try:
             while not self._is_finished():
                 self._wait_and_handle()
                 self._step()
+            unfinished = self.journal.unfinished_count() if self.once else 0
         finally:
             self._stop()
-        return 0
+        if self.once:
+            p = self._progress
+            elapsed = time.monotonic() - p.started
+            if self._is_tty:
+                sys.stderr.write("\n")
+            print(
+                f"medbatch: {p.files_taken} files taken, {p.published} batches published, "
+                f"{p.quarantined} files quarantined, {unfinished} unfinished, "
+                f"in {elapsed:.1f} s"
+            )
+        return 1 if unfinished else 0
 
     def _start(self) -> None:
         paths = self.settings.paths
