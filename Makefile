@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install run once test test-unit test-system lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/plugins/example_processor/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

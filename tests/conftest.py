@@ -21,9 +21,17 @@ def _children() -> set[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[1] == me and fields[0] != "Z":
+        if fields[1] == me and fields[0] != "Z" and not _is_resource_tracker(entry):
             found.add(int(entry.name))
     return found
+
+
+def _is_resource_tracker(proc: Path) -> bool:
+    """multiprocessing's resource tracker lives as long as the interpreter, by design."""
+    try:
+        return b"resource_tracker" in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,85 @@
+"""The real worker pool: a dead or hung worker costs exactly the batch it was running."""
+
+from __future__ import annotations
+
+import queue
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import BatchFailedError
+from daemon.executors.process import ProcessExecutor
+from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
+
+
+def make_task(tmp_path: Path, batch_id: str, content: bytes) -> BatchTask:
+    spool = tmp_path / "spool" / f"{batch_id}.txt"
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    spool.write_bytes(content)
+    incoming = IncomingFile(1, "p", f"{batch_id}.txt", spool, "0" * 64, len(content), 0.0)
+    batch = Batch(batch_id, "p", "faulty", 3, time.time(), (incoming,))
+    return BatchTask(batch, {"skip_blank": True}, tmp_path / "outbox" / "p")
+
+
+@pytest.fixture
+def pool() -> tuple[ProcessExecutor, queue.SimpleQueue[tuple[str, Future[BatchResult]]]]:
+    done: queue.SimpleQueue[tuple[str, Future[BatchResult]]] = queue.SimpleQueue()
+    executor = ProcessExecutor(2, ["faulty"], lambda b, f: done.put((b, f)), timeout_s=2.0)
+    executor.start()
+    yield executor, done
+    executor.shutdown(wait=False)
+
+
+def outcomes(
+    done: queue.SimpleQueue[tuple[str, Future[BatchResult]]], n: int
+) -> dict[str, Future[BatchResult]]:
+    return dict(done.get(timeout=30) for _ in range(n))
+
+
+def test_a_killed_worker_fails_only_its_own_batch(tmp_path: Path, pool) -> None:
+    """SIGKILL inside one batch: that batch reports a worker loss, the other publishes."""
+    executor, done = pool
+    executor.submit(make_task(tmp_path, "crash", b"MEDBATCH-TEST-CRASH\n"))
+    executor.submit(make_task(tmp_path, "fine", b"a\nb\n"))
+
+    results = outcomes(done, 2)
+
+    assert results["fine"].result().is_published
+    error = results["crash"].exception()
+    assert error is not None and executor.is_worker_loss(error)
+    executor.submit(make_task(tmp_path, "after", b"c\n"))  # the pool replaced the worker
+    assert outcomes(done, 1)["after"].result().is_published
+
+
+def test_a_segfault_is_a_worker_loss_too(tmp_path: Path, pool) -> None:
+    """A segfaulting processor is reported as a lost worker, not a hang."""
+    executor, done = pool
+    executor.submit(make_task(tmp_path, "segv", b"MEDBATCH-TEST-SEGV\n"))
+    error = outcomes(done, 1)["segv"].exception()
+    assert error is not None and executor.is_worker_loss(error)
+
+
+def test_a_hung_batch_is_killed_at_its_timeout(tmp_path: Path, pool) -> None:
+    """A batch past the timeout fails with TimeoutError and its worker is replaced."""
+    executor, done = pool
+    started = time.monotonic()
+    executor.submit(make_task(tmp_path, "hang", b"MEDBATCH-TEST-HANG\n"))
+    error = outcomes(done, 1)["hang"].exception()
+    assert isinstance(error, TimeoutError)
+    assert 1.5 < time.monotonic() - started < 15
+    executor.submit(make_task(tmp_path, "after", b"c\n"))
+    assert outcomes(done, 1)["after"].result().is_published
+
+
+def test_a_full_disk_comes_back_as_disk_full(tmp_path: Path, pool) -> None:
+    """An outbox that cannot be written fails the attempt as disk_full/io_error, picklably."""
+    executor, done = pool
+    task = make_task(tmp_path, "nowhere", b"a\n")
+    blocker = tmp_path / "outbox"
+    blocker.parent.mkdir(exist_ok=True)
+    blocker.write_text("a file where the outbox folder should be")
+    executor.submit(task)
+    error = outcomes(done, 1)["nowhere"].exception()
+    assert isinstance(error, BatchFailedError) and error.reason in ("disk_full", "io_error")
