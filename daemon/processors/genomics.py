@@ -190,6 +190,10 @@ class GenomicsProcessor:
         if not partials:
             return GenomicsPartial()
         stats = pd.concat([_empty_stats(), *(p.stats for p in partials)], ignore_index=True)
+        if stats.empty:
+            # Only files without a usable value (and so without pairs either). Not an edge to
+            # run through the arithmetic: pandas types an empty `genes.map(mean)` as text.
+            return GenomicsPartial()
         stats = stats.sort_values(list(STATS_COLUMNS), kind="mergesort", ignore_index=True)
         genes = stats[GENE]
         n = stats.groupby(GENE, sort=True)["n"].sum()

@@ -181,6 +181,20 @@ def test_empty_merge_writes_a_header(tmp_path: Path) -> None:
     assert (tmp_path / "result.csv").read_text() == '"gene","n","mean","std","samples"\n'
 
 
+def test_tables_without_a_usable_value_merge_and_write(tmp_path: Path) -> None:
+    """Tables whose every value is missing read (zero genes), and merge alone or with others."""
+    (tmp_path / "na.csv").write_text("gene,S1,S2\nTP53,NA,\nBRCA1,x,NaN\n")
+    (tmp_path / "good.csv").write_text("gene,S1,S2\nTP53,1,3\n")
+    proc = processor()
+    empty, facts = proc.read(tmp_path / "na.csv", "na.csv")
+    good, _ = proc.read(tmp_path / "good.csv", "good.csv")
+    assert facts["genes"] == 0 and facts["rows_dropped"] == 2
+    assert published(proc, [empty, empty], tmp_path / "alone").empty
+    with_good = published(proc, [empty, good], tmp_path / "with")
+    assert with_good["mean"].tolist() == [2.0]
+    pd.testing.assert_frame_equal(with_good, published(proc, [good], tmp_path / "only"))
+
+
 def test_named_gene_column(tmp_path: Path) -> None:
     """Wide form uses the configured gene column."""
     (tmp_path / "w.csv").write_text("symbol,S1,S2\nTP53,1,3\n")
