@@ -6,6 +6,7 @@ periodic rescan (periodic.py) is what guarantees a dropped event never loses a f
 
 from __future__ import annotations
 
+import logging
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,17 @@ class InboxWatcher:
         self.start(folders if folders is not None else self._folders)
 
     def stop(self) -> None:
-        if self._observer is not None:
+        if self._observer is None:
+            return
+        # watchdog 7 logs an error when its emitter wakes after stop() closed the inotify fd
+        # (watchdog/observers/inotify.py, "queue_events() called when the thread is inactive"):
+        # harmless, but it would page whoever alerts on errors at every clean stop.
+        inotify_log = logging.getLogger("watchdog.observers.inotify")
+        level = inotify_log.level
+        inotify_log.setLevel(logging.CRITICAL)
+        try:
             self._observer.stop()
             self._observer.join(timeout=5)
-            self._observer = None
+        finally:
+            inotify_log.setLevel(level)
+        self._observer = None
