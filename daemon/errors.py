@@ -45,6 +45,11 @@ class UnknownProcessorError(MedbatchError):
     """No processor is registered under that kind."""
 
 
+class ExecutorUnavailableError(MedbatchError):
+    """The executor could not run this attempt (its cluster is unreachable): not the batch's fault,
+    so the attempt does not count against it."""
+
+
 class DiskFullError(MedbatchError):
     """A write failed because the disk is full or failing; work pauses until it can resume."""
 

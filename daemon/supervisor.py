@@ -26,7 +26,12 @@ from daemon.audit import AuditEvent, AuditLog
 from daemon.batcher import Batcher, Sealed, batch_id_for
 from daemon.config import Pipeline, Settings, load_settings
 from daemon.dispatcher import PriorityDispatcher
-from daemon.errors import BatchFailedError, ConfigError, MedbatchError
+from daemon.errors import (
+    BatchFailedError,
+    ConfigError,
+    ExecutorUnavailableError,
+    MedbatchError,
+)
 from daemon.executors import make_executor
 from daemon.intake import Intake
 from daemon.journal import FileRow, Journal
@@ -38,8 +43,11 @@ from daemon.watcher import InboxWatcher, PathSeen
 
 log = structlog.get_logger()
 
-# An attempt that failed on these was the disk's fault, not the batch's: it does not count.
+# An attempt that failed on these was the disk's fault, not the batch's: it does not count,
+# and intake pauses until a batch publishes again.
 DISK_REASONS = frozenset({"disk_full", "io_error"})
+# Not the batch's fault either (a Dask cluster out of reach): retried without counting.
+UNAVAILABLE = "executor_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +377,8 @@ class Supervisor:
     def _failure_reason(self, batch_id: str, exc: BaseException) -> str:
         if isinstance(exc, BatchFailedError):
             reason = exc.reason
+        elif isinstance(exc, ExecutorUnavailableError):
+            reason = UNAVAILABLE
         elif isinstance(exc, TimeoutError):
             reason = "timeout"  # the pool killed the worker: running tasks cannot be cancelled
         elif self.executor.is_worker_loss(exc):
@@ -388,6 +398,8 @@ class Supervisor:
         batch = task.batch
         if reason in DISK_REASONS:
             self._pause(reason)
+            self._retry(task, reason, is_counted=False)
+        elif reason == UNAVAILABLE:
             self._retry(task, reason, is_counted=False)
         elif reason == "worker_crash" and batch.attempt >= 2 and len(batch.files) > 1:
             self._split(batch, reason)
@@ -641,7 +653,12 @@ class Supervisor:
             self.watcher.restart(self._inbox_folders())
             self.intake.scan()
         healthy = self._is_healthy()
-        self._record_heartbeat(stopped=False, healthy=healthy)
+        # A paused intake or an unreachable cluster is degraded, not hung: keep feeding the
+        # watchdog, but let `status` say so.
+        self._record_heartbeat(
+            stopped=False,
+            healthy=healthy and self.executor.is_healthy() and not self._paused,
+        )
         if healthy:
             self._notifier.watchdog()
         self._notifier.status(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import secrets
 import shutil
 import signal
 import time
@@ -95,12 +96,22 @@ def _run(task: BatchTask) -> BatchResult:
     if final.exists():
         shutil.rmtree(final)
     merged = processor.merge(partials)
-    tmp = staging_folder(task.outbox_dir, batch.batch_id)
+    # One staging folder per attempt: after a lost connection, an old attempt may still run
+    # beside its retry (Dask), and neither must write into the other's files.
+    tmp = staging_folder(task.outbox_dir, f"{batch.batch_id}-{secrets.token_hex(4)}")
     try:
         outputs = describe_outputs(tmp, processor.write(merged, tmp))
         published_at = time.time()
         write_manifest(tmp, build_manifest(batch, outputs, facts, quarantined, published_at))
         publish(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = read_manifest(final)
+        if earlier is None:
+            raise
+        # The other attempt won the rename: its folder is whole and equivalent; use it.
+        outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
+        return BatchResult(batch.batch_id, final, time.time(), outputs, facts, quarantined)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,7 +43,7 @@ def make_executor(settings: Settings, kinds: Iterable[str], on_done: DoneCallbac
     if settings.workers.executor == "dask":
         from daemon.executors.dask import DaskExecutor
 
-        return DaskExecutor(settings.workers, kinds, on_done)
+        return DaskExecutor(settings.workers, kinds, on_done, paths=settings.paths)
     from daemon.executors.process import ProcessExecutor
 
     return ProcessExecutor(settings.workers.count, kinds, on_done, settings.workers.batch_timeout_s)
