@@ -131,11 +131,18 @@ class Pipeline(_Model):
     max_wait: PositiveSeconds = 30.0
     settle_s: Seconds = 1.0
     max_file_bytes: Bytes = 1024**3
+    # An entry with more than one name (st_nlink > 1) may be a link to a file elsewhere on the
+    # filesystem: refused unless allowed here.
+    allow_hard_links: bool = False
+    # Only files owned by these uids are taken (None: any owner).
+    allowed_uids: tuple[Annotated[int, Field(ge=0)], ...] | None = None
     # A file whose writer never closed it is taken once unchanged this long.
     max_incomplete_s: PositiveSeconds = 60.0
     memory_factor: float | None = Field(default=None, gt=0)
     duplicates: Literal["skip", "process"] = "skip"
     after_publish: Literal["archive", "delete"] = "archive"
+    # File names may carry patient names or MRNs: audit lines get a keyed hash instead.
+    hash_names: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

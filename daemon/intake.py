@@ -1,18 +1,20 @@
 """Intake: decide when an inbox file is complete, check it is safe, and claim it into the spool.
 
-Runs on the main loop. Claiming is: journal intent → rename into the spool → open the spooled
-entry with O_NOFOLLOW|O_NONBLOCK, check the descriptor is a regular file, hash it → journal.
-Nothing is ever opened in the inbox itself, so a symlink or FIFO there is never followed or read.
+Runs on the main loop. Claiming is: journal intent → rename into the spool (relative to an inbox
+descriptor opened with O_NOFOLLOW) → open the spooled entry with O_NOFOLLOW|O_NONBLOCK, check the
+descriptor → hash it → journal. Nothing in the inbox is ever opened, so a symlink or FIFO there is
+never followed or read; whatever is swapped in between the check and the claim is quarantined.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,15 @@ from daemon.audit import AuditEvent, AuditLog
 from daemon.config import Pipeline, Settings
 from daemon.journal import Journal
 from daemon.models import IncomingFile
+from daemon.outbox import FILE_MODE, quarantine
 
 log = structlog.get_logger()
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
+_OPEN_SPOOLED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_INBOX = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_BYTES = 1 << 20
 
 
 def is_ignored(name: str) -> bool:
@@ -38,6 +44,12 @@ def spool_suffix(name: str) -> str:
     """The input's extension, sanitised: processors detect formats by it."""
     suffix = Path(name).suffix.lower()
     return suffix if 1 < len(suffix) <= 10 and set(suffix) <= _SUFFIX_CHARS else ""
+
+
+def recorded_name(name: str) -> str:
+    """The name as text the journal, manifests and audit log can hold: bytes that are not UTF-8
+    (surrogate-escaped by Python) become a literal `\\xNN`. Only ever data, never a path."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def kind_of(mode: int) -> str:
@@ -54,6 +66,19 @@ def kind_of(mode: int) -> str:
     return "not_regular_file"
 
 
+def refusal(pipeline: Pipeline, st: os.stat_result) -> str | None:
+    """Why an entry must not be taken, or None: the same checks on the lstat and on the fd."""
+    if not stat.S_ISREG(st.st_mode):
+        return kind_of(st.st_mode)
+    if st.st_nlink > 1 and not pipeline.allow_hard_links:
+        return "hard_link"
+    if pipeline.allowed_uids is not None and st.st_uid not in pipeline.allowed_uids:
+        return "owner_not_allowed"
+    if st.st_size > pipeline.max_file_bytes:
+        return "too_large"
+    return None
+
+
 @dataclass
 class _Candidate:
     pipeline: str
@@ -67,9 +92,22 @@ class _Candidate:
 class _Plan:
     pipeline: Pipeline
     source: Path
+    name: str  # recorded_name(source.name)
+    inode: int
     spool_name: str
     received_at: float
     is_suspect_incomplete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A claimed entry that turned out not to be a file we may read: quarantined, never read."""
+
+    file_id: int
+    pipeline: str
+    name: str
+    spool_name: str
+    reason: str
 
 
 class Intake:
@@ -86,6 +124,7 @@ class Intake:
         self._clock = clock
         self._monotonic = monotonic
         self._candidates: dict[Path, _Candidate] = {}
+        self._unsafe_inboxes: set[str] = set()
         self.reconfigure(settings)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -176,20 +215,30 @@ class Intake:
         ready = self._settled()
         if not ready:
             return []
+        with self._inbox_fds({c.pipeline for c in ready}) as inbox_fds:
+            return self._claim(ready, inbox_fds)
+
+    def _claim(self, ready: list[_Candidate], inbox_fds: dict[str, int]) -> list[IncomingFile]:
         now = self._clock()
-        plans = [p for p in (self._plan(c, now) for c in ready) if p is not None]
+        plans = [
+            p
+            for p in (self._plan(c, inbox_fds.get(c.pipeline), now) for c in ready)
+            if p is not None
+        ]
         if not plans:
             return []
         ids = self._journal.begin_claims(
-            (p.pipeline.name, p.source.name, p.spool_name, p.received_at) for p in plans
+            (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
         )
         received, dropped, refused, taken = [], [], [], []
         for file_id, plan in zip(ids, plans, strict=True):
-            outcome = self._move_and_hash(plan)
+            outcome = self._move_and_hash(plan, inbox_fds[plan.pipeline.name])
             if outcome is None:
                 dropped.append(file_id)
             elif isinstance(outcome, str):
-                refused.append((file_id, "", 0, outcome))
+                refused.append(
+                    _Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name, outcome)
+                )
             else:
                 sha256, size = outcome
                 received.append((file_id, sha256, size))
@@ -197,7 +246,7 @@ class Intake:
                     IncomingFile(
                         file_id,
                         plan.pipeline.name,
-                        plan.source.name,
+                        plan.name,
                         self._spool / plan.spool_name,
                         sha256,
                         size,
@@ -205,7 +254,9 @@ class Intake:
                         plan.is_suspect_incomplete,
                     )
                 )
-        self._journal.finish_claims(received, dropped, refused)
+        self._journal.finish_claims(
+            received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
+        )
         for f in taken:
             self._audit.append(
                 AuditEvent.FILE_RECEIVED,
@@ -215,21 +266,22 @@ class Intake:
                 size=f.size,
                 file_id=f.file_id,
             )
-        for file_id, _, _, reason in refused:
-            self._audit.append(AuditEvent.FILE_QUARANTINED, file_id=file_id, reason=reason)
+        self._quarantine_refused(refused)
         return taken
 
     def finish_interrupted_claims(self) -> list[IncomingFile]:
         """Recovery: claims whose journal intent was written but not their outcome."""
         received, dropped, refused, taken = [], [], [], []
         for row in self._journal.claiming():
-            if row.pipeline not in self._pipelines or not (self._spool / row.spool_name).exists():
+            spooled = self._spool / row.spool_name
+            if row.pipeline not in self._pipelines or not os.path.lexists(spooled):
                 dropped.append(row.id)
                 continue
-            plan = _Plan(self._pipelines[row.pipeline], Path(), row.spool_name, row.received_at)
+            pipeline = self._pipelines[row.pipeline]
+            plan = _Plan(pipeline, Path(), row.name, 0, row.spool_name, row.received_at)
             outcome = self._hash_spooled(plan)
             if isinstance(outcome, str):
-                refused.append((row.id, "", 0, outcome))
+                refused.append(_Refused(row.id, row.pipeline, row.name, row.spool_name, outcome))
             elif outcome is not None:
                 received.append((row.id, *outcome))
                 taken.append(
@@ -237,33 +289,62 @@ class Intake:
                         row.id,
                         row.pipeline,
                         row.name,
-                        self._spool / row.spool_name,
+                        spooled,
                         *outcome,
                         row.received_at,
                     )
                 )
         if received or dropped or refused:
-            self._journal.finish_claims(received, dropped, refused)
+            self._journal.finish_claims(
+                received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
+            )
+        self._quarantine_refused(refused)
         return taken
 
-    def _plan(self, c: _Candidate, now: float) -> _Plan | None:
-        pipeline = self._pipelines[c.pipeline]
+    @contextlib.contextmanager
+    def _inbox_fds(self, pipelines: set[str]) -> Iterator[dict[str, int]]:
+        """A descriptor of each inbox folder, opened without following a symlink: a producer
+        who replaces `<inbox>/<pipeline>` by a link to another folder (the state folder, /etc)
+        must not make us rename files out of it."""
+        fds: dict[str, int] = {}
         try:
-            st = os.lstat(c.path)
+            for name in sorted(pipelines):
+                try:
+                    fds[name] = os.open(self._settings.paths.inbox / name, _OPEN_INBOX)
+                except OSError as exc:
+                    if name not in self._unsafe_inboxes:
+                        self._unsafe_inboxes.add(name)
+                        log.error("intake.inbox_unsafe", pipeline=name, errno=exc.errno)
+                    continue
+                self._unsafe_inboxes.discard(name)
+            yield fds
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _plan(self, c: _Candidate, inbox_fd: int | None, now: float) -> _Plan | None:
+        pipeline = self._pipelines[c.pipeline]
+        if inbox_fd is None:
+            return None
+        try:
+            st = os.lstat(c.path.name, dir_fd=inbox_fd)
         except OSError:
             return None
-        reason = None
-        if not stat.S_ISREG(st.st_mode):
-            reason = kind_of(st.st_mode)
-        elif st.st_nlink > 1:
-            reason = "hard_link"
-        elif st.st_size > pipeline.max_file_bytes:
-            reason = "too_large"
+        name = recorded_name(c.path.name)
+        reason = refusal(pipeline, st)
         if reason is not None:
-            self._reject(pipeline.name, c.path.name, st.st_ino, reason, size=st.st_size)
+            self._reject(pipeline.name, name, st.st_ino, reason, size=st.st_size)
             return None
         spool_name = f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}"
-        return _Plan(pipeline, c.path, spool_name + spool_suffix(c.path.name), now, c.is_writing)
+        return _Plan(
+            pipeline,
+            c.path,
+            name,
+            st.st_ino,
+            spool_name + spool_suffix(c.path.name),
+            now,
+            c.is_writing,
+        )
 
     def _reject(self, pipeline: str, name: str, inode: int, reason: str, size: int) -> None:
         """Leave the entry alone (never opened, never followed) and report it once."""
@@ -271,12 +352,18 @@ class Intake:
             self._audit.append(
                 AuditEvent.FILE_REJECTED, pipeline=pipeline, file=name, reason=reason, size=size
             )
-            log.warning("file.rejected", pipeline=pipeline, reason=reason)
+            log.warning("file.rejected", pipeline=pipeline, reason=reason, inode=inode)
 
-    def _move_and_hash(self, plan: _Plan) -> tuple[str, int] | str | None:
+    def _move_and_hash(self, plan: _Plan, inbox_fd: int) -> tuple[str, int] | str | None:
         try:
-            os.rename(plan.source, self._spool / plan.spool_name)
+            os.rename(plan.source.name, self._spool / plan.spool_name, src_dir_fd=inbox_fd)
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            # Left in the inbox (a read-only or sticky folder, a mount point): reported once.
+            # The message would quote the path, so only the errno is kept.
+            self._reject(plan.pipeline.name, plan.name, plan.inode, "claim_failed", size=0)
+            log.warning("intake.claim_failed", pipeline=plan.pipeline.name, errno=exc.errno)
             return None
         return self._hash_spooled(plan)
 
@@ -284,29 +371,77 @@ class Intake:
         """Hash the spooled entry through a descriptor that cannot be a link, FIFO or device.
 
         Between our lstat and the rename, someone could swap in another object: the spooled
-        entry is then refused (and later quarantined), never followed or read.
+        entry is then refused (and quarantined), never followed or read. The checks are the
+        lstat's, repeated on the descriptor.
         """
         path = self._spool / plan.spool_name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, _OPEN_SPOOLED)
         except FileNotFoundError:
             return None
         except OSError:
-            return "symlink"
+            return "symlink"  # ELOOP: O_NOFOLLOW met a link
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return kind_of(st.st_mode)
-            if st.st_size > plan.pipeline.max_file_bytes:
-                return "too_large"
-            digest = hashlib.sha256()
-            size = 0
-            while chunk := os.read(fd, 1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-            return digest.hexdigest(), size
+            reason = refusal(plan.pipeline, st)
+            if reason is not None:
+                return reason
+            if st.st_nlink == 1:
+                # Our copy from now on: never keep the producer's mode (world-readable, say).
+                # Not ours to change when owned by another user (EPERM): the private state
+                # folder is what keeps it unreadable then.
+                with contextlib.suppress(PermissionError):
+                    os.fchmod(fd, FILE_MODE)
+            return _hash_fd(fd, plan.pipeline.max_file_bytes)
         finally:
             os.close(fd)
+
+    def _quarantine_refused(self, refused: list[_Refused]) -> None:
+        """Audit, then move each refused entry to quarantine at once (a rename: still never
+        opened). A failed move is left to the supervisor's disposal, which retries."""
+        disposed = []
+        for r in refused:
+            self._audit.append(
+                AuditEvent.FILE_QUARANTINED,
+                pipeline=r.pipeline,
+                file=r.name,
+                file_id=r.file_id,
+                reason=r.reason,
+            )
+            log.warning("file.quarantined", pipeline=r.pipeline, file_id=r.file_id, reason=r.reason)
+            sidecar = {
+                "name": r.name,
+                "pipeline": r.pipeline,
+                "reason": r.reason,
+                "detail": "refused when claimed (it changed after it was checked); never read",
+                "sha256": "",
+                "size": 0,
+                "batch_id": None,
+                "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            target = self._settings.paths.quarantine / r.pipeline
+            try:
+                quarantine(self._spool / r.spool_name, target, r.name, sidecar)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("intake.quarantine_failed", file_id=r.file_id, errno=exc.errno)
+                continue
+            disposed.append(r.file_id)
+        if disposed:
+            self._journal.mark_disposed(disposed)
+
+
+def _hash_fd(fd: int, max_bytes: int) -> tuple[str, int] | str:
+    """sha256 and size, reading at most one chunk past the limit (a file still growing)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, _READ_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            return "too_large"
+    return digest.hexdigest(), size
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int]:

@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,12 @@ from daemon.models import Batch, Facts, OutputFile
 
 FOLDER_MODE = 0o750
 FILE_MODE = 0o640
+# A batch folder is private to the service until it is published whole (as mkstemp/mkdtemp).
+STAGING_MODE = 0o700
 TMP_PREFIX = ".tmp-"
+SIDECAR_SUFFIX = ".error.json"
+# NAME_MAX is 255 bytes: room for ".error.json" and a ".NNN" collision counter.
+SAFE_NAME_MAX_BYTES = 200
 
 
 def iso(ts: float) -> str:
@@ -50,11 +57,12 @@ def describe_outputs(folder: Path, names: Iterable[str]) -> tuple[OutputFile, ..
 
 def staging_folder(pipeline_dir: Path, batch_id: str) -> Path:
     """A fresh, hidden `.tmp-<batch id>/` beside where the batch will appear."""
-    pipeline_dir.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
+    make_folder(pipeline_dir)
     tmp = pipeline_dir / f"{TMP_PREFIX}{batch_id}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(mode=FOLDER_MODE)
+    tmp.mkdir(mode=STAGING_MODE)
+    os.chmod(tmp, STAGING_MODE)
     return tmp
 
 
@@ -100,12 +108,14 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def publish(tmp: Path, final: Path) -> None:
     """Make `tmp` visible as `final`, whole and durable: fsync files, rename, fsync the parent."""
     for entry in tmp.iterdir():
-        os.chmod(entry, FILE_MODE)
-        fd = os.open(entry, os.O_RDONLY)
+        # Never the mode a library or the umask chose (nor the input's): group-readable only.
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
         try:
+            os.fchmod(fd, FILE_MODE)
             os.fsync(fd)
         finally:
             os.close(fd)
+    os.chmod(tmp, FOLDER_MODE)
     fsync_dir(tmp)
     os.rename(tmp, final)
     fsync_dir(final.parent)
@@ -123,26 +133,94 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return dict(manifest)
 
 
+def make_folder(folder: Path) -> None:
+    """Create `folder` and any missing parent as FOLDER_MODE, whatever the umask (mkdir's
+    `parents=True` would give the parents the default mode)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=FOLDER_MODE)
+            os.chmod(path, FOLDER_MODE)
+
+
+def safe_name(name: str) -> str:
+    """A file name that is safe to create and to show: `name` where it is plain printable text;
+    otherwise '/', control and format characters (newline, ESC, bidi overrides) and bytes that
+    were not UTF-8 written as escapes, a leading '-' guarded, and anything longer than
+    SAFE_NAME_MAX_BYTES cut (with a hash of the whole, so that cut names stay apart)."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    out = []
+    for char in text:
+        if char == "/" or (unicodedata.category(char)[0] in "CZ" and char != " "):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    text = "".join(out)
+    if text.startswith(("-", ".")) or text in ("", ".", ".."):
+        text = "_" + text
+    if len(text.encode("utf-8")) > SAFE_NAME_MAX_BYTES:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        suffix = Path(text).suffix
+        suffix = suffix if len(suffix.encode("utf-8")) <= 16 else ""
+        keep = SAFE_NAME_MAX_BYTES - len(digest) - 1 - len(suffix.encode("utf-8"))
+        head = text.encode("utf-8")[:keep].decode("utf-8", "ignore")
+        text = f"{head}~{digest}{suffix}"
+    return text
+
+
+def _restrict(path: Path) -> None:
+    """Make a moved input FILE_MODE without following a link or opening a FIFO or device, and
+    without touching a file that has another name elsewhere (its mode is that file's mode).
+    Not ours to change when owned by another user: the folder's mode protects it then."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_ino == st.st_ino:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+
+
 def move_aside(source: Path, folder: Path, name: str) -> Path:
-    """Rename `source` into `folder` as `name` (never overwriting); return where it went."""
-    folder.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
-    target = folder / name
+    """Rename `source` into `folder` as `safe_name(name)` (never overwriting), FILE_MODE;
+    return where it went."""
+    make_folder(folder)
+    base = safe_name(name)
+    target = folder / base
     n = 1
-    while target.exists() or target.is_symlink():
-        target = folder / f"{name}.{n}"
+    while os.path.lexists(target) or os.path.lexists(f"{target}{SIDECAR_SUFFIX}"):
+        target = folder / f"{base}.{n}"
         n += 1
     os.rename(source, target)
+    _restrict(target)
     return target
 
 
 def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -> Path:
-    """Move a refused input to `<quarantine>/<pipeline>/<name>` with `<name>.error.json`."""
+    """Move a refused input to `<quarantine>/<pipeline>/<name>` with `<name>.error.json`.
+
+    `name` is made safe first (`safe_name`); the sidecar records the original name as data.
+    """
     target = move_aside(source, folder, name)
-    error = target.with_name(target.name + ".error.json")
-    fd = os.open(error, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    error = target.with_name(target.name + SIDECAR_SUFFIX)
+    # Written aside and renamed: whoever reads the quarantine never sees half a sidecar.
+    tmp = target.with_name(f".{target.name}{SIDECAR_SUFFIX}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(sidecar, fh, indent=2, ensure_ascii=True)
         fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, error)
     return target
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 class _Options(BaseModel):
@@ -16,32 +16,79 @@ DEFAULT_IDENTIFIER_COLUMNS = (
     "id",
     "patient_id",
     "patientid",
+    "person_id",
+    "subject_id",
     "mrn",
+    "medical_record_number",
     "record_id",
     "encounter_id",
     "visit_id",
+    "accession_number",
+    "insurance_id",
+    "account_number",
+    "nhs_number",
     "name",
     "patient_name",
     "first_name",
+    "given_name",
     "last_name",
+    "family_name",
+    "surname",
     "ssn",
+    "social_security_number",
     "dob",
     "birth_date",
+    "birthdate",
     "date_of_birth",
     "address",
+    "street",
     "zip",
+    "zip_code",
+    "postcode",
+    "postal_code",
     "phone",
+    "telephone",
+    "mobile",
+    "fax",
     "email",
+    "e_mail",
 )
 
 
+def identifier_key(column: str) -> str:
+    """How column names are compared with `id_columns`: ignoring case, spaces, '_' and '-', so
+    that "Patient ID", "patient-id" and "PATIENT_ID" are one name."""
+    return "".join(c for c in column.casefold() if c.isalnum())
+
+
 class EmrOptions(_Options):
-    group_by: str = "diagnosis"
+    group_by: str = Field(default="diagnosis", min_length=1)
     # Rows with a missing value in any of these columns are dropped; None means every column.
     required_columns: tuple[str, ...] | None = None
-    # Identifiers: read as text, never averaged, never published (matched ignoring case).
+    # Identifiers: read as text, never averaged, never published, never logged (matched by
+    # `identifier_key`).
     id_columns: tuple[str, ...] = DEFAULT_IDENTIFIER_COLUMNS
     output_format: Literal["csv", "parquet"] = "csv"
+    # Refused before parsing (quarantined with a reason): a header wider than max_columns, more
+    # than max_rows lines, or a line longer than max_row_bytes (which also bounds one field).
+    max_columns: int = Field(default=2_000, gt=0)
+    max_rows: int = Field(default=5_000_000, gt=0)
+    max_row_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    # Small-cell suppression: a group of fewer rows is published with `n` and every mean empty
+    # and `suppressed` true ("blank"), or folded into one `other` row ("merge"); a mean over
+    # fewer values is left empty. 1 turns it off.
+    min_cell_size: int = Field(default=11, ge=1)
+    small_cells: Literal["blank", "merge"] = "blank"
+
+    @model_validator(mode="after")
+    def _group_is_not_an_identifier(self) -> EmrOptions:
+        ids = {identifier_key(c) for c in self.id_columns}
+        if identifier_key(self.group_by) in ids:
+            raise ValueError(
+                f"group_by: {self.group_by!r} is an identifier column (id_columns); its values "
+                "would be published"
+            )
+        return self
 
 
 class ImagingOptions(_Options):
