@@ -1,0 +1,145 @@
+"""EMR throughput: N small EMR tables through `medbatch run --once` (all bookkeeping on) side by
+side with the naive per-file pandas script over the same files; results must agree."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.baseline import compare_tables, run_baseline
+from bench.dask_cluster import DaskCluster
+from bench.datasets import EMR_NUMERIC, copy_into, emr_files
+from bench.options import BenchOptions
+from bench.profiling import py_spy_command, summarise_profile
+from bench.section import SectionResult, best_of
+from bench.service import ServiceTree, run_once, temp_root
+from bench.throughput import record_naive, record_run, record_speedup
+
+MEANS = [f"mean_{c}" for c in EMR_NUMERIC]
+ONCE_TIMEOUT_S = 900
+SPEEDUP_TARGET = 5.0
+UNIT = "files"
+
+
+def pipeline(opts: BenchOptions) -> dict[str, Any]:
+    return {
+        "name": "emr",
+        "kind": "emr",
+        "priority": 2,
+        "max_files": opts.emr_max_files,
+        "max_bytes": 256 * 1024**2,
+        "max_wait": 30,
+        "settle_s": 0,
+        "group_by": "diagnosis",
+        "after_publish": "archive",
+    }
+
+
+def merged_result(tree: ServiceTree) -> pd.DataFrame:
+    """The batches' result.csv files added up into one table of exact means (sum = mean * n)."""
+    frames = [pd.read_csv(p / "result.csv") for p in tree.published("emr")]
+    table = pd.concat(frames, ignore_index=True)
+    for column in MEANS:
+        table[column] = table[column] * table["n"]
+    totals = table.groupby("diagnosis", as_index=False)[["n", *MEANS]].sum()
+    for column in MEANS:
+        totals[column] = totals[column] / totals["n"]
+    return totals
+
+
+@contextlib.contextmanager
+def executor_settings(
+    executor: str, root: Path, workers: int
+) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """The `[workers]` table for one executor and the processes outside the service that run
+    its batches: for dask, a local scheduler and workers while it runs."""
+    if executor == "process":
+        yield {"count": workers, "executor": "process"}, []
+        return
+    with DaskCluster(root, workers) as cluster:
+        settings = {
+            "count": workers,
+            "executor": "dask",
+            "scheduler_file": str(cluster.scheduler_file),
+        }
+        yield settings, cluster.pids()
+
+
+def run_service(
+    opts: BenchOptions, source: Path, executor: str, result: SectionResult, *, profile: bool = False
+) -> pd.DataFrame | None:
+    """One `run --once` over a fresh copy of the inputs; figures go into `result`."""
+    prefix = f"{executor}_"
+    n_files = opts.emr_files
+    with (
+        temp_root(f"emr-{executor}") as root,
+        executor_settings(executor, root, opts.workers) as (workers, remote_workers),
+    ):
+        tree = ServiceTree(root, [pipeline(opts)], workers=workers, service={"tick_s": 0.5})
+        n_bytes = copy_into(source, tree.inbox("emr"))
+        if profile:
+            profile_path = opts.results / f"emr-{executor}-profile.txt"
+            run_once(tree, ONCE_TIMEOUT_S, wrapper=py_spy_command(profile_path))
+            result.notes += summarise_profile(profile_path, f"EMR run --once, {executor}")
+            return None
+        run = run_once(tree, ONCE_TIMEOUT_S, remote_workers=remote_workers)
+        result.add("input_mib", round(n_bytes / 2**20, 2), "MiB")
+        record_run(result, executor, run, n_files, UNIT, opts.workers)
+        main_ms, workers_ms = (round(1000 * cpu_s / n_files, 3) for cpu_s in run.cpu_s)
+        result.add(prefix + "main_cpu_ms_per_file", main_ms, "ms")
+        result.add(prefix + "workers_cpu_ms_per_file", workers_ms, "ms")
+        result.add(prefix + "batches", len(tree.published("emr")))
+        published = sum(len(m["inputs"]) for m in tree.manifests("emr"))
+        result.check(f"{executor}: every file published", published == n_files)
+        result.check(f"{executor}: nothing quarantined", tree.quarantined() == 0)
+        result.check(f"{executor}: audit verify", tree.audit_verify())
+        return merged_result(tree)
+
+
+def run_naive(source: Path, n_files: int, result: SectionResult) -> pd.DataFrame:
+    with temp_root("emr-naive") as root:
+        output = root / "naive.csv"
+        wall_s, cpu_s = run_baseline("naive_emr.py", source, output)
+        record_naive(result, wall_s, cpu_s, n_files, UNIT)
+        result.add("naive_cpu_ms_per_file", round(1000 * cpu_s / n_files, 3), "ms")
+        return pd.read_csv(output)
+
+
+def run_emr(opts: BenchOptions) -> SectionResult:
+    result = SectionResult("emr")
+    source = emr_files(opts.cache, opts.emr_files, opts.emr_rows)
+    result.add("files", opts.emr_files)
+    outputs = {}
+    for executor in opts.executors:
+        try:
+            measure = functools.partial(run_service, opts, source, executor)
+            outputs[executor] = best_of(opts.repeat, measure, result, f"{executor}_wall_s")
+        except Exception as exc:
+            message = f"{executor} executor failed: {type(exc).__name__}: {exc}"
+            result.notes.append(message[:600])
+            result.check(f"{executor}: run --once succeeded", False)
+    measure_naive = functools.partial(run_naive, source, opts.emr_files)
+    naive = best_of(opts.repeat, measure_naive, result, "naive_wall_s")
+    for executor, ours in outputs.items():
+        if ours is None:
+            continue
+        same_keys, worst = compare_tables(ours, naive, "diagnosis", MEANS)
+        counts_equal = same_keys and ours.set_index("diagnosis")["n"].equals(
+            naive.set_index("diagnosis")["n"]
+        )
+        result.add(f"{executor}_max_rel_error", worst)
+        result.check(f"{executor}: groups and n equal naive", counts_equal)
+        result.check(f"{executor}: means within 1e-9 of naive", worst <= 1e-9)
+        record_speedup(result, executor, SPEEDUP_TARGET)
+    if opts.profile:
+        for executor in outputs:
+            try:
+                run_service(opts, source, executor, result, profile=True)
+            except Exception as exc:
+                result.notes.append(f"profile of {executor} failed: {type(exc).__name__}: {exc}")
+    return result

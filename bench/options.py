@@ -1,0 +1,46 @@
+"""BenchOptions: what the command line chose (sizes, executors, cache and results folders)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    quick: bool = False
+    cache: Path = RESULTS / "cache"
+    results: Path = RESULTS
+    executors: tuple[str, ...] = ("process", "dask")
+    workers: int = 2
+    profile: bool = False
+    repeat: int = 1  # throughput sections: best of N runs of each side
+    # Sizes (full run / --quick).
+    emr_files: int = 5000
+    emr_rows: int = 50
+    emr_max_files: int = 500
+    latency_drops: int = 200
+    idle_s: float = 30.0
+    images: int = 200
+    genomics_files: int = 20
+    genomics_genes: int = 2000
+    genomics_samples: int = 50
+    genomics_max_files: int = 10
+
+    def quick_sized(self) -> BenchOptions:
+        """The sizes of a smoke run (`--quick`)."""
+        return dataclasses.replace(
+            self,
+            quick=True,
+            emr_files=1000,
+            emr_max_files=100,
+            latency_drops=30,
+            idle_s=5.0,
+            images=40,
+            genomics_files=4,
+            genomics_max_files=2,
+        )
