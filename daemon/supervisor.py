@@ -37,7 +37,7 @@ from daemon.intake import Intake
 from daemon.journal import FileRow, Journal
 from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
 from daemon.notify import Notifier
-from daemon.outbox import move_aside, quarantine, remove_stale_staging
+from daemon.outbox import make_folder, quarantine, remove_stale_staging
 from daemon.periodic import HEARTBEAT_S, Heartbeat, Periodic, Rescan, Tick
 from daemon.watcher import InboxWatcher, PathSeen
 
@@ -536,18 +536,25 @@ class Supervisor:
         Idempotent, after the journal commit: a crash in between is finished by recovery.
         """
         rows = self.journal.undisposed()
+        archives: dict[Path, None] = {}
         for row in rows:
             source = self.settings.paths.spool / row.spool_name
-            if not (source.exists() or source.is_symlink()):
-                continue
             pipeline = self._pipelines().get(row.pipeline)
-            if row.state == "quarantined":
-                self._quarantine(row, source)
-            elif pipeline is not None and pipeline.after_publish == "delete":
-                source.unlink()
-            else:
-                day = time.strftime("%Y-%m-%d", time.gmtime(row.received_at))
-                move_aside(source, self.settings.paths.archive / row.pipeline / day, source.name)
+            try:
+                if row.state == "quarantined":
+                    self._quarantine(row, source)
+                elif pipeline is not None and pipeline.after_publish == "delete":
+                    source.unlink()
+                else:
+                    day = time.strftime("%Y-%m-%d", time.gmtime(row.received_at))
+                    folder = self.settings.paths.archive / row.pipeline / day
+                    if folder not in archives:
+                        make_folder(folder)
+                        archives[folder] = None
+                    # Spool names are unique: the archived copy keeps it, nothing to compare.
+                    os.rename(source, folder / source.name)
+            except FileNotFoundError:
+                continue  # moved before a crash, after the journal commit: already done
         if rows:
             self.journal.mark_disposed(r.id for r in rows)
 

@@ -12,12 +12,12 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from daemon.errors import BatchFailedError, ProcessorError
-from daemon.models import BatchResult, BatchTask, Facts, OutputFile
+from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile
 from daemon.outbox import (
     build_manifest,
     describe_outputs,
@@ -62,28 +62,58 @@ def run_batch(task: BatchTask) -> BatchResult:
         raise BatchFailedError("processor_failed", type(exc).__name__) from None
 
 
+def _read_inputs(
+    processor: Processor, files: Sequence[IncomingFile]
+) -> tuple[list[Any], list[Facts | ProcessorError]]:
+    """Partials and one outcome per input; a processor may read the batch at once."""
+    read_many = getattr(processor, "read_many", None)
+    if read_many is not None:
+        try:
+            return cast(
+                tuple[list[Any], list[Facts | ProcessorError]],
+                read_many([(f.spool_path, f.name) for f in files]),
+            )
+        except Exception:  # noqa: S110 - file by file below names the input that fails
+            pass
+    partials: list[Any] = []
+    outcomes: list[Facts | ProcessorError] = []
+    for f in files:
+        try:
+            partial, facts = processor.read(f.spool_path, f.name)
+        except ProcessorError as exc:
+            outcomes.append(exc)
+            continue
+        except MemoryError:
+            outcomes.append(
+                ProcessorError(
+                    f.spool_path, "out_of_memory", "reading it took more memory than free"
+                )
+            )
+            continue
+        except Exception as exc:
+            outcomes.append(ProcessorError(f.spool_path, "unreadable", type(exc).__name__))
+            continue
+        partials.append(partial)
+        outcomes.append(facts)
+    return partials, outcomes
+
+
 def _run(task: BatchTask) -> BatchResult:
     batch = task.batch
     processor = _processor(batch.kind, json.dumps(task.options, sort_keys=True))
-    partials: list[Any] = []
+    partials, outcomes = _read_inputs(processor, batch.files)
     facts: dict[int, Facts] = {}
     quarantined: dict[int, tuple[str, str]] = {}
-    for f in batch.files:
-        try:
-            partial, facts[f.file_id] = processor.read(f.spool_path, f.name)
-            partials.append(partial)
-        except ProcessorError as exc:
-            if f.is_suspect_incomplete:
-                quarantined[f.file_id] = (
-                    "incomplete",
-                    f"its writer never closed it ({exc.reason})",
-                )
-            else:
-                quarantined[f.file_id] = (exc.reason, exc.detail)
-        except MemoryError:
-            quarantined[f.file_id] = ("out_of_memory", "reading it took more memory than free")
-        except Exception as exc:
-            quarantined[f.file_id] = ("unreadable", type(exc).__name__)
+    for f, outcome in zip(batch.files, outcomes, strict=True):
+        if not isinstance(outcome, ProcessorError):
+            facts[f.file_id] = outcome
+        elif f.is_suspect_incomplete:
+            quarantined[f.file_id] = (
+                "incomplete",
+                f"its writer never closed it ({outcome.reason})",
+            )
+        else:
+            quarantined[f.file_id] = (outcome.reason, outcome.detail)
     if not partials:
         return BatchResult(batch.batch_id, None, None, quarantined=quarantined)
 

@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from daemon.processors.base import Facts, ProcessorError
+from daemon.processors.emr_batch import Outcome, is_numeric, read_batch
 from daemon.processors.options import EmrOptions, identifier_key
 
 N = "n"
@@ -225,19 +226,13 @@ class EmrProcessor:
         missing = sorted(required - set(table.column_names))
         if missing:
             raise ProcessorError(path, "missing_column", f"{len(missing)} required column(s)")
-        table = table.filter(self._complete_rows(table, required))
+        table = table.filter(self.complete_rows(table, required))
         numeric = [
             c
             for c in table.column_names
-            if c != group and not self.is_identifier(c) and _is_numeric(table.schema.field(c).type)
+            if c != group and not self.is_identifier(c) and is_numeric(table.schema.field(c).type)
         ]
-        aggregates: list[tuple[Any, str]] = [([], "count_all")]
-        for c in numeric:
-            aggregates += [(c, "sum"), (c, "count")]
-        columns = {c: pc.cast(table[c], pa.float64()) for c in numeric}
-        columns[group] = pc.cast(table[group], pa.string())
-        grouped = pa.table(columns).group_by(group, use_threads=False).aggregate(aggregates)
-        partial = grouped.rename_columns([_rename(name, group) for name in grouped.column_names])
+        partial = self.reduce(table, numeric)
         facts: Facts = {
             "rows": rows,
             "rows_dropped": rows - table.num_rows,
@@ -245,8 +240,23 @@ class EmrProcessor:
         }
         return partial, facts
 
+    def read_many(self, items: Sequence[tuple[Path, str]]) -> tuple[list[Any], list[Outcome]]:
+        """The whole batch at once: small files share one parse (see emr_batch.py)."""
+        return read_batch(self, items)
+
+    def reduce(self, table: pa.Table, numeric: Sequence[str]) -> pa.Table:
+        """Complete rows → per-group row count and each numeric column's sum and count."""
+        group = self.options.group_by
+        aggregates: list[tuple[Any, str]] = [([], "count_all")]
+        for c in numeric:
+            aggregates += [(c, "sum"), (c, "count")]
+        columns = {c: pc.cast(table[c], pa.float64()) for c in numeric}
+        columns[group] = pc.cast(table[group], pa.string())
+        grouped = pa.table(columns).group_by(group, use_threads=False).aggregate(aggregates)
+        return grouped.rename_columns([_rename(name, group) for name in grouped.column_names])
+
     @staticmethod
-    def _complete_rows(table: pa.Table, required: set[str]) -> pa.ChunkedArray:
+    def complete_rows(table: pa.Table, required: set[str]) -> pa.ChunkedArray:
         mask = None
         for name in required:
             column = table[name]
@@ -345,12 +355,6 @@ class EmrProcessor:
         other.insert(0, group, OTHER)
         other[N] = other[N].astype("int64")
         return pd.concat([cells[~fold], other], ignore_index=True)
-
-
-def _is_numeric(kind: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
-    )
 
 
 def _rename(name: str, group: str) -> str:
