@@ -117,7 +117,12 @@ def _check_decoder(path: Path, syntax: UID, bits_stored: int) -> None:
         )
 
 
-def _read_dicom(path: Path, max_pixels: int) -> Decoded:
+def _check_frames(path: Path, n_frames: int, max_frames: int) -> None:
+    if n_frames > max_frames:
+        raise ProcessorError(path, "too_many_frames", f"more than max_frames ({max_frames})")
+
+
+def _read_dicom(path: Path, max_pixels: int, max_frames: int) -> Decoded:
     # The header alone first: the pixel guard must run before any pixel byte is read or decoded.
     with _decoding(path, "the DICOM header could not be parsed"):
         header = dcmread(path, stop_before_pixels=True)
@@ -131,6 +136,7 @@ def _read_dicom(path: Path, max_pixels: int) -> Decoded:
     n_frames = _int_tag(path, header, "NumberOfFrames", 1) or 1
     samples = _int_tag(path, header, "SamplesPerPixel", 1) or 1
     bits_stored = _int_tag(path, header, "BitsStored", 0)
+    _check_frames(path, n_frames, max_frames)
     _check_pixels(path, rows * columns * n_frames * samples, max_pixels)
     _check_decoder(path, syntax, bits_stored)
     with _decoding(path, "the DICOM dataset could not be parsed"):
@@ -172,7 +178,7 @@ def _pillow_array(image: Image.Image) -> NDArray[Any]:
     return np.asarray(image)
 
 
-def _read_pillow(path: Path, max_pixels: int) -> Decoded:
+def _read_pillow(path: Path, max_pixels: int, max_frames: int) -> Decoded:
     """PNG or JPEG: Pillow reads the size from the header, then decodes the first frame."""
     with (
         _decoding(path, "the image could not be decoded"),
@@ -198,14 +204,16 @@ def _can_decode(page: tifffile.TiffPage) -> bool:
     )
 
 
-def _read_tiff(path: Path, max_pixels: int) -> Decoded:
+def _read_tiff(path: Path, max_pixels: int, max_frames: int) -> Decoded:
     """TIFF: every full-resolution page is a frame; reduced-resolution copies are skipped."""
     with _decoding(path, "the TIFF could not be decoded"), tifffile.TiffFile(path) as tif:
-        pages = [
-            (index, page)
-            for index, page in enumerate(tif.pages)
-            if isinstance(page, tifffile.TiffPage) and not page.is_reduced
-        ]
+        pages = []
+        # Pages are parsed lazily: stop at the limit, before thousands of tiny pages cost
+        # seconds and memory on their own.
+        for index, page in enumerate(tif.pages):
+            _check_frames(path, index + 1, max_frames)
+            if isinstance(page, tifffile.TiffPage) and not page.is_reduced:
+                pages.append((index, page))
         if not pages:
             raise ProcessorError(path, "no_image", "no full-resolution page")
         _check_pixels(path, sum(math.prod(page.shape) for _, page in pages), max_pixels)
@@ -228,7 +236,7 @@ def _pillow_frames(path: Path, indices: Sequence[int]) -> list[NDArray[Any]]:
 READERS = {"dicom": _read_dicom, "pillow": _read_pillow, "tiff": _read_tiff}
 
 
-def read_image(path: Path, max_pixels: int) -> Decoded:
+def read_image(path: Path, max_pixels: int, max_frames: int) -> Decoded:
     """Decode one image file, refusing it (`ProcessorError`) before decoding if it declares more
-    than `max_pixels` samples."""
-    return READERS[_sniff(path)](path, max_pixels)
+    than `max_pixels` samples or `max_frames` frames."""
+    return READERS[_sniff(path)](path, max_pixels, max_frames)

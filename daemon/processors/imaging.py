@@ -4,6 +4,7 @@ and a contact sheet of thumbnails. Decoding lives in `image_readers`. Runs in wo
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import math
@@ -174,7 +175,7 @@ class ImagingProcessor:
         with warnings.catch_warnings(record=True) as caught:
             for category in DATA_WARNINGS:
                 warnings.simplefilter("always", category)
-            decoded = read_image(path, self.options.max_pixels)
+            decoded = read_image(path, self.options.max_pixels, self.options.max_frames)
             rows, thumbnail = self._measure(decoded, name, sha256)
         facts: Facts = {"images": len(rows), "frames": len(decoded.frames)}
         n_warnings = sum(issubclass(w.category, DATA_WARNINGS) for w in caught)
@@ -241,7 +242,10 @@ class ImagingProcessor:
             table[column] = table[column].astype("float64")
         for column in TEXT_COLUMNS:
             table[column] = table[column].map(neutralise, na_action="ignore")
-        table.to_csv(folder / RESULT_NAME, index=False, lineterminator="\n")
+        # Text quoted, numbers bare: a CR inside a file name must not start a row of its own.
+        table.to_csv(
+            folder / RESULT_NAME, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
+        )
         if not merged.thumbnails:
             return [RESULT_NAME]
         sheet = _contact_sheet([t.pixels for t in merged.thumbnails])

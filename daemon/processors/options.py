@@ -101,6 +101,8 @@ class ImagingOptions(_Options):
     # (rows x columns x frames x samples per pixel). Pillow's own bomb guard (2 x 89,478,485
     # pixels, the default here) still stops PNG and JPEG files past it.
     max_pixels: int = Field(default=178_956_970, gt=0)
+    # Frames (TIFF pages, DICOM frames) per file: thousands of tiny pages are a bomb too.
+    max_frames: int = Field(default=1000, gt=0)
     thumbnail_px: int = Field(default=128, ge=16, le=1024)
 
 

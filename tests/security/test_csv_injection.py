@@ -53,5 +53,5 @@ def test_formula_cells_are_neutralised_numbers_are_not(make_service: MakeService
     (imaging,) = service.manifests("imaging")
     lines = (service.outbox / "imaging" / imaging["batch_id"] / "result.csv").read_text()
     sources = sorted(line.split(",")[0] for line in lines.splitlines()[1:])
-    assert sources == ["'=cmd.png", "'@x.png"]
+    assert sources == ['"\'=cmd.png"', '"\'@x.png"']  # neutralised, and quoted as all text
     check_accounting(service, dropped)

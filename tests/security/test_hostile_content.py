@@ -47,7 +47,7 @@ HOSTILE_TABLES: dict[str, tuple[bytes, str]] = {
 }
 HOSTILE_IMAGES: dict[str, tuple[bytes, str]] = {
     "bomb.png": (png_bomb(100_000, 100_000), "too_many_pixels"),
-    "pages.tif": (tiff_pages(5000, 1024, 1024), "too_many_pixels"),
+    "pages.tif": (tiff_pages(5000, 1024, 1024), "too_many_frames"),
     "truncated.dcm": (dicom_with({}, truncate_pixels=True), "unreadable_image"),
 }
 
@@ -73,12 +73,17 @@ def test_hostile_tables_and_images_are_quarantined_before_parsing(
         dropped[name] = service.drop("emr", name, content)
     for name, (content, _) in HOSTILE_IMAGES.items():
         dropped[name] = service.drop("imaging", name, content)
-    # Thousands of small pages: not a pixel bomb; it must not stall the pipeline either.
+    # Thousands of small pages: not a pixel bomb, but refused past max_frames before they
+    # are all parsed, so it cannot stall the pipeline either.
     dropped["small-pages.tif"] = service.drop(
         "imaging", "small-pages.tif", tiff_pages(5000, 64, 64)
     )
 
-    hostile = {**HOSTILE_TABLES, **HOSTILE_IMAGES}
+    hostile = {
+        **HOSTILE_TABLES,
+        **HOSTILE_IMAGES,
+        "small-pages.tif": (b"", "too_many_frames"),
+    }
     wait_until(lambda: set(hostile) <= set(quarantine_reasons(service)), 60, message="refused")
     refused_after_s = time.monotonic() - started
     dropped["after.csv"] = service.drop("emr", "after.csv", good_emr(2))

@@ -374,7 +374,9 @@ def test_write_result_and_contact_sheet(tmp_path: Path) -> None:
     out.mkdir()
     assert proc.write(proc.merge(partials), out) == ["result.csv", "contact_sheet.png"]
     lines = (out / "result.csv").read_text().splitlines()
-    assert lines[0].startswith("source,sha256,frame,width,height,frames,channels,dtype,mean")
+    assert lines[0].startswith(
+        '"source","sha256","frame","width","height","frames","channels","dtype","mean"'
+    )
     assert len(lines) == 4
     # Thumbnails: 20x30 stays (no upscaling), 64x48 becomes 32x24, 64x64 becomes 32x32. Tiles
     # of 32x32 in a 2x2 grid with 2 px padding.
@@ -399,6 +401,6 @@ def test_text_cells_are_neutralised_numbers_are_not(tmp_path: Path) -> None:
     partial, _ = proc.read(tmp_path / "x.tif", "=HYPERLINK(1).tif")
     proc.write(proc.merge([partial]), tmp_path)
     line = (tmp_path / "result.csv").read_text().splitlines()[1]
-    assert line.startswith("'=HYPERLINK(1).tif,")
+    assert line.startswith('"\'=HYPERLINK(1).tif",')
     assert ",-1.5,2.5," in line
     assert partial.rows[0]["std"] == pytest.approx(float(pixels.std()))
