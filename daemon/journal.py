@@ -57,10 +57,12 @@ class Journal:
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        is_new = not path.exists()
+        if not path.exists():
+            # Created private, never for a moment with the umask's mode.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-        if is_new:
-            os.chmod(path, 0o600)
         self._check_integrity()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
