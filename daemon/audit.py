@@ -20,7 +20,13 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
+import structlog
+
 from daemon.errors import MedbatchError
+
+log = structlog.get_logger()
+
+AuditListener = Callable[[dict[str, object]], None]
 
 GENESIS_HASH = "0" * 64
 NAME_KEY_FILE = "audit-name.key"
@@ -92,7 +98,8 @@ class AuditLog:
         self._folder = folder
         self._clock = clock
         self._name_key = name_key
-        self.set_hashed_pipelines(hashed_pipelines)
+        self._listeners: list[AuditListener] = []
+        self.set_hashed_pipelines(hashed_pipelines, name_key)
         self._seq = 0
         self._hash = GENESIS_HASH
         self._last_ms = 0
@@ -114,8 +121,16 @@ class AuditLog:
     def head(self) -> tuple[int, str]:
         return self._seq, self._hash
 
-    def set_hashed_pipelines(self, pipelines: frozenset[str]) -> None:
+    def add_listener(self, listener: AuditListener) -> None:
+        """Call `listener(line)` after each line is written (metrics count audit events)."""
+        self._listeners.append(listener)
+
+    def set_hashed_pipelines(
+        self, pipelines: frozenset[str], name_key: bytes | None = None
+    ) -> None:
         """Which pipelines' file names are hashed from now on (a reload may change it)."""
+        if name_key is not None:
+            self._name_key = name_key
         if pipelines and self._name_key is None:
             raise ValueError("hashed_pipelines needs a name_key")
         self._hashed_pipelines = frozenset(pipelines)
@@ -143,12 +158,20 @@ class AuditLog:
             self._open_day(ts[:10])
         self._write(data)
         self._seq, self._hash, self._last_ms = seq, digest, now_ms
+        for listener in self._listeners:
+            try:
+                listener(line)
+            except Exception:
+                # The line is written; a listener's bug must not look like a failed write.
+                log.exception("audit.listener_failed", listener=repr(listener))
         return line
 
     def sync(self) -> None:
         """Make every appended line durable; an error is raised, never swallowed (caller pauses)."""
         if self._fd is None:
             return
+        if self._synced_offset == self._offset and not (self._is_tail_dirty or self._is_dir_dirty):
+            return  # nothing new: an idle service must not fsync on every tick
         try:
             if self._is_tail_dirty:
                 self._restore_tail(self._fd)
@@ -268,7 +291,7 @@ def load_name_key(state: Path) -> bytes:
     except FileExistsError:
         pass
     finally:
-        os.unlink(tmp)
+        tmp.unlink()
     key = read_name_key(state)
     assert key is not None
     return key
@@ -442,3 +465,48 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class TolerantAuditLog(AuditLog):
+    """The service's audit log: a write the disk refuses never stops the service.
+
+    The refused line is dropped (the file and `head` stay as they were) and `failing_since`
+    set; the service then pauses, and once `recover()` can write again it rebuilds the missing
+    lines from the journal, which is the truth (daemon/audit_reconcile.py).
+    """
+
+    failing_since: float | None = None
+
+    def append(self, event: AuditEvent, **fields: object) -> dict[str, object]:
+        if self.failing_since is not None:
+            return {}
+        try:
+            return super().append(event, **fields)
+        except OSError as exc:
+            self._fail(exc)
+            return {}
+
+    def sync(self) -> None:
+        if self.failing_since is None:
+            try:
+                super().sync()
+            except OSError as exc:
+                self._fail(exc)
+
+    def recover(self) -> float | None:
+        """Try the disk again; when a line is written and synced, return when failing began."""
+        since = self.failing_since
+        if since is None:
+            return None
+        self.failing_since = None
+        self.append(AuditEvent.AUDIT_RECOVERED, reason="audit_unwritable")
+        self.sync()
+        if self.failing_since is not None:
+            self.failing_since = since
+            return None
+        return since
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.time()
+            log.error("audit.unwritable", errno=exc.errno)

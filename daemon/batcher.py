@@ -29,6 +29,10 @@ class OpenBatch:
     def deadline(self) -> float:
         return self.opened_at + self.pipeline.max_wait
 
+    @property
+    def is_full(self) -> bool:
+        return len(self.files) >= self.pipeline.max_files or self.n_bytes >= self.pipeline.max_bytes
+
 
 @dataclass(frozen=True, slots=True)
 class Sealed:
@@ -70,7 +74,8 @@ class Batcher:
         return sealed
 
     def seal_due(self, now: float) -> list[Sealed]:
-        due = [name for name, b in self._open.items() if b.deadline <= now]
+        """Batches whose window has passed, or already at a limit that a reload lowered."""
+        due = [name for name, b in self._open.items() if b.deadline <= now or b.is_full]
         return [self._seal(name, now) for name in due]
 
     def seal_all(self, now: float) -> list[Sealed]:

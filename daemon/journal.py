@@ -292,6 +292,15 @@ class Journal:
             [(json.dumps(facts), at, fid) for fid, facts in result.facts.items()],
         )
 
+    def quarantine_received(self, file_ids: Iterable[int], reason: str, at: float) -> None:
+        """Files claimed but never batched that can no longer be (their pipeline is gone)."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET state='quarantined', reason=?, done_at=? "
+                "WHERE id=? AND state='received'",
+                [(reason, at, fid) for fid in file_ids],
+            )
+
     def unfinished_batches(self) -> list[BatchRow]:
         rows = self._db.execute(
             "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
@@ -327,17 +336,48 @@ class Journal:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def file_counts(self) -> dict[tuple[str, str], int]:
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: the queries inside see one state (a WAL reader never blocks)."""
+        self._db.execute("BEGIN DEFERRED")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
+    def file_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
+        """Files per (pipeline, state); with `since`, only those finished at or after it."""
+        where, params = ("WHERE done_at >= ?", (since,)) if since is not None else ("", ())
         rows = self._db.execute(
-            "SELECT pipeline, state, count(*) FROM files GROUP BY pipeline, state"
+            f"SELECT pipeline, state, count(*) FROM files {where} GROUP BY pipeline, state",
+            params,
         ).fetchall()
         return {(p, s): int(n) for p, s, n in rows}
 
-    def batch_counts(self) -> dict[tuple[str, str], int]:
+    def batch_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
+        """Batches per (pipeline, state); with `since`, only those finished at or after it."""
+        where, params = ("WHERE finished_at >= ?", (since,)) if since is not None else ("", ())
         rows = self._db.execute(
-            "SELECT pipeline, state, count(*) FROM batches GROUP BY pipeline, state"
+            f"SELECT pipeline, state, count(*) FROM batches {where} GROUP BY pipeline, state",
+            params,
         ).fetchall()
         return {(p, s): int(n) for p, s, n in rows}
+
+    def open_files(self) -> dict[str, tuple[int, float]]:
+        """Per pipeline: files received but in no sealed batch yet (count, oldest arrival)."""
+        rows = self._db.execute(
+            "SELECT pipeline, count(*), min(received_at) FROM files WHERE state='received' "
+            "GROUP BY pipeline"
+        ).fetchall()
+        return {p: (int(n), float(t)) for p, n, t in rows}
+
+    def waiting_batches(self) -> dict[tuple[str, int], int]:
+        """Sealed batches waiting for a worker, per (pipeline, priority)."""
+        rows = self._db.execute(
+            "SELECT pipeline, priority, count(*) FROM batches WHERE state='sealed' "
+            "GROUP BY pipeline, priority"
+        ).fetchall()
+        return {(p, int(prio)): int(n) for p, prio, n in rows}
 
     def unfinished_count(self) -> int:
         """Files not yet published, quarantined or skipped as duplicates."""
@@ -365,6 +405,27 @@ class Journal:
             (batch_id,),
         ).fetchone()
         return None if row is None else BatchRow(*row)
+
+    def files_changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Files received or finished at or after `since` (to rebuild missing audit lines)."""
+        return self._dicts(
+            "SELECT id, pipeline, name, sha256, size, received_at, state, batch_id, reason, "
+            "done_at FROM files WHERE received_at >= ? OR done_at >= ? ORDER BY id",
+            (since, since),
+        )
+
+    def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Batches sealed or finished at or after `since`."""
+        return self._dicts(
+            "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
+            "folder, reason FROM batches WHERE sealed_at >= ? OR finished_at >= ?",
+            (since, since),
+        )
+
+    def _dicts(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        cursor = self._db.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def file_facts(self, file_id: int) -> Facts:
         row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import ClassVar
 from wsgiref.simple_server import WSGIServer
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, MedbatchError
 
 log = structlog.get_logger()
 
@@ -30,7 +31,14 @@ BATCH_RUN_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 180
 DROP_TO_PUBLISH_BUCKETS_S = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
+class MetricsServerError(MedbatchError):
+    """The metrics endpoint could not listen (the address is in use?)."""
+
+
 class Metrics:
+    """Counters follow the audit log (`on_audit`), so a metric never disagrees with the audit
+    trail; latencies, queue depth, in-flight and worker restarts are reported by the main loop."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._server: WSGIServer | None = None
@@ -62,8 +70,10 @@ class Metrics:
             registry=r,
         )
         self._retried = Counter(
-            "medbatch_batches_retried", "Batch attempts that failed and were retried.",
-            ["pipeline"], registry=r,
+            "medbatch_batches_retried",
+            "Batch attempts that failed and were retried.",
+            ["pipeline"],
+            registry=r,
         )
         self._worker_restarts = Counter(
             "medbatch_worker_restarts", "Worker processes lost and replaced.", registry=r
@@ -91,7 +101,15 @@ class Metrics:
         )
         self.set_queue_depth({})
 
-    # -- what the main loop reports ---------------------------------------------------------
+    # -- counters, from the audit log ---------------------------------------------------------
+
+    def on_audit(self, line: dict[str, object]) -> None:
+        """AuditLog listener: count the events that have a counter."""
+        event = line.get("event")
+        counter = self._AUDIT_COUNTERS.get(str(event))
+        if counter is not None:
+            pipeline = line.get("pipeline")
+            counter(self, str(pipeline) if pipeline else "unknown", str(line.get("reason", "")))
 
     def file_received(self, pipeline: str) -> None:
         self._received.labels(pipeline).inc()
@@ -102,20 +120,34 @@ class Metrics:
     def file_quarantined(self, pipeline: str, reason: str) -> None:
         self._quarantined.labels(pipeline, self._reason(reason)).inc()
 
-    def batch_published(
-        self, pipeline: str, run_s: float, drop_to_publish_s: Iterable[float]
-    ) -> None:
+    def batch_published(self, pipeline: str) -> None:
         self._published.labels(pipeline).inc()
-        self._batch_run.labels(pipeline).observe(max(run_s, 0.0))
-        latency = self._drop_to_publish.labels(pipeline)
-        for seconds in drop_to_publish_s:
-            latency.observe(max(seconds, 0.0))
 
     def batch_failed(self, pipeline: str, reason: str) -> None:
         self._failed.labels(pipeline, self._reason(reason)).inc()
 
     def batch_retried(self, pipeline: str) -> None:
         self._retried.labels(pipeline).inc()
+
+    _AUDIT_COUNTERS: ClassVar[dict[str, Callable[[Metrics, str, str], None]]] = {
+        "file.received": lambda m, pipeline, _: m.file_received(pipeline),
+        "file.rejected": lambda m, pipeline, reason: m.file_rejected(pipeline, reason),
+        "file.quarantined": lambda m, pipeline, reason: m.file_quarantined(pipeline, reason),
+        "batch.published": lambda m, pipeline, _: m.batch_published(pipeline),
+        "batch.failed": lambda m, pipeline, reason: m.batch_failed(pipeline, reason),
+        "batch.retried": lambda m, pipeline, _: m.batch_retried(pipeline),
+    }
+
+    # -- what the main loop reports ---------------------------------------------------------
+
+    def batch_finished(
+        self, pipeline: str, run_s: float, drop_to_publish_s: Iterable[float] = ()
+    ) -> None:
+        """An attempt ended after `run_s`; a published one gives each input's wait too."""
+        self._batch_run.labels(pipeline).observe(max(run_s, 0.0))
+        latency = self._drop_to_publish.labels(pipeline)
+        for seconds in drop_to_publish_s:
+            latency.observe(max(seconds, 0.0))
 
     def worker_restarted(self) -> None:
         self._worker_restarts.inc()
@@ -138,8 +170,9 @@ class Metrics:
         try:
             self._server, self._thread = start_http_server(port, host, registry=self.registry)
         except OSError as exc:
-            raise ConfigError(
-                "service.metrics_address", f"cannot listen on {address}: {exc.strerror}"
+            # Not a ConfigError (exit 78 stops systemd's restarts): the port may free up.
+            raise MetricsServerError(
+                f"metrics: cannot listen on {address}: {exc.strerror}"
             ) from None
         bound = self._server.server_address
         log.info("metrics.serving", host=host, port=bound[1])

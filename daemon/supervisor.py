@@ -14,6 +14,7 @@ import queue
 import signal
 import sys
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,8 @@ from types import FrameType
 import structlog
 
 from daemon import __version__
-from daemon.audit import AuditEvent, AuditLog
+from daemon.audit import AuditEvent, TolerantAuditLog, load_name_key
+from daemon.audit_reconcile import reconcile
 from daemon.batcher import Batcher, Sealed, batch_id_for
 from daemon.config import Pipeline, Settings, load_settings
 from daemon.dispatcher import PriorityDispatcher
@@ -35,6 +37,7 @@ from daemon.errors import (
 from daemon.executors import make_executor
 from daemon.intake import Intake
 from daemon.journal import FileRow, Journal
+from daemon.metrics import Metrics
 from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
 from daemon.notify import Notifier
 from daemon.outbox import make_folder, quarantine, remove_stale_staging
@@ -48,6 +51,13 @@ log = structlog.get_logger()
 DISK_REASONS = frozenset({"disk_full", "io_error"})
 # Not the batch's fault either (a Dask cluster out of reach): retried without counting.
 UNAVAILABLE = "executor_unavailable"
+# The audit log's disk refuses writes: intake and publishing pause until it takes them again.
+AUDIT_UNWRITABLE = "audit_unwritable"
+# Journal times and the moment the audit head was recorded come from one clock; the slack only
+# covers float rounding: a line already present is never written twice (reconcile checks).
+RECONCILE_SLACK_S = 2.0
+# Inputs of a pipeline removed from the config while they waited: quarantined, never lost.
+PIPELINE_REMOVED = "pipeline_removed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +91,14 @@ class Supervisor:
         self.once = once
         self._messages: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._notifier = Notifier()
+        self.metrics = Metrics()
         self._stopping = False
         self._stop_now = False
         self._inflight: dict[str, _InFlight] = {}
         self._delayed: list[tuple[float, BatchTask]] = []
         self._paused: str | None = None
+        # Pipelines a reload removed: their open and waiting batches finish under these settings.
+        self._retired: dict[str, Pipeline] = {}
         self._progress = _Progress()
         self._last_tick = time.monotonic()
         self._is_tty = sys.stderr.isatty()
@@ -120,7 +133,9 @@ class Supervisor:
             folder.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._check_filesystems()
         self.journal = Journal(paths.journal)
-        self.audit = AuditLog(paths.audit)
+        self.audit = TolerantAuditLog(paths.audit)
+        self.audit.set_hashed_pipelines(self._hashed_pipelines(), self._name_key(self.settings))
+        self.audit.add_listener(self.metrics.on_audit)
         self.audit.append(
             AuditEvent.DAEMON_STARTED, pid=os.getpid(), version=__version__, once=self.once or None
         )
@@ -134,6 +149,8 @@ class Supervisor:
         self.executor = make_executor(self.settings, self._kinds(), self._on_done)
         self.executor.start()
         self._install_signal_handlers()
+        if self.settings.service.metrics_address:
+            self.metrics.serve(self.settings.service.metrics_address)
         self.watcher = InboxWatcher(self._messages)
         if not self.once:
             self.watcher.start(self._inbox_folders())
@@ -172,13 +189,15 @@ class Supervisor:
             return
         self._drain()
         self.executor.shutdown(wait=not self._inflight)
-        self._record_heartbeat(stopped=True)
         self.audit.append(
             AuditEvent.DAEMON_STOPPED, pid=os.getpid(), interrupted=len(self._inflight) or None
         )
-        self.audit.sync()
+        # After the last line, so that the journal's head is the log's end: cutting off even
+        # daemon.stopped is then found by `audit verify`.
+        self._record_heartbeat(stopped=True)
         self.audit.close()
         self.journal.close()
+        self.metrics.close()
         log.info("daemon.stopped", interrupted=len(self._inflight))
 
     def _drain(self) -> None:
@@ -281,8 +300,14 @@ class Supervisor:
         for s in sealed:
             self._seal(s)
         self._release_delayed()
-        self._dispatch()
+        if self._paused != AUDIT_UNWRITABLE:
+            # Nothing is published while its audit line could not be written.
+            self._dispatch()
         self.audit.sync()
+        if self.audit.failing_since is not None:
+            self._pause(AUDIT_UNWRITABLE)
+        self.metrics.set_queue_depth(Counter(t.batch.priority for t in self.dispatcher.waiting))
+        self.metrics.set_in_flight(len(self._inflight))
         self._report_progress()
 
     def _admit(self, incoming: IncomingFile, now: float) -> list[Sealed]:
@@ -319,7 +344,7 @@ class Supervisor:
         self.dispatcher.push(self._task(batch))
 
     def _task(self, batch: Batch) -> BatchTask:
-        pipeline = self._pipelines()[batch.pipeline]
+        pipeline = self._pipelines().get(batch.pipeline) or self._retired[batch.pipeline]
         return BatchTask(
             batch=batch,
             options=pipeline.options,
@@ -365,13 +390,18 @@ class Supervisor:
         self.dispatcher.done(batch_id)
         if flight is None:
             return
+        batch, run_s = flight.task.batch, time.monotonic() - flight.started
         try:
             result = future.result()
         except Exception as exc:
+            self.metrics.batch_finished(batch.pipeline, run_s)
             self._on_attempt_failed(flight.task, self._failure_reason(batch_id, exc))
             return
-        self._commit(flight.task.batch, result)
-        if self._paused:
+        self._commit(batch, result)
+        now = time.time()
+        waits = [now - f.received_at for f in batch.files if f.file_id in result.facts]
+        self.metrics.batch_finished(batch.pipeline, run_s, waits if result.is_published else [])
+        if self._paused in DISK_REASONS:
             self._resume()
 
     def _failure_reason(self, batch_id: str, exc: BaseException) -> str:
@@ -381,8 +411,10 @@ class Supervisor:
             reason = UNAVAILABLE
         elif isinstance(exc, TimeoutError):
             reason = "timeout"  # the pool killed the worker: running tasks cannot be cancelled
+            self.metrics.worker_restarted()
         elif self.executor.is_worker_loss(exc):
             self.executor.recover()
+            self.metrics.worker_restarted()
             reason = "worker_crash"
         else:
             # Whatever else comes back (an unpicklable result, a lost connection) is a failed
@@ -583,8 +615,16 @@ class Supervisor:
         paths = self.settings.paths
         stale = remove_stale_staging(paths.outbox / p.name for p in self.settings.pipeline)
         claims = self.intake.finish_interrupted_claims()
+        # A kill between a journal commit and its audit line loses the line: rebuild it.
+        head_at = self.journal.meta("audit_head_at")
+        rebuilt = reconcile(
+            self.journal,
+            self.audit,
+            paths.audit,
+            float(head_at) - RECONCILE_SLACK_S if head_at else 0.0,
+        )
         self._dispose()
-        rerun = 0
+        rerun = removed = 0
         for row in self.journal.unfinished_batches():
             if row.state == "running":
                 # Interrupted by the crash or stop, not failed: that attempt does not count.
@@ -593,7 +633,12 @@ class Supervisor:
             files = [
                 self._incoming(f) for f in self.journal.batch_files(row.id) if f.state == "batched"
             ]
-            if row.pipeline not in self._pipelines() or not files:
+            if row.pipeline not in self._pipelines():
+                # Removed from the config while the service was down: nothing can run it.
+                self.journal.mark_failed(row.id, PIPELINE_REMOVED, time.time())
+                removed += len(files)
+                continue
+            if not files:
                 continue
             pipeline = self._pipelines()[row.pipeline]
             batch = Batch(
@@ -608,26 +653,31 @@ class Supervisor:
             self.dispatcher.push(self._task(batch))
             rerun += 1
         reopened = 0
+        orphans = []
         for received in self.journal.received():
-            if received.pipeline in self._pipelines():
-                for s in self.batcher.add(self._incoming(received), time.time()):
-                    self._seal(s)
-                reopened += 1
-        if stale or claims or rerun or reopened:
-            self.audit.append(
-                AuditEvent.DAEMON_RECOVERED,
-                stale_staging=stale,
-                claims_finished=len(claims),
-                batches_rerun=rerun,
-                files_rebatched=reopened,
-            )
-            log.info(
-                "daemon.recovered",
-                stale_staging=stale,
-                claims_finished=len(claims),
-                batches_rerun=rerun,
-                files_rebatched=reopened,
-            )
+            if received.pipeline not in self._pipelines():
+                orphans.append(received.id)
+                continue
+            for s in self.batcher.add(self._incoming(received), time.time()):
+                self._seal(s)
+            reopened += 1
+        if orphans:
+            self.journal.quarantine_received(orphans, PIPELINE_REMOVED, time.time())
+            removed += len(orphans)
+        if removed:
+            reconcile(self.journal, self.audit, paths.audit, time.time() - RECONCILE_SLACK_S)
+            self._dispose()
+        found = {
+            "stale_staging": stale,
+            "claims_finished": len(claims),
+            "batches_rerun": rerun,
+            "files_rebatched": reopened,
+            "audit_lines_rebuilt": rebuilt,
+            "files_of_removed_pipelines": removed,
+        }
+        if any(found.values()):
+            self.audit.append(AuditEvent.DAEMON_RECOVERED, **found)
+            log.info("daemon.recovered", **found)
 
     def _incoming(self, row: FileRow) -> IncomingFile:
         return IncomingFile(
@@ -655,6 +705,8 @@ class Supervisor:
         return watcher_ok and self.periodic.is_alive() and not tick_late
 
     def _heartbeat(self) -> None:
+        if self._paused == AUDIT_UNWRITABLE:
+            self._retry_audit()
         if not self.once and not self.watcher.is_alive():
             log.error("watcher.dead_restarting")
             self.watcher.restart(self._inbox_folders())
@@ -673,13 +725,29 @@ class Supervisor:
             f"{len(self._inflight)} in flight, {self._progress.published} published"
         )
 
+    def _retry_audit(self) -> None:
+        """The audit disk refused a line: once it writes again, rebuild what was lost."""
+        since = self.audit.recover()
+        if since is None:
+            return
+        rebuilt = reconcile(
+            self.journal, self.audit, self.settings.paths.audit, since - RECONCILE_SLACK_S
+        )
+        log.info("audit.recovered", lines_rebuilt=rebuilt)
+        self._resume()
+
     def _record_heartbeat(self, *, stopped: bool, healthy: bool = True) -> None:
+        # The journal's head must never be ahead of what is durable in the log (AuditLog.head).
+        self.audit.sync()
+        head = {}
+        if self.audit.failing_since is None:
+            head = {"audit_head": list(self.audit.head), "audit_head_at": time.time()}
         self.journal.set_meta(
             heartbeat=None if stopped else time.time(),
             pid=os.getpid(),
             healthy=healthy,
             heartbeat_s=self._heartbeat_s(),
-            audit_head=list(self.audit.head),
+            **head,
         )
 
     def _reload(self) -> None:
@@ -691,12 +759,16 @@ class Supervisor:
             settings = load_settings(path)
             if settings.paths != self.settings.paths:
                 raise ConfigError("paths", "paths cannot change on reload; restart the service")
+            name_key = self._name_key(settings)
         except MedbatchError as exc:
             log.error("config.rejected", error=str(exc))
             self.audit.append(AuditEvent.CONFIG_REJECTED, reason=str(exc))
             self._notifier.ready()
             return
+        kept = {p.name for p in settings.pipeline}
+        self._retired.update((p.name, p) for p in self.settings.pipeline if p.name not in kept)
         self.settings = settings
+        self.audit.set_hashed_pipelines(self._hashed_pipelines(), name_key)
         self.intake.reconfigure(settings)
         self.batcher.reconfigure(self._pipelines())
         workers = settings.workers
@@ -717,6 +789,16 @@ class Supervisor:
 
     def _pipelines(self) -> dict[str, Pipeline]:
         return {p.name: p for p in self.settings.pipeline}
+
+    def _hashed_pipelines(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.settings.pipeline if p.hash_names)
+
+    @staticmethod
+    def _name_key(settings: Settings) -> bytes | None:
+        """The audit name key, created on first use (a pipeline with hash_names = true)."""
+        if not any(p.hash_names for p in settings.pipeline):
+            return None
+        return load_name_key(settings.paths.state)
 
     def _kinds(self) -> list[str]:
         return [p.kind for p in self.settings.pipeline]

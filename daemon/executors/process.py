@@ -33,6 +33,7 @@ class ProcessExecutor:
         self._on_done = on_done
         self._timeout_s = timeout_s
         self._pool: ProcessPool | None = None
+        self._retired: list[ProcessPool] = []
 
     def start(self) -> None:
         # spawn, not fork: the main process runs watchdog and scheduler threads.
@@ -71,19 +72,25 @@ class ProcessExecutor:
         return sorted(int(pid) for pid in workers)
 
     def reconfigure(self, workers: int, kinds: Iterable[str]) -> None:
-        kinds = tuple(sorted(set(kinds)))
-        if (workers, kinds) != (self._workers, self._kinds):
-            self._workers, self._kinds = workers, kinds
-            self.shutdown(wait=True)
+        """New kinds need nothing (workers import a processor on first use); a new worker
+        count starts a new pool while the old one finishes its batches, so a reload never
+        waits for them."""
+        self._kinds = tuple(sorted(set(kinds)))
+        if workers != self._workers and self._pool is not None:
+            self._workers = workers
+            self._pool.close()  # type: ignore[no-untyped-call]
+            self._retired.append(self._pool)
+            self._pool = None
             self.start()
 
     def shutdown(self, *, wait: bool) -> None:
         """`wait`: let running batches finish; else stop the workers now."""
-        if self._pool is None:
-            return
-        if wait:
-            self._pool.close()  # type: ignore[no-untyped-call]
-        else:
-            self._pool.stop()  # type: ignore[no-untyped-call]
-        self._pool.join()
-        self._pool = None
+        pools = [*self._retired, *([self._pool] if self._pool is not None else [])]
+        for pool in pools:
+            if wait:
+                pool.close()  # type: ignore[no-untyped-call]
+            else:
+                pool.stop()  # type: ignore[no-untyped-call]
+        for pool in pools:
+            pool.join()
+        self._pool, self._retired = None, []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -18,7 +19,11 @@ from daemon.audit import (
     AuditEvent,
     AuditLog,
     AuditLogCorruptError,
+    NameKeyError,
+    hash_name,
+    load_name_key,
     read_lines,
+    read_name_key,
     verify,
 )
 
@@ -404,3 +409,90 @@ def test_failed_write_leaves_file_and_head_intact(tmp_path: Path) -> None:
     assert result["intact"] and result["head_kept"]
     # And the same append succeeds once there is room, continuing the chain without a gap
     assert (result["seq"], result["ok"], result["error"]) == (2, True, None)
+
+
+# -- hashed file names, the name key, listeners --------------------------------------------
+
+
+def test_hashed_pipeline_gets_a_keyed_hash_instead_of_the_name(tmp_path: Path) -> None:
+    """In a hashed pipeline `file` is hmac-sha256 of the name; other lines keep their names."""
+    key = b"k" * 32
+    with AuditLog(tmp_path, hashed_pipelines=frozenset({"emr"}), name_key=key) as log:
+        hashed = log.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="DOE_JANE_123456.csv")
+        plain = log.append(AuditEvent.FILE_RECEIVED, pipeline="imaging", file="scan.dcm")
+        other = log.append(AuditEvent.AUDIT_RECOVERED, file="audit-2026-11-29.jsonl")
+    expected = hmac.new(key, b"DOE_JANE_123456.csv", hashlib.sha256).hexdigest()[:32]
+    assert hashed["file"] == f"hmac-sha256:{expected}" == hash_name(key, "DOE_JANE_123456.csv")
+    assert (plain["file"], other["file"]) == ("scan.dcm", "audit-2026-11-29.jsonl")
+    raw = next(tmp_path.glob("audit-*.jsonl")).read_bytes()
+    assert b"DOE_JANE" not in raw
+    assert verify(tmp_path).ok
+
+
+def test_hash_of_an_undecodable_name_is_stable(tmp_path: Path) -> None:
+    """Names that are not UTF-8 (surrogate-escaped) hash as their raw bytes."""
+    name = b"caf\xe9.csv".decode("utf-8", "surrogateescape")
+    expected = hmac.new(b"k" * 32, b"caf\xe9.csv", hashlib.sha256).hexdigest()[:32]
+    assert hash_name(b"k" * 32, name) == f"hmac-sha256:{expected}"
+
+
+def test_hashed_pipelines_change_on_reload(tmp_path: Path) -> None:
+    """set_hashed_pipelines applies to the next lines; hashing needs a key."""
+    with AuditLog(tmp_path) as log:
+        before = log.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="a.csv")
+        with pytest.raises(ValueError, match="name_key"):
+            log.set_hashed_pipelines(frozenset({"emr"}))
+        log.set_hashed_pipelines(frozenset({"emr"}), b"k" * 32)
+        after = log.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="a.csv")
+        log.set_hashed_pipelines(frozenset())
+        again = log.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="a.csv")
+    assert before["file"] == again["file"] == "a.csv"
+    assert after["file"] == hash_name(b"k" * 32, "a.csv")
+    with pytest.raises(ValueError, match="name_key"):
+        AuditLog(tmp_path / "other", hashed_pipelines=frozenset({"emr"}))
+
+
+def test_name_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    """load_name_key creates 32 random bytes readable by the owner only, then reuses them."""
+    state = tmp_path / "state"
+    assert read_name_key(state) is None
+    key = load_name_key(state)
+    path = state / "audit-name.key"
+    assert len(key) == 32 and path.read_bytes() == key
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_name_key(state) == key == read_name_key(state)
+    assert sorted(p.name for p in state.iterdir()) == ["audit-name.key"]
+
+
+@pytest.mark.parametrize("content", [b"", b"short", b"x" * 33])
+def test_a_damaged_name_key_is_refused(tmp_path: Path, content: bytes) -> None:
+    """A key of the wrong size is never replaced by a new one (old hashes would be lost)."""
+    (tmp_path / "audit-name.key").write_bytes(content)
+    with pytest.raises(NameKeyError, match="restore it from a backup"):
+        load_name_key(tmp_path)
+    assert (tmp_path / "audit-name.key").read_bytes() == content
+
+
+def test_a_symlinked_name_key_is_refused(tmp_path: Path) -> None:
+    """The key is opened with O_NOFOLLOW."""
+    (tmp_path / "elsewhere").write_bytes(b"k" * 32)
+    (tmp_path / "audit-name.key").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(NameKeyError, match="cannot read"):
+        read_name_key(tmp_path)
+
+
+def test_listeners_see_each_written_line(tmp_path: Path) -> None:
+    """Listeners get every line as written; one that raises does not undo or stop the write."""
+    seen: list[dict[str, object]] = []
+
+    def broken(line: dict[str, object]) -> None:
+        raise RuntimeError("listener bug")
+
+    with AuditLog(tmp_path) as log:
+        log.add_listener(broken)
+        log.add_listener(seen.append)
+        first = log.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="a.csv")
+        log.append(AuditEvent.BATCH_SEALED, pipeline="emr", batch_id="b1")
+    assert seen[0] == first
+    assert [line["event"] for line in seen] == ["file.received", "batch.sealed"]
+    assert verify(tmp_path, expected_head=log.head).ok

@@ -1,0 +1,167 @@
+"""Metrics: counters follow audit lines, latencies and gauges from the main loop, the endpoint."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+
+from daemon.errors import ConfigError
+from daemon.metrics import MAX_REASONS, Metrics, MetricsServerError, parse_address
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_audit_lines_drive_the_counters(metrics: Metrics) -> None:
+    """Each counted audit event increments its counter, labelled by pipeline (and reason)."""
+    lines = [
+        {"event": "daemon.started", "pid": 1},
+        {"event": "file.received", "pipeline": "emr", "file": "a.csv"},
+        {"event": "file.received", "pipeline": "emr", "file": "b.csv"},
+        {"event": "file.rejected", "pipeline": "emr", "file": "l.csv", "reason": "symlink"},
+        {"event": "file.quarantined", "pipeline": "emr", "reason": "missing_group_column"},
+        {"event": "batch.published", "pipeline": "emr", "batch_id": "b1"},
+        {"event": "batch.retried", "pipeline": "imaging", "reason": "worker_crash"},
+        {"event": "batch.failed", "pipeline": "imaging", "reason": "timeout"},
+    ]
+    for line in lines:
+        metrics.on_audit(line)
+
+    assert sample(metrics, "medbatch_files_received_total", pipeline="emr") == 2
+    assert sample(metrics, "medbatch_files_rejected_total", pipeline="emr", reason="symlink") == 1
+    assert (
+        sample(
+            metrics,
+            "medbatch_files_quarantined_total",
+            pipeline="emr",
+            reason="missing_group_column",
+        )
+        == 1
+    )
+    assert sample(metrics, "medbatch_batches_published_total", pipeline="emr") == 1
+    assert sample(metrics, "medbatch_batches_retried_total", pipeline="imaging") == 1
+    assert (
+        sample(metrics, "medbatch_batches_failed_total", pipeline="imaging", reason="timeout") == 1
+    )
+
+
+def test_reason_labels_stay_bounded(metrics: Metrics) -> None:
+    """A reason that is not a code (a file name, free text) or past the cap counts as "other"."""
+    for reason in ("patient Jane Doe.csv", "Too-Large", "", "x" * 60):
+        metrics.file_quarantined("emr", reason)
+    assert sample(metrics, "medbatch_files_quarantined_total", pipeline="emr", reason="other") == 4
+
+    for i in range(MAX_REASONS + 5):
+        metrics.file_rejected("emr", f"code_{i}")
+    series = [
+        s
+        for family in metrics.registry.collect()
+        if family.name == "medbatch_files_rejected"
+        for s in family.samples
+        if s.name.endswith("_total")
+    ]
+    reasons = {s.labels["reason"] for s in series}
+    assert reasons == {f"code_{i}" for i in range(MAX_REASONS)} | {"other"}
+    assert sum(s.value for s in series) == MAX_REASONS + 5
+
+
+def test_line_without_a_pipeline_is_counted_as_unknown(metrics: Metrics) -> None:
+    """A counted event that names no pipeline is still counted, never dropped."""
+    metrics.on_audit({"event": "file.quarantined", "file_id": 3, "reason": "fifo"})
+    value = sample(metrics, "medbatch_files_quarantined_total", pipeline="unknown", reason="fifo")
+    assert value == 1
+
+
+def test_batch_latencies_are_observed(metrics: Metrics) -> None:
+    """One run time per attempt; one drop-to-publish wait per published input."""
+    metrics.batch_finished("emr", 2.0, [10.0, 20.0, 30.0])
+    metrics.batch_finished("emr", 1.0)
+
+    assert sample(metrics, "medbatch_batch_run_seconds_count", pipeline="emr") == 2
+    assert sample(metrics, "medbatch_batch_run_seconds_sum", pipeline="emr") == 3.0
+    assert sample(metrics, "medbatch_drop_to_publish_seconds_count", pipeline="emr") == 3
+    assert sample(metrics, "medbatch_drop_to_publish_seconds_sum", pipeline="emr") == 60.0
+    bucket = sample(metrics, "medbatch_drop_to_publish_seconds_bucket", pipeline="emr", le="10.0")
+    assert bucket == 1
+
+
+def test_gauges_and_worker_restarts(metrics: Metrics) -> None:
+    """Queue depth is set for every priority (missing ones to 0); in flight; restarts count."""
+    metrics.set_queue_depth({1: 2, 4: 1})
+    metrics.set_queue_depth({4: 3})
+    metrics.set_in_flight(2)
+    metrics.worker_restarted()
+
+    depths = {p: sample(metrics, "medbatch_queue_depth", priority=str(p)) for p in range(1, 6)}
+    assert depths == {1: 0, 2: 0, 3: 0, 4: 3, 5: 0}
+    assert sample(metrics, "medbatch_in_flight") == 2
+    assert sample(metrics, "medbatch_worker_restarts_total") == 1
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    """Two Metrics (two supervisors in one test process) neither clash nor share counts."""
+    first, second = Metrics(), Metrics()
+    first.file_received("emr")
+    assert sample(first, "medbatch_files_received_total", pipeline="emr") == 1
+    assert sample(second, "medbatch_files_received_total", pipeline="emr") is None
+
+
+def test_serves_the_registry_over_http(metrics: Metrics) -> None:
+    """`serve` on a loopback port answers a scrape with the metrics; `close` stops it."""
+    metrics.file_received("emr")
+    host, port = metrics.serve("127.0.0.1:0")
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+            body = response.read().decode()
+            assert response.status == 200
+    finally:
+        metrics.close()
+    assert 'medbatch_files_received_total{pipeline="emr"} 1.0' in body
+    assert "# TYPE medbatch_drop_to_publish_seconds histogram" in body
+    with pytest.raises(OSError), socket.create_connection((host, port), timeout=2):
+        pass
+
+
+def test_busy_port_is_a_plain_error_not_a_config_error(metrics: Metrics) -> None:
+    """An address in use may free up: not exit 78 (which stops systemd's restarts)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsServerError, match=f"127.0.0.1:{port}") as caught:
+            metrics.serve(f"127.0.0.1:{port}")
+    assert not isinstance(caught.value, ConfigError)
+    metrics.close()
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("localhost:9464", ("127.0.0.1", 9464)),
+        ("[::1]:9464", ("::1", 9464)),
+    ],
+)
+def test_parse_address(address: str, expected: tuple[str, int]) -> None:
+    """host:port with an IP literal (or localhost), IPv6 in brackets."""
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["9464", "metrics.example.org:9464", "1.2.3:80", "::1:80"])
+def test_bad_address_names_the_key(address: str) -> None:
+    """A malformed address is a ConfigError naming service.metrics_address."""
+    with pytest.raises(ConfigError, match=r"^service\.metrics_address: "):
+        parse_address(address)
+
+
+def test_port_out_of_range() -> None:
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_address("127.0.0.1:70000")
