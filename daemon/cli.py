@@ -14,9 +14,12 @@ import os
 import sqlite3
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from daemon import __version__
 from daemon.audit import hash_name, read_lines, read_name_key, verify
@@ -30,6 +33,7 @@ EX_FAIL = 1
 EX_NOT_RUNNING = 3
 EX_DATAERR = 65
 EX_CONFIG = 78
+EX_SOFTWARE = 70
 
 # Error type → exit status; the first match wins.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -89,17 +93,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             return audit_verify(settings)
         return trace(settings, args.key)
-    except BaseException as exc:
+    except Exception as exc:
         for error_type, code in EXIT_CODES:
             if isinstance(exc, error_type):
                 print(f"medbatch: {exc}", file=sys.stderr)
                 return code
-        raise
+        # A bug or an I/O failure: no message text (it can quote a path or a value), only the
+        # type and where; systemd restarts the service and recovery picks up from the journal.
+        frames = [
+            f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+            for f in traceback.extract_tb(exc.__traceback__)
+        ]
+        structlog.get_logger().critical(
+            "daemon.crashed", error=type(exc).__name__, frames=frames[-8:]
+        )
+        return EX_SOFTWARE
 
 
 def check_config(path: Path) -> int:
     settings = load_settings(path)
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    if settings.workers.executor == "dask":
+        print(
+            f"note: executor = 'dask': every Dask worker must read {settings.paths.spool} and "
+            f"write {settings.paths.outbox} at these same paths (shared storage); the service "
+            "checks it at start with a probe task",
+            file=sys.stderr,
+        )
     return EX_OK
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -17,6 +18,7 @@ from functools import cache
 from typing import Any, cast
 
 from daemon.errors import BatchFailedError, ProcessorError
+from daemon.logs import configure_logging
 from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile
 from daemon.outbox import (
     build_manifest,
@@ -31,8 +33,10 @@ from daemon.processors.base import Processor
 
 
 def init_worker(kinds: Iterable[str] = ()) -> None:
-    """Pool initializer: Ctrl-C is for the main process (it drains); preload the processors."""
+    """Pool initializer: Ctrl-C is for the main process (it drains); logs in the service's
+    format; preload the processors."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
     for kind in kinds:
         load_processor(kind)
 
