@@ -277,6 +277,24 @@ class Intake:
         self._quarantine_refused(refused)
         return taken
 
+    def adopt_orphans(self) -> int:
+        """Recovery: spooled files the journal does not know (a journal restored from a backup,
+        a write lost with the disk) become claims again, under their spool name since the
+        original name is gone: never left behind, never deleted."""
+        known = self._journal.spool_names()
+        orphans = []
+        for pipeline in self._pipelines:
+            folder = self._spool / pipeline
+            for entry in os.scandir(folder) if folder.is_dir() else ():
+                spool_name = f"{pipeline}/{entry.name}"
+                if spool_name not in known and not entry.name.startswith("."):
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                    orphans.append((pipeline, entry.name, spool_name, mtime))
+        if orphans:
+            self._journal.begin_claims(orphans)
+            log.warning("intake.orphans_adopted", files=len(orphans))
+        return len(orphans)
+
     def finish_interrupted_claims(self) -> list[IncomingFile]:
         """Recovery: claims whose journal intent was written but not their outcome."""
         received, dropped, refused, taken = [], [], [], []

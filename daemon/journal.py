@@ -144,6 +144,11 @@ class Journal:
                 [(sha, size, reason, fid) for fid, sha, size, reason in quarantined],
             )
 
+    def spool_names(self) -> set[str]:
+        """Spool names of the files whose spooled copy may still exist."""
+        rows = self._db.execute("SELECT spool_name FROM files WHERE disposed=0").fetchall()
+        return {str(name) for (name,) in rows}
+
     def claiming(self) -> list[FileRow]:
         return self._files("state='claiming'")
 

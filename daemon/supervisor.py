@@ -614,15 +614,14 @@ class Supervisor:
         """Finish what a crash interrupted; every step is idempotent."""
         paths = self.settings.paths
         stale = remove_stale_staging(paths.outbox / p.name for p in self.settings.pipeline)
+        adopted = self.intake.adopt_orphans()
         claims = self.intake.finish_interrupted_claims()
-        # A kill between a journal commit and its audit line loses the line: rebuild it.
+        # A kill between a journal commit and its audit line loses the line: rebuild it, from
+        # the last recorded head on (and for every claim finished just now).
         head_at = self.journal.meta("audit_head_at")
-        rebuilt = reconcile(
-            self.journal,
-            self.audit,
-            paths.audit,
-            float(head_at) - RECONCILE_SLACK_S if head_at else 0.0,
-        )
+        since = float(head_at) if head_at else 0.0
+        since = min([since, *(c.received_at for c in claims)]) - RECONCILE_SLACK_S
+        rebuilt = reconcile(self.journal, self.audit, paths.audit, max(since, 0.0))
         self._dispose()
         rerun = removed = 0
         for row in self.journal.unfinished_batches():
@@ -670,6 +669,7 @@ class Supervisor:
         found = {
             "stale_staging": stale,
             "claims_finished": len(claims),
+            "orphans_adopted": adopted,
             "batches_rerun": rerun,
             "files_rebatched": reopened,
             "audit_lines_rebuilt": rebuilt,
