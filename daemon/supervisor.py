@@ -408,6 +408,7 @@ class Supervisor:
         if isinstance(exc, BatchFailedError):
             reason = exc.reason
         elif isinstance(exc, ExecutorUnavailableError):
+            self.executor.recover()
             reason = UNAVAILABLE
         elif isinstance(exc, TimeoutError):
             reason = "timeout"  # the pool killed the worker: running tasks cannot be cancelled

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterable
-from concurrent.futures import Future, wait
+from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import structlog
 from pebble import ProcessExpired, ProcessPool
 
+from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
 from daemon.models import BatchResult, BatchTask
 from daemon.worker import init_worker, run_batch, warm_up
@@ -47,12 +49,31 @@ class ProcessExecutor:
         wait([self._pool.schedule(warm_up) for _ in range(self._workers)])
 
     def submit(self, task: BatchTask) -> None:
-        assert self._pool is not None, "start() first"
-        future: Future[BatchResult] = self._pool.schedule(
-            run_batch, args=(task,), timeout=self._timeout_s
-        )
+        self.recover()
+        assert self._pool is not None
+        try:
+            inner = self._pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
+        except RuntimeError:  # it broke since recover() looked
+            self._rebuild()
+            inner = self._pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
         batch_id = task.batch.batch_id
-        future.add_done_callback(lambda f: self._on_done(batch_id, f))
+        outer: Future[BatchResult] = Future()
+
+        def relay(done: Future[BatchResult]) -> None:
+            error = CancelledError() if done.cancelled() else done.exception()
+            if error is None:
+                outer.set_result(done.result())
+            elif isinstance(error, BrokenProcessPool | CancelledError):
+                # The pool broke (pebble: a worker died with no task to blame, "All workers
+                # expired") or was stopped: not this batch's doing.
+                outer.set_exception(
+                    ExecutorUnavailableError(f"worker pool: {type(error).__name__}")
+                )
+            else:
+                outer.set_exception(error)
+            self._on_done(batch_id, outer)
+
+        inner.add_done_callback(relay)
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         if isinstance(exc, ProcessExpired):
@@ -61,7 +82,17 @@ class ProcessExecutor:
         return False
 
     def recover(self) -> None:
-        """Nothing to do: the pool has already started a worker in place of the dead one."""
+        """A dead worker is replaced by the pool itself; a broken pool is replaced here."""
+        if self._pool is None or not self._pool.active:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        log.warning("pool.rebuilding")
+        if self._pool is not None:
+            self._pool.stop()  # type: ignore[no-untyped-call]
+            self._pool.join(timeout=10)
+            self._pool = None
+        self.start()
 
     def is_healthy(self) -> bool:
         return self._pool is not None and self._pool.active

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import time
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
-from daemon.errors import BatchFailedError
+from daemon.errors import BatchFailedError, ExecutorUnavailableError
 from daemon.executors.process import ProcessExecutor
 from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
 
@@ -83,3 +85,23 @@ def test_a_full_disk_comes_back_as_disk_full(tmp_path: Path, pool) -> None:
     executor.submit(task)
     error = outcomes(done, 1)["nowhere"].exception()
     assert isinstance(error, BatchFailedError) and error.reason in ("disk_full", "io_error")
+
+
+def test_an_idle_worker_killed_does_not_stop_the_pool(tmp_path: Path, pool) -> None:
+    """pebble breaks the whole pool when a worker dies with no task to blame; the executor
+    replaces the pool and work goes on."""
+    executor, done = pool
+    for pid in executor.worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    results = {}
+    for i in range(3):
+        executor.submit(make_task(tmp_path, f"after{i}", b"x\n"))
+        batch_id, future = done.get(timeout=30)
+        results[batch_id] = future
+    published = [b for b, f in results.items() if f.exception() is None]
+    unavailable = [
+        b for b, f in results.items() if isinstance(f.exception(), ExecutorUnavailableError)
+    ]
+    assert len(published) + len(unavailable) == 3 and published
+    executor.submit(make_task(tmp_path, "last", b"y\n"))
+    assert outcomes(done, 1)["last"].result().is_published
