@@ -224,14 +224,15 @@ def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -
     return target
 
 
-def remove_stale_staging(pipeline_dirs: Iterable[Path]) -> int:
-    """Delete `.tmp-*` folders a crash left behind; return how many."""
+def remove_stale_staging(pipeline_dirs: Iterable[Path], batch_id: str = "") -> int:
+    """Delete `.tmp-<batch_id>*` folders (every `.tmp-*` by default) that a crash or a killed
+    worker left behind; return how many."""
     removed = 0
     for folder in pipeline_dirs:
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():
-            if entry.name.startswith(TMP_PREFIX) and entry.is_dir():
+            if entry.name.startswith(TMP_PREFIX + batch_id) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
     return removed

@@ -429,6 +429,9 @@ class Supervisor:
     def _on_attempt_failed(self, task: BatchTask, reason: str) -> None:
         """Retry with back-off; split a batch that kills its worker twice; give up at last."""
         batch = task.batch
+        if reason in ("worker_crash", "timeout"):
+            # Its worker is dead: nothing will finish or clean up what it was writing.
+            remove_stale_staging([self.settings.paths.outbox / batch.pipeline], batch.batch_id)
         if reason in DISK_REASONS:
             self._pause(reason)
             self._retry(task, reason, is_counted=False)

@@ -36,6 +36,7 @@ class ProcessExecutor:
         self._timeout_s = timeout_s
         self._pool: ProcessPool | None = None
         self._retired: list[ProcessPool] = []
+        self._pool_failed = False
 
     def start(self) -> None:
         # spawn, not fork: the main process runs watchdog and scheduler threads.
@@ -49,15 +50,21 @@ class ProcessExecutor:
         wait([self._pool.schedule(warm_up) for _ in range(self._workers)])
 
     def submit(self, task: BatchTask) -> None:
-        self.recover()
-        assert self._pool is not None
-        try:
-            inner = self._pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
-        except RuntimeError:  # it broke since recover() looked
-            self._rebuild()
-            inner = self._pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
         batch_id = task.batch.batch_id
         outer: Future[BatchResult] = Future()
+        try:
+            self.recover()
+            assert self._pool is not None
+            inner = self._pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
+        except (RuntimeError, OSError) as exc:
+            # A pool that cannot take work now (it broke again while starting) must not stop
+            # the service: the attempt fails as unavailable, is retried later, and the next
+            # submit builds a new pool.
+            log.error("pool.unavailable", error=type(exc).__name__)
+            self._pool_failed = True
+            outer.set_exception(ExecutorUnavailableError(f"worker pool: {type(exc).__name__}"))
+            self._on_done(batch_id, outer)
+            return
 
         def relay(done: Future[BatchResult]) -> None:
             error = CancelledError() if done.cancelled() else done.exception()
@@ -83,7 +90,8 @@ class ProcessExecutor:
 
     def recover(self) -> None:
         """A dead worker is replaced by the pool itself; a broken pool is replaced here."""
-        if self._pool is None or not self._pool.active:
+        if self._pool is None or not self._pool.active or self._pool_failed:
+            self._pool_failed = False
             self._rebuild()
 
     def _rebuild(self) -> None:

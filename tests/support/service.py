@@ -48,6 +48,13 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Service:
     def __init__(
         self, root: Path, pipelines: Iterable[Mapping[str, Any]], **sections: Mapping[str, Any]
@@ -148,10 +155,12 @@ class Service:
             self.process.wait(timeout=10)
 
     def worker_pids(self) -> list[int]:
+        """The service's worker processes (not multiprocessing's resource tracker)."""
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         with contextlib.suppress(OSError):
-            return [int(p) for p in children.read_text().split()]
+            pids = [int(p) for p in children.read_text().split()]
+            return [p for p in pids if not _is_resource_tracker(p)]
         return []
 
     def stderr(self) -> str:
