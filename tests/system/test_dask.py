@@ -28,7 +28,7 @@ pytest.importorskip("distributed")
 
 DASK = Path(sys.executable).with_name("dask")
 # A worker that dies fails its task at once (KilledWorker) instead of the scheduler re-running
-# it silently, so medbatch's retry rules and audit log apply (what the README's Dask section recommends).
+# it silently, so medbatch's retry rules and audit log apply (as the README's Dask section says).
 SCHEDULER_ENV = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
 # Run in a subprocess, so that no Dask client, thread or warning lives in the test process.
 PROCESSING = """
