@@ -285,6 +285,13 @@ class Producer:
     def stop(self) -> None:
         self._stop.set()
 
+    def close(self) -> None:
+        """Stop dropping and wait for the writes under way (after a failure: no leaked thread)."""
+        self._stop.set()
+        self._thread.join(30)
+        for t in self._slow:
+            t.join(30)
+
     def join(self, timeout_s: float = 120) -> dict[str, str]:
         """Wait for every drop (fast and slow) to finish; re-raise a producer error."""
         deadline = time.monotonic() + timeout_s

@@ -11,6 +11,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -100,7 +101,7 @@ def test_service_killed_at_random_moments_loses_and_repeats_nothing(
     kinds: dict[str, int] = {"kill_all": 0, "kill": 0, "during_start": 0}
     started = time.monotonic()
 
-    with OutboxReader(service.outbox) as reader:
+    with OutboxReader(service.outbox) as reader, closing(producer):
         service.start()
         sessions.started(service)
         producer.start()
@@ -157,7 +158,7 @@ def test_workers_killed_at_random_moments_lose_and_repeat_nothing(
     busy_kills = 0
     started = time.monotonic()
 
-    with OutboxReader(service.outbox) as reader:
+    with OutboxReader(service.outbox) as reader, closing(producer):
         service.start()
         sessions.started(service)
         producer.start()
