@@ -708,7 +708,29 @@ class Supervisor:
         watcher_ok = self.once or self.watcher.is_alive()
         return watcher_ok and self.periodic.is_alive() and not tick_late
 
+    def _reclaim_lost_batches(self) -> None:
+        """A batch the executor lost (queued in a pool that broke: its future never completes)
+        is retried on a new pool without counting against it; so is one far past the
+        executor's own timeout."""
+        limit_s = self.settings.workers.batch_timeout_s + 30
+        # Only a local pool loses futures for good; a Dask attempt may still complete later.
+        is_broken = (
+            self.settings.workers.executor == "process"
+            and bool(self._inflight)
+            and not self.executor.is_healthy()
+        )
+        now = time.monotonic()
+        for batch_id, flight in list(self._inflight.items()):
+            if is_broken or now - flight.started > limit_s:
+                log.error("batch.lost_in_executor", batch_id=batch_id)
+                del self._inflight[batch_id]
+                self.dispatcher.done(batch_id)
+                self._on_attempt_failed(flight.task, "executor_unavailable")
+        if is_broken:
+            self.executor.recover()
+
     def _heartbeat(self) -> None:
+        self._reclaim_lost_batches()
         if self._paused == AUDIT_UNWRITABLE:
             self._retry_audit()
         if not self.once and not self.watcher.is_alive():

@@ -47,7 +47,12 @@ class ProcessExecutor:
             context=multiprocessing.get_context("spawn"),
         )
         # Start every worker now, so the first batch does not pay for the imports.
-        wait([self._pool.schedule(warm_up) for _ in range(self._workers)])
+        # Bounded: a pool that breaks while warming up never fails its queued tasks (pebble's
+        # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever.
+        _, late = wait([self._pool.schedule(warm_up) for _ in range(self._workers)], timeout=30)
+        if late:
+            log.warning("pool.warm_up_late", workers=len(late))
+            self._pool_failed = True  # the next submit builds another
 
     def submit(self, task: BatchTask) -> None:
         batch_id = task.batch.batch_id
