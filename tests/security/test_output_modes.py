@@ -40,10 +40,10 @@ def test_modes_never_follow_the_umask_or_the_input(make_service: MakeService) ->
             folders[dirpath] = mode_of(Path(dirpath))
             for name in filenames:
                 files[os.path.join(dirpath, name)] = mode_of(Path(dirpath, name))
-    journal = str(state / "journal.db")
+    journal, lock = str(state / "journal.db"), str(state / "medbatch.lock")
     assert {d: m for d, m in folders.items() if m != 0o750} == {}
-    assert {f: m for f, m in files.items() if m != 0o640 and f != journal} == {}
-    assert files[journal] == 0o600
+    assert {f: m for f, m in files.items() if m != 0o640 and f not in (journal, lock)} == {}
+    assert files[journal] == files[lock] == 0o600
     # what was checked: a published folder, a quarantined input and its sidecar, an archive
     kinds = {Path(f).relative_to(service.root).parts[0:2] for f in files}
     assert {("outbox", "emr"), ("outbox", "_audit"), ("quarantine", "emr")} <= kinds
