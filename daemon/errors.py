@@ -50,10 +50,6 @@ class ExecutorUnavailableError(MedbatchError):
     so the attempt does not count against it."""
 
 
-class DiskFullError(MedbatchError):
-    """A write failed because the disk is full or failing; work pauses until it can resume."""
-
-
 class BatchFailedError(MedbatchError):
     """A batch attempt failed as a whole (not one bad input): it is retried, then quarantined."""
 

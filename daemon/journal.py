@@ -1,7 +1,7 @@
 """Journal: SQLite (WAL, synchronous=FULL) holding every file's and batch's state.
 
-The service's main loop is its only writer; `status` and `trace` open it read-only.
-One method per state transition; every write is an explicit IMMEDIATE transaction.
+The service's main loop is its only writer; one method per state transition, each an explicit
+IMMEDIATE transaction. Reads live in `journal_queries` (which `status` and `trace` open read-only).
 """
 
 from __future__ import annotations
@@ -11,50 +11,25 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any
 
 from daemon.errors import JournalCorruptError
-from daemon.models import Batch, BatchResult, Facts
+from daemon.journal_queries import BatchRow, FileRow, JournalQueries
+from daemon.models import Batch, BatchResult, Reason
+
+__all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
 SCHEMA_VERSION = 1
-TERMINAL_FILE_STATES = ("published", "quarantined", "duplicate")
 
 
-@dataclass(frozen=True, slots=True)
-class FileRow:
-    id: int
-    pipeline: str
-    name: str
-    spool_name: str
-    sha256: str | None
-    size: int | None
-    received_at: float
-    state: str
-    batch_id: str | None
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRow:
-    id: str
-    pipeline: str
-    priority: int
-    state: str
-    opened_at: float
-    sealed_at: float
-    attempts: int
-    folder: str | None
-
-
-class Journal:
+class Journal(JournalQueries):
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = path
         if readonly:
-            uri = f"{path.resolve().as_uri()}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+            # Kept for callers that have not moved to JournalQueries.open_readonly yet.
+            ro = JournalQueries.open_readonly(path)
+            super().__init__(path, ro._db)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
@@ -62,17 +37,12 @@ class Journal:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)
             os.close(fd)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        super().__init__(path, sqlite3.connect(path, isolation_level=None, timeout=30.0))
         self._check_integrity()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
-
-    def close(self) -> None:
-        self._db.close()
-
-    # -- set-up ---------------------------------------------------------------------------
 
     def _check_integrity(self) -> None:
         try:
@@ -110,8 +80,6 @@ class Journal:
             raise
         self._db.execute("COMMIT")
 
-    # -- intake ---------------------------------------------------------------------------
-
     def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
         """Record intent to move (pipeline, name, spool_name, received_at) into the spool."""
         ids = []
@@ -144,27 +112,6 @@ class Journal:
                 [(sha, size, reason, fid) for fid, sha, size, reason in quarantined],
             )
 
-    def spool_names(self) -> set[str]:
-        """Spool names of the files whose spooled copy may still exist."""
-        rows = self._db.execute("SELECT spool_name FROM files WHERE disposed=0").fetchall()
-        return {str(name) for (name,) in rows}
-
-    def claiming(self) -> list[FileRow]:
-        return self._files("state='claiming'")
-
-    def received(self) -> list[FileRow]:
-        """Claimed files not yet in a sealed batch, oldest first."""
-        return self._files("state='received' ORDER BY received_at, id")
-
-    def publisher_of(self, pipeline: str, sha256: str) -> str | None:
-        """The batch that already published this content in this pipeline, if any."""
-        row = self._db.execute(
-            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND state='published' "
-            "LIMIT 1",
-            (pipeline, sha256),
-        ).fetchone()
-        return None if row is None else str(row[0])
-
     def mark_duplicates(self, dupes: Iterable[tuple[int, str]]) -> None:
         """Files (id, earlier batch id) whose content that batch already published."""
         with self.transaction() as db:
@@ -183,8 +130,6 @@ class Journal:
                 (pipeline, name, inode, reason, at),
             )
         return cur.rowcount > 0
-
-    # -- batches --------------------------------------------------------------------------
 
     def seal_batch(self, batch: Batch, opened_at: float) -> None:
         with self.transaction() as db:
@@ -265,8 +210,8 @@ class Journal:
         """Every input of the batch was refused by its processor: nothing to publish."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='quarantined', finished_at=? WHERE id=?",
-                (at, result.batch_id),
+                "UPDATE batches SET state='quarantined', finished_at=?, reason=? WHERE id=?",
+                (at, Reason.EVERY_INPUT_QUARANTINED, result.batch_id),
             )
             self._finish_files(db, result, at)
 
@@ -306,28 +251,9 @@ class Journal:
                 [(reason, at, fid) for fid in file_ids],
             )
 
-    def unfinished_batches(self) -> list[BatchRow]:
-        rows = self._db.execute(
-            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
-            "FROM batches WHERE state IN ('sealed', 'running') ORDER BY sealed_at"
-        ).fetchall()
-        return [BatchRow(*row) for row in rows]
-
-    def batch_files(self, batch_id: str) -> list[FileRow]:
-        return self._files("batch_id=? ORDER BY id", (batch_id,))
-
-    # -- disposal of terminal inputs ------------------------------------------------------
-
-    def undisposed(self) -> list[FileRow]:
-        """Terminal files whose spooled copy has not been archived, quarantined or deleted."""
-        states = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
-        return self._files(f"disposed=0 AND state IN ({states}) ORDER BY id")
-
     def mark_disposed(self, file_ids: Iterable[int]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
-
-    # -- meta, status, trace ---------------------------------------------------------------
 
     def set_meta(self, **values: Any) -> None:
         with self.transaction() as db:
@@ -336,110 +262,3 @@ class Journal:
                 "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
                 [(k, json.dumps(v)) for k, v in values.items()],
             )
-
-    def meta(self, key: str) -> Any:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """One read transaction: the queries inside see one state (a WAL reader never blocks)."""
-        self._db.execute("BEGIN DEFERRED")
-        try:
-            yield
-        finally:
-            self._db.execute("COMMIT")
-
-    def file_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
-        """Files per (pipeline, state); with `since`, only those finished at or after it."""
-        where, params = ("WHERE done_at >= ?", (since,)) if since is not None else ("", ())
-        rows = self._db.execute(
-            f"SELECT pipeline, state, count(*) FROM files {where} GROUP BY pipeline, state",
-            params,
-        ).fetchall()
-        return {(p, s): int(n) for p, s, n in rows}
-
-    def batch_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
-        """Batches per (pipeline, state); with `since`, only those finished at or after it."""
-        where, params = ("WHERE finished_at >= ?", (since,)) if since is not None else ("", ())
-        rows = self._db.execute(
-            f"SELECT pipeline, state, count(*) FROM batches {where} GROUP BY pipeline, state",
-            params,
-        ).fetchall()
-        return {(p, s): int(n) for p, s, n in rows}
-
-    def open_files(self) -> dict[str, tuple[int, float]]:
-        """Per pipeline: files received but in no sealed batch yet (count, oldest arrival)."""
-        rows = self._db.execute(
-            "SELECT pipeline, count(*), min(received_at) FROM files WHERE state='received' "
-            "GROUP BY pipeline"
-        ).fetchall()
-        return {p: (int(n), float(t)) for p, n, t in rows}
-
-    def waiting_batches(self) -> dict[tuple[str, int], int]:
-        """Sealed batches waiting for a worker, per (pipeline, priority)."""
-        rows = self._db.execute(
-            "SELECT pipeline, priority, count(*) FROM batches WHERE state='sealed' "
-            "GROUP BY pipeline, priority"
-        ).fetchall()
-        return {(p, int(prio)): int(n) for p, prio, n in rows}
-
-    def unfinished_count(self) -> int:
-        """Files not yet published, quarantined or skipped as duplicates."""
-        states = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
-        (count,) = self._db.execute(
-            f"SELECT count(*) FROM files WHERE state NOT IN ({states})"
-        ).fetchone()
-        return int(count)
-
-    def oldest_waiting(self) -> dict[str, float]:
-        rows = self._db.execute(
-            "SELECT pipeline, min(received_at) FROM files "
-            "WHERE state IN ('received', 'batched') GROUP BY pipeline"
-        ).fetchall()
-        return {p: float(t) for p, t in rows}
-
-    def find_files(self, key: str) -> list[FileRow]:
-        """Files whose sha256, name or spool name is `key`."""
-        return self._files("sha256=? OR name=? OR spool_name=? ORDER BY id", (key, key, key))
-
-    def batch(self, batch_id: str) -> BatchRow | None:
-        row = self._db.execute(
-            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
-            "FROM batches WHERE id=?",
-            (batch_id,),
-        ).fetchone()
-        return None if row is None else BatchRow(*row)
-
-    def files_changed_since(self, since: float) -> list[dict[str, Any]]:
-        """Files received or finished at or after `since` (to rebuild missing audit lines)."""
-        return self._dicts(
-            "SELECT id, pipeline, name, sha256, size, received_at, state, batch_id, reason, "
-            "done_at FROM files WHERE received_at >= ? OR done_at >= ? ORDER BY id",
-            (since, since),
-        )
-
-    def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
-        """Batches sealed or finished at or after `since`."""
-        return self._dicts(
-            "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
-            "folder, reason FROM batches WHERE sealed_at >= ? OR finished_at >= ?",
-            (since, since),
-        )
-
-    def _dicts(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        cursor = self._db.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def file_facts(self, file_id: int) -> Facts:
-        row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()
-        return {} if row is None or row[0] is None else dict(json.loads(row[0]))
-
-    def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
-        rows = self._db.execute(
-            "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
-            f"reason FROM files WHERE {where}",
-            params,
-        ).fetchall()
-        return [FileRow(*row) for row in rows]

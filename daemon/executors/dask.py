@@ -262,6 +262,10 @@ class DaskExecutor:
         client = self._client
         return client is not None and client.status == "running" and self._n_workers > 0
 
+    def has_lost_work(self) -> bool:
+        # A lost connection is re-sent by the watcher thread; a Dask attempt may complete later.
+        return False
+
     def worker_pids(self) -> list[int]:
         return []
 
