@@ -92,6 +92,8 @@ class ProcessExecutor:
                 outer.set_exception(
                     ExecutorUnavailableError(f"worker pool: {type(error).__name__}")
                 )
+                if isinstance(error, BrokenProcessPool):
+                    self.recover()  # the pool is ours to rebuild, whoever submits next
             else:
                 outer.set_exception(error)
             self._on_done(batch_id, outer)
