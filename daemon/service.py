@@ -173,25 +173,30 @@ class Service:
         self._checkpoint()
         if self.settings.service.metrics_address:
             self.metrics.serve(self.settings.service.metrics_address)
-        self._start_watching()
+        backlog = self._start_watching()
         self._heartbeat()
         audit.sync()
         self._is_ready = True
-        log.info("daemon.ready", pipelines=len(self.settings.pipeline), workers=workers.count)
+        log.info(
+            "daemon.ready",
+            pipelines=len(self.settings.pipeline),
+            backlog=backlog,
+            workers=workers.count,
+        )
         self._notifier.ready()
         if self._reload_pending:
             self._reload()
 
-    def _start_watching(self) -> None:
+    def _start_watching(self) -> int:
         self.watcher = InboxWatcher(self._messages)
         if not self.once:
             self.watcher.start(self._inbox_folders())
         self._checkpoint()
         found = self.intake.scan()
-        log.info("intake.scanned", backlog=found)
         self.periodic = Periodic(self._messages)
         service = self.settings.service
         self.periodic.start(service.tick_s, service.rescan_s, self._heartbeat_s())
+        return found
 
     def _checkpoint(self) -> None:
         """Handle what arrived during start-up; a stop request ends the start-up here."""
