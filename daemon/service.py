@@ -81,7 +81,7 @@ class Service:
         self.settings = settings
         self.once = once
         self._messages: MessageQueue = queue.SimpleQueue()
-        self._signals = SignalHandlers(self._messages)
+        self._signals = SignalHandlers(lambda signum: self._messages.put(SignalReceived(signum)))
         self._notifier = Notifier()
         self.metrics = Metrics()
         self.progress = Progress()
