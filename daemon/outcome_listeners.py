@@ -31,6 +31,7 @@ from daemon.outcomes import (
     Committed,
     GaveUp,
     Listener,
+    Listeners,
     Outcome,
     Retrying,
     Sealed,
@@ -267,3 +268,26 @@ class NotifyListener(Listener):
         if isinstance(outcome, Committed | GaveUp):
             p = self._progress
             self._notifier.status(f"{p.published} batches published, {p.quarantined} quarantined")
+
+
+def standard_listeners(
+    audit: AuditLog,
+    metrics: Metrics,
+    gate: IntakeGate,
+    progress: Progress,
+    notifier: Notifier,
+    disposal: Disposal,
+) -> Listeners:
+    """The service's list, in order: the audit line first (it follows the journal commit),
+    disposal last (inputs leave the spool once everything about them is written)."""
+    return Listeners(
+        [
+            AuditTrail(audit),
+            MetricsListener(metrics),
+            gate,
+            OperationalLog(),
+            progress,
+            NotifyListener(notifier, progress),
+            DisposalListener(disposal),
+        ]
+    )

@@ -75,6 +75,10 @@ class AuditLog:
         self.sync()
 
     @property
+    def folder(self) -> Path:
+        return self._folder
+
+    @property
     def head(self) -> tuple[int, str]:
         return self._seq, self._hash
 
