@@ -10,12 +10,11 @@ import time
 import structlog
 
 from daemon.audit import TolerantAuditLog
-from daemon.audit.reconcile import reconcile
+from daemon.audit.reconcile import RECONCILE_SLACK_S, reconcile
 from daemon.health import HEARTBEAT_S, Health, write_health
 from daemon.journal import Journal
 from daemon.notify import Notifier
 from daemon.outcome_listeners import IntakeGate
-from daemon.recovery import RECONCILE_SLACK_S
 
 log = structlog.get_logger()
 

@@ -14,7 +14,7 @@ import structlog
 
 from daemon.audit import AuditLog
 from daemon.audit.events import DaemonRecovered
-from daemon.audit.reconcile import reconcile
+from daemon.audit.reconcile import RECONCILE_SLACK_S, reconcile
 from daemon.batch_flow import BatchFlow
 from daemon.batcher import Batcher
 from daemon.config import Settings
@@ -27,10 +27,6 @@ from daemon.models import Batch, BatchState, FileState, IncomingFile, Reason
 from daemon.outbox import remove_stale_staging
 
 log = structlog.get_logger()
-
-# Journal times and the moment the audit head was recorded come from one clock; the slack only
-# covers float rounding: a line already present is never written twice (reconcile checks).
-RECONCILE_SLACK_S = 2.0
 
 
 @dataclass

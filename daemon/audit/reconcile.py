@@ -29,6 +29,9 @@ from daemon.models import BatchState, FileState, Reason
 
 _FILE_EVENTS = {AuditEvent.FILE_RECEIVED, AuditEvent.FILE_QUARANTINED, AuditEvent.FILE_DUPLICATE}
 Transition = tuple[float, Record]
+# Journal times and the moment the audit head was recorded come from one clock; the slack only
+# covers float rounding: a line already present is never written twice (reconcile checks).
+RECONCILE_SLACK_S = 2.0
 
 
 def reconcile(journal: JournalQueries, audit: AuditLog, folder: Path, since: float) -> int:
