@@ -1,7 +1,8 @@
 """Signal handlers that only hand the signal to the main loop's queue; restored on exit.
 
-`capture_early()` runs before any heavy import (`python -m daemon`), so SIGTERM at any moment
-of start-up is kept and replayed to the service once its handlers are installed.
+`medbatch run` blocks these signals from its first moment (daemon/cli/main.py); `install`
+unblocks them once the handlers are set, so a SIGTERM during start-up is delivered then and
+drains instead of killing the process by the default action.
 """
 
 from __future__ import annotations
@@ -14,29 +15,6 @@ from typing import Any
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
-_early: list[int] = []
-_before_early: dict[int, _Handler] = {}
-
-
-def _keep(signum: int, frame: FrameType | None) -> None:
-    _early.append(signum)  # list.append is atomic: safe in a handler
-
-
-def capture_early() -> None:
-    """Keep the signals that arrive before the service runs (replayed by `install`)."""
-    for signum in HANDLED:
-        _before_early[signum] = signal.signal(signum, _keep)
-
-
-def release_early() -> None:
-    """Not the service after all (`status`, `check-config` …): the defaults again, and any
-    signal kept meanwhile delivered now."""
-    for signum, previous in _before_early.items():
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-    _before_early.clear()
-    while _early:
-        signal.raise_signal(_early.pop(0))
-
 
 class SignalHandlers:
     def __init__(self, on_signal: Callable[[int], None]) -> None:
@@ -46,12 +24,10 @@ class SignalHandlers:
 
     def install(self) -> None:
         for signum in HANDLED:
-            previous = signal.signal(signum, self._handle)
-            if previous is _keep:
-                previous = _before_early.get(signum, signal.SIG_DFL)
-            self._previous[signum] = previous
-        while _early:
-            self._on_signal(_early.pop(0))
+            self._previous[signum] = signal.signal(signum, self._handle)
+        # Whatever arrived while blocked is delivered now, to these handlers. Before any thread
+        # or worker starts: they must not inherit a blocked mask.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
     def restore(self) -> None:
         """Put back what was there before (a test process keeps its own handlers)."""

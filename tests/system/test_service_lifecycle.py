@@ -5,9 +5,11 @@ audit line rebuilt from the journal equals the live one field for field."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from daemon.audit import AuditLog, read_lines
 from daemon.audit.reconcile import reconcile
 from daemon.journal_queries import JournalQueries
 from tests.support.data import emr_csv
-from tests.support.service import Service
+from tests.support.service import REPO, Service
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 
@@ -119,19 +121,21 @@ def test_info_logs_tell_each_batch_without_a_name(make_service: MakeService) -> 
         assert stem not in done.stderr, f"{stem} leaked into the logs"
 
 
-def _catches_sigterm(pid: int) -> bool:
+def _holds_sigterm(pid: int) -> bool:
+    """SIGTERM blocked or caught: the process owns it (no longer the kernel's default)."""
+    bit = 1 << (signal.SIGTERM - 1)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+        if line.startswith(("SigBlk:", "SigCgt:")) and int(line.split()[1], 16) & bit:
+            return True
     return False
 
 
 def _after_spawn(service: Service) -> None:
-    """The earliest moment any program can own SIGTERM: `python -m daemon`'s first line (until
-    then the interpreter is still starting and the kernel's default applies)."""
+    """The earliest moment any program can own SIGTERM: `medbatch run`'s first statements
+    (until then the interpreter is still starting and the kernel's default applies)."""
     assert service.process is not None
     pid = service.process.pid
-    wait_until(lambda: _catches_sigterm(pid), 30, 0.001, message="SIGTERM caught")
+    wait_until(lambda: _holds_sigterm(pid), 30, 0.001, message="SIGTERM held")
 
 
 def _after_starting_line(service: Service) -> None:
@@ -175,19 +179,21 @@ def test_sigterm_at_any_moment_of_start_up_stops_cleanly(
 
 
 def test_a_start_that_fails_still_stops_in_order(make_service: MakeService) -> None:
-    """The metrics port is taken: the start fails (exit 1, the port named), yet daemon.stopped
-    is written, the pool is stopped and the chain verifies."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        service = make_service(
-            [emr()], service={"tick_s": 0.1, "metrics_address": f"127.0.0.1:{port}"}
-        )
-        done = service.run("run")
+    """The executor cannot start (no Dask scheduler listens there): the start fails with exit
+    1, yet daemon.stopped closes the log (reason start_failed) and the chain verifies."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: nothing listens there
+    workers = {"count": 1, "executor": "dask", "scheduler_address": f"tcp://127.0.0.1:{port}"}
+    service = make_service([emr()], workers=workers)
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
+    done = subprocess.run(
+        service.command("run"), cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert f"127.0.0.1:{port}" in done.stderr
     audit = service.audit()
-    assert [line["event"] for line in audit][-1] == "daemon.stopped"
+    assert audit[0]["event"] == "daemon.started"
+    assert audit[-1]["event"] == "daemon.stopped"
     assert audit[-1]["reason"] == "start_failed"
     assert service.run("audit", "verify").returncode == 0
