@@ -127,7 +127,7 @@ class Service:
             once=self.once,
         )
         prepare_folders(self.settings)
-        self._checkpoint()
+        # Even a start stopped at once leaves its daemon.started / daemon.stopped pair.
         self._open_records()
         self._build_flow()
         self._checkpoint()

@@ -173,9 +173,9 @@ def test_sigterm_at_any_moment_of_start_up_stops_cleanly(
     wait_until(lambda: not service.worker_pids(), 30, message="workers gone")
     assert service.run("audit", "verify").returncode == 0
     audit = service.audit()
-    if audit:
-        assert audit[-1]["event"] == "daemon.stopped"
-        assert "reason" not in audit[-1]
+    assert audit[0]["event"] == "daemon.started"
+    assert audit[-1]["event"] == "daemon.stopped"
+    assert "reason" not in audit[-1]
 
 
 def test_a_start_that_fails_still_stops_in_order(make_service: MakeService) -> None:
