@@ -17,7 +17,7 @@ from typing import Any
 
 from daemon.errors import JournalCorruptError
 from daemon.journal_queries import BatchRow, FileRow, JournalQueries
-from daemon.models import Batch, BatchResult, Reason
+from daemon.models import Batch, BatchResult, BatchState, FileState, Reason
 
 __all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
@@ -87,7 +87,7 @@ class Journal(JournalQueries):
             for pipeline, name, spool_name, received_at in claims:
                 cur = db.execute(
                     "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
-                    "VALUES (?, ?, ?, ?, 'claiming')",
+                    f"VALUES (?, ?, ?, ?, '{FileState.CLAIMING}')",
                     (pipeline, name, spool_name, received_at),
                 )
                 ids.append(int(cur.lastrowid or 0))
@@ -102,12 +102,13 @@ class Journal(JournalQueries):
         """Claims that landed (id, sha256, size), vanished (id), or were refused (…, reason)."""
         with self.transaction() as db:
             db.executemany(
-                "UPDATE files SET state='received', sha256=?, size=? WHERE id=?",
+                f"UPDATE files SET state='{FileState.RECEIVED}', sha256=?, size=? WHERE id=?",
                 [(sha, size, fid) for fid, sha, size in received],
             )
             db.executemany("DELETE FROM files WHERE id=?", [(fid,) for fid in dropped])
             db.executemany(
-                "UPDATE files SET state='quarantined', sha256=?, size=?, reason=?, done_at="
+                f"UPDATE files SET state='{FileState.QUARANTINED}', sha256=?, size=?, reason=?, "
+                "done_at="
                 "received_at WHERE id=?",
                 [(sha, size, reason, fid) for fid, sha, size, reason in quarantined],
             )
@@ -116,7 +117,8 @@ class Journal(JournalQueries):
         """Files (id, earlier batch id) whose content that batch already published."""
         with self.transaction() as db:
             db.executemany(
-                "UPDATE files SET state='duplicate', reason='duplicate_of:' || ?, "
+                f"UPDATE files SET state='{FileState.DUPLICATE}', reason='{Reason.DUPLICATE_OF}:' "
+                "|| ?, "
                 "done_at=received_at WHERE id=?",
                 [(batch_id, fid) for fid, batch_id in dupes],
             )
@@ -135,7 +137,7 @@ class Journal(JournalQueries):
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
-                "n_files, n_bytes) VALUES (?, ?, ?, 'sealed', ?, ?, ?, ?)",
+                f"n_files, n_bytes) VALUES (?, ?, ?, '{BatchState.SEALED}', ?, ?, ?, ?)",
                 (
                     batch.batch_id,
                     batch.pipeline,
@@ -147,7 +149,8 @@ class Journal(JournalQueries):
                 ),
             )
             db.executemany(
-                "UPDATE files SET state='batched', batch_id=? WHERE id=? AND state='received'",
+                f"UPDATE files SET state='{FileState.BATCHED}', batch_id=? WHERE id=? AND "
+                f"state='{FileState.RECEIVED}'",
                 [(batch.batch_id, f.file_id) for f in batch.files],
             )
 
@@ -155,7 +158,8 @@ class Journal(JournalQueries):
         """Start one more attempt; return its number."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='running', attempts=attempts+1, started_at=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.RUNNING}', attempts=attempts+1, "
+                "started_at=? WHERE id=?",
                 (at, batch_id),
             )
             (attempts,) = db.execute(
@@ -168,21 +172,25 @@ class Journal(JournalQueries):
         fault (a full disk, a stop) does not count against it."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='sealed', reason=?, attempts=attempts-? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.SEALED}', reason=?, attempts=attempts-? "
+                "WHERE id=?",
                 (reason, 0 if is_counted else 1, batch_id),
             )
 
     def split_batch(self, parent_id: str, children: Iterable[Batch], reason: str) -> None:
         """Replace a batch by smaller ones (to isolate an input that kills its worker)."""
         with self.transaction() as db:
-            db.execute("UPDATE batches SET state='split', reason=? WHERE id=?", (reason, parent_id))
+            db.execute(
+                f"UPDATE batches SET state='{BatchState.SPLIT}', reason=? WHERE id=?",
+                (reason, parent_id),
+            )
             opened_at, priority = db.execute(
                 "SELECT opened_at, priority FROM batches WHERE id=?", (parent_id,)
             ).fetchone()
             for child in children:
                 db.execute(
                     "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
-                    "n_files, n_bytes) VALUES (?, ?, ?, 'sealed', ?, ?, ?, ?)",
+                    f"n_files, n_bytes) VALUES (?, ?, ?, '{BatchState.SEALED}', ?, ?, ?, ?)",
                     (
                         child.batch_id,
                         child.pipeline,
@@ -201,7 +209,8 @@ class Journal(JournalQueries):
     def mark_published(self, result: BatchResult, at: float) -> None:
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='published', finished_at=?, folder=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.PUBLISHED}', finished_at=?, folder=? "
+                "WHERE id=?",
                 (at, str(result.folder), result.batch_id),
             )
             self._finish_files(db, result, at)
@@ -210,7 +219,8 @@ class Journal(JournalQueries):
         """Every input of the batch was refused by its processor: nothing to publish."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='quarantined', finished_at=?, reason=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.QUARANTINED}', finished_at=?, reason=? "
+                "WHERE id=?",
                 (at, Reason.EVERY_INPUT_QUARANTINED, result.batch_id),
             )
             self._finish_files(db, result, at)
@@ -219,26 +229,28 @@ class Journal(JournalQueries):
         """Give up on a batch: each of its inputs goes to quarantine with `reason`."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='failed', finished_at=?, reason=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.FAILED}', finished_at=?, reason=? WHERE "
+                "id=?",
                 (at, reason, batch_id),
             )
             db.execute(
-                "UPDATE files SET state='quarantined', reason=?, done_at=? "
-                "WHERE batch_id=? AND state='batched'",
+                f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, done_at=? "
+                f"WHERE batch_id=? AND state='{FileState.BATCHED}'",
                 (reason, at, batch_id),
             )
 
     @staticmethod
     def _finish_files(db: sqlite3.Connection, result: BatchResult, at: float) -> None:
         db.executemany(
-            "UPDATE files SET state='quarantined', reason=?, facts=?, done_at=? WHERE id=?",
+            f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, facts=?, done_at=? "
+            "WHERE id=?",
             [
                 (reason, json.dumps({"detail": detail}), at, fid)
                 for fid, (reason, detail) in result.quarantined.items()
             ],
         )
         db.executemany(
-            "UPDATE files SET state='published', facts=?, done_at=? WHERE id=?",
+            f"UPDATE files SET state='{FileState.PUBLISHED}', facts=?, done_at=? WHERE id=?",
             [(json.dumps(facts), at, fid) for fid, facts in result.facts.items()],
         )
 
@@ -246,8 +258,8 @@ class Journal(JournalQueries):
         """Files claimed but never batched that can no longer be (their pipeline is gone)."""
         with self.transaction() as db:
             db.executemany(
-                "UPDATE files SET state='quarantined', reason=?, done_at=? "
-                "WHERE id=? AND state='received'",
+                f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, done_at=? "
+                f"WHERE id=? AND state='{FileState.RECEIVED}'",
                 [(reason, at, fid) for fid in file_ids],
             )
 

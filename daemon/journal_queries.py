@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.models import TERMINAL_FILE_STATES, Facts
+from daemon.models import TERMINAL_FILE_STATES, BatchState, Facts, FileState
 
 _TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 
@@ -63,16 +63,17 @@ class JournalQueries:
         return {str(name) for (name,) in rows}
 
     def claiming(self) -> list[FileRow]:
-        return self._files("state='claiming'")
+        return self._files(f"state='{FileState.CLAIMING}'")
 
     def received(self) -> list[FileRow]:
         """Claimed files not yet in a sealed batch, oldest first."""
-        return self._files("state='received' ORDER BY received_at, id")
+        return self._files(f"state='{FileState.RECEIVED}' ORDER BY received_at, id")
 
     def publisher_of(self, pipeline: str, sha256: str) -> str | None:
         """The batch that already published this content in this pipeline, if any."""
         row = self._db.execute(
-            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND state='published' "
+            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND "
+            f"state='{FileState.PUBLISHED}' "
             "LIMIT 1",
             (pipeline, sha256),
         ).fetchone()
@@ -81,7 +82,8 @@ class JournalQueries:
     def unfinished_batches(self) -> list[BatchRow]:
         rows = self._db.execute(
             "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
-            "FROM batches WHERE state IN ('sealed', 'running') ORDER BY sealed_at"
+            f"FROM batches WHERE state IN ('{BatchState.SEALED}', '{BatchState.RUNNING}') ORDER "
+            "BY sealed_at"
         ).fetchall()
         return [BatchRow(*row) for row in rows]
 
@@ -126,7 +128,8 @@ class JournalQueries:
     def open_files(self) -> dict[str, tuple[int, float]]:
         """Per pipeline: files received but in no sealed batch yet (count, oldest arrival)."""
         rows = self._db.execute(
-            "SELECT pipeline, count(*), min(received_at) FROM files WHERE state='received' "
+            "SELECT pipeline, count(*), min(received_at) FROM files WHERE "
+            f"state='{FileState.RECEIVED}' "
             "GROUP BY pipeline"
         ).fetchall()
         return {p: (int(n), float(t)) for p, n, t in rows}
@@ -134,7 +137,7 @@ class JournalQueries:
     def waiting_batches(self) -> dict[tuple[str, int], int]:
         """Sealed batches waiting for a worker, per (pipeline, priority)."""
         rows = self._db.execute(
-            "SELECT pipeline, priority, count(*) FROM batches WHERE state='sealed' "
+            f"SELECT pipeline, priority, count(*) FROM batches WHERE state='{BatchState.SEALED}' "
             "GROUP BY pipeline, priority"
         ).fetchall()
         return {(p, int(prio)): int(n) for p, prio, n in rows}
@@ -149,7 +152,7 @@ class JournalQueries:
     def oldest_waiting(self) -> dict[str, float]:
         rows = self._db.execute(
             "SELECT pipeline, min(received_at) FROM files "
-            "WHERE state IN ('received', 'batched') GROUP BY pipeline"
+            f"WHERE state IN ('{FileState.RECEIVED}', '{FileState.BATCHED}') GROUP BY pipeline"
         ).fetchall()
         return {p: float(t) for p, t in rows}
 
@@ -178,9 +181,11 @@ class JournalQueries:
         return self._dicts(
             "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
             "folder, reason, attempts, "
-            "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND f.state='published') "
+            "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
+            f"f.state='{FileState.PUBLISHED}') "
             "AS n_published, "
-            "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND f.state='quarantined') "
+            "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
+            f"f.state='{FileState.QUARANTINED}') "
             "AS n_quarantined "
             "FROM batches b WHERE sealed_at >= ? OR finished_at >= ?",
             (since, since),
