@@ -69,6 +69,12 @@ class BatchFlow:
         self._wall = wall
         self._mono = mono
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: removed pipelines' waiting batches finish under their old settings."""
+        kept = {p.name for p in settings.pipeline}
+        self.retired.update((p.name, p) for p in self.settings.pipeline if p.name not in kept)
+        self.settings = settings
+
     @property
     def is_idle(self) -> bool:
         return not self.inflight and not self._delayed and len(self._dispatcher) == 0

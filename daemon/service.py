@@ -19,7 +19,6 @@ from typing import assert_never
 import structlog
 
 from daemon import __version__
-from daemon.admission import Admission
 from daemon.audit import TolerantAuditLog
 from daemon.audit.events import (
     ConfigReloaded,
@@ -27,15 +26,11 @@ from daemon.audit.events import (
     DaemonStarted,
     DaemonStopped,
 )
-from daemon.batch_flow import BatchFlow
-from daemon.batcher import Batcher, Sealed
+from daemon.batcher import Sealed
 from daemon.config import Pipeline, Settings
 from daemon.console import OnceConsole
-from daemon.dispatcher import PriorityDispatcher
-from daemon.disposal import Disposal
 from daemon.executors import Executor, make_executor
 from daemon.heartbeat import HeartbeatMonitor
-from daemon.intake import Intake
 from daemon.journal import Journal
 from daemon.messages import (
     BatchDone,
@@ -50,13 +45,14 @@ from daemon.messages import (
 from daemon.metrics import Metrics
 from daemon.models import BatchResult, Reason
 from daemon.notify import Notifier
-from daemon.outcome_listeners import IntakeGate, Progress, standard_listeners
+from daemon.outcome_listeners import Progress
 from daemon.periodic import Periodic
 from daemon.recovery import Recovery
 from daemon.reload import name_key_for, reloaded_settings
 from daemon.signals import SignalHandlers
 from daemon.startup import by_name, hashed_pipelines, inbox_folders, kinds, prepare_folders
 from daemon.watcher import InboxWatcher
+from daemon.wiring import wire
 
 log = structlog.get_logger()
 
@@ -84,8 +80,6 @@ class Service:
 
     def _by_name(self) -> dict[str, Pipeline]:
         return by_name(self.settings)  # after a reload too
-
-    # -- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped (or, with --once, until the inboxes are drained); exit status."""
@@ -129,18 +123,14 @@ class Service:
         prepare_folders(self.settings)
         # Even a start stopped at once leaves its daemon.started / daemon.stopped pair.
         self._open_records()
-        self._build_flow()
-        self._checkpoint()
         assert self.journal is not None and self.audit is not None
-        Recovery(
-            self.settings,
-            self.journal,
-            self.audit,
-            self.intake,
-            self.batcher,
-            self.flow,
-            self.disposal,
-        ).run()
+        parts = wire(self.settings, self.journal, self.audit, self.metrics, self.progress,
+                      self._notifier, self._by_name)  # fmt: skip
+        self.intake, self.batcher, self.dispatcher, self.gate = parts[:4]
+        self.disposal, self.flow, self.admission = parts[4:]
+        self._checkpoint()
+        Recovery(self.settings, self.journal, self.audit, self.intake, self.batcher, self.flow,
+                 self.disposal).run()  # fmt: skip
         self._checkpoint()
         self.executor = make_executor(self.settings, kinds(self.settings), self._on_done)
         self.flow.executor = self.executor
@@ -167,23 +157,6 @@ class Service:
         audit.add_listener(self.metrics.on_audit)
         audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=self.once or None))
         self.monitor = HeartbeatMonitor(self._notifier, audit, journal)
-
-    def _build_flow(self) -> None:
-        """Intake, batcher, dispatcher and the batch flow with its listeners, in order."""
-        assert self.journal is not None and self.audit is not None
-        journal, audit, workers = self.journal, self.audit, self.settings.workers
-        self.intake = Intake(self.settings, journal, audit)
-        self.batcher = Batcher(by_name(self.settings))
-        self.dispatcher = PriorityDispatcher(
-            workers.count, workers.memory_budget, self.settings.dispatch.aging_s
-        )
-        self.gate = IntakeGate(audit, journal)
-        self.disposal = Disposal(self.settings.paths, journal, self._by_name)
-        listeners = standard_listeners(
-            audit, self.metrics, self.gate, self.progress, self._notifier, self.disposal
-        )
-        self.flow = BatchFlow(self.settings, journal, self.dispatcher, listeners)
-        self.admission = Admission(journal, audit, self.disposal, self.batcher, self._by_name)
 
     def _start_watching(self) -> int:
         self.watcher = InboxWatcher(self._messages)
@@ -244,16 +217,14 @@ class Service:
         self.audit.record(DaemonDraining(in_flight=len(self.flow.inflight)))
         self.audit.sync()
         deadline = time.monotonic() + self.settings.service.graceful_timeout_s
-        while self.flow.inflight and not self._stop_now:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+        while self.flow.inflight and not self._stop_now and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
-                self._handle(self._messages.get(timeout=min(remaining, 1.0)), draining=True)
+                wait_s = min(deadline - time.monotonic(), 1.0)
+                self._handle(self._messages.get(timeout=max(wait_s, 0.0)), draining=True)
         if self.flow.inflight:
-            log.warning("daemon.drain_timeout", in_flight=len(self.flow.inflight))
             # Running tasks cannot be cancelled: shutdown stops their workers, and the next
             # start re-runs their batches (they are still "running" in the journal).
+            log.warning("daemon.drain_timeout", in_flight=len(self.flow.inflight))
 
     def _is_finished(self) -> bool:
         if self._stopping:
@@ -261,8 +232,6 @@ class Service:
         if not self.once:
             return False
         return self.intake.pending == 0 and not self.batcher.open_batches() and self.flow.is_idle
-
-    # -- the loop -------------------------------------------------------------------------
 
     def _wait_and_handle(self) -> None:
         due = self.intake.next_due()
@@ -343,8 +312,6 @@ class Service:
         """Executor thread: hand the outcome to the main loop."""
         self._messages.put(BatchDone(batch_id, future))
 
-    # -- heartbeat, reload ----------------------------------------------------------------
-
     def _heartbeat(self) -> None:
         assert self.executor is not None and self.monitor is not None
         self.flow.reclaim_lost()
@@ -376,15 +343,14 @@ class Service:
             self._notifier.ready()
             return
         settings, name_key = loaded
-        kept = {p.name for p in settings.pipeline}
-        self.flow.retired.update((p.name, p) for p in self.settings.pipeline if p.name not in kept)
-        self.settings = self.flow.settings = settings
-        self.audit.set_hashed_pipelines(hashed_pipelines(self.settings), name_key)
+        self.flow.reconfigure(settings)
+        self.settings = settings
+        self.audit.set_hashed_pipelines(hashed_pipelines(settings), name_key)
         self.intake.reconfigure(settings)
-        self.batcher.reconfigure(by_name(self.settings))
+        self.batcher.reconfigure(by_name(settings))
         workers, service = settings.workers, settings.service
         self.dispatcher.reconfigure(workers.count, workers.memory_budget, settings.dispatch.aging_s)
-        self.executor.reconfigure(workers.count, kinds(self.settings))
+        self.executor.reconfigure(workers.count, kinds(settings))
         if self.watcher is not None and not self.once:
             self.watcher.restart(inbox_folders(self.settings))
         if self.periodic is not None:
