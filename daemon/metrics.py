@@ -52,7 +52,11 @@ class Metrics:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._reasons: set[str] = set()
-        r = self.registry
+        self._add_counters(self.registry)
+        self._add_gauges(self.registry)
+        self.set_queue_depth({})
+
+    def _add_counters(self, r: CollectorRegistry) -> None:
         self._received = Counter(
             "medbatch_files_received", "Files claimed from an inbox.", ["pipeline"], registry=r
         )
@@ -86,6 +90,8 @@ class Metrics:
         self._worker_restarts = Counter(
             "medbatch_worker_restarts", "Worker processes lost and replaced.", registry=r
         )
+
+    def _add_gauges(self, r: CollectorRegistry) -> None:
         self._queue_depth = Gauge(
             "medbatch_queue_depth",
             "Sealed batches waiting for a worker, by priority (1 = most urgent).",
@@ -107,7 +113,6 @@ class Metrics:
             buckets=DROP_TO_PUBLISH_BUCKETS_S,
             registry=r,
         )
-        self.set_queue_depth({})
 
     # -- counters, from the audit log ---------------------------------------------------------
 

@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     PIPELINE_REMOVED = "pipeline_removed"
     EVERY_INPUT_QUARANTINED = "every_input_quarantined"
     INTERRUPTED = "interrupted"
+    START_FAILED = "start_failed"
     INCOMPLETE = "incomplete"
     DUPLICATE_OF = "duplicate_of"
 

@@ -193,7 +193,7 @@ class Service:
             in_flight = len(self.flow.inflight)
             self.executor.shutdown(wait=not in_flight)
         if self.audit is not None and self.journal is not None:
-            reason = None if self._is_ready or self._stopping else "start_failed"
+            reason = None if self._is_ready or self._stopping else Reason.START_FAILED
             self.audit.record(
                 DaemonStopped(pid=os.getpid(), interrupted=in_flight or None, reason=reason)
             )

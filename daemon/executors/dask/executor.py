@@ -161,7 +161,7 @@ class DaskExecutor:
     def shutdown(self, *, wait: bool) -> None:
         """Closing the client releases its keys: the scheduler drops what it still holds.
 
-        `wait` is moot: the supervisor has drained what it wanted to finish; a batch still
+        `wait` is moot: the service has drained what it wanted to finish; a batch still
         running stays "running" in the journal and the next start re-runs it.
         """
         self._stop.set()
