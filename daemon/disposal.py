@@ -19,7 +19,7 @@ from typing import Any
 from daemon.config import PathsConfig, Pipeline
 from daemon.fsutil import atomic_write, iso_utc, utc_day
 from daemon.journal import FileRow, Journal
-from daemon.models import FileState
+from daemon.models import Facts, FileState
 from daemon.outbox import FILE_MODE, make_folder
 
 SIDECAR_SUFFIX = ".error.json"
@@ -96,11 +96,6 @@ def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -
     return target
 
 
-def quarantine_path(paths: PathsConfig, pipeline: str, name: str) -> Path:
-    """Where an input named `name` is quarantined (before any `.N` collision suffix)."""
-    return paths.quarantine / pipeline / safe_name(name)
-
-
 def archive_path(paths: PathsConfig, row: FileRow) -> Path:
     """Where a published input is archived: `<archive>/<pipeline>/<day received>/<spool name>`."""
     return paths.archive / row.pipeline / utc_day(row.received_at) / Path(row.spool_name).name
@@ -137,18 +132,16 @@ class Disposal:
         """Dispose of every undisposed terminal input; return how many."""
         rows = self._journal.undisposed()
         made: set[Path] = set()
+        quarantined_as: list[tuple[int, str]] = []
         for row in rows:
             source = self._paths.spool / row.spool_name
             pipeline = self._pipelines().get(row.pipeline)
             try:
                 if row.state == FileState.QUARANTINED:
                     detail = str(self._journal.file_facts(row.id).get("detail", ""))
-                    quarantine(
-                        source,
-                        self._paths.quarantine / row.pipeline,
-                        row.name,
-                        sidecar(row, detail),
-                    )
+                    folder = self._paths.quarantine / row.pipeline
+                    target = quarantine(source, folder, row.name, sidecar(row, detail))
+                    quarantined_as.append((row.id, target.name))
                 elif pipeline is not None and pipeline.after_publish == "delete":
                     source.unlink()
                 else:
@@ -160,6 +153,23 @@ class Disposal:
                     os.rename(source, target)
             except FileNotFoundError:
                 continue  # moved before a crash, after the journal commit: already done
+        if quarantined_as:
+            self._journal.record_quarantined_as(quarantined_as)
         if rows:
             self._journal.mark_disposed(r.id for r in rows)
         return len(rows)
+
+
+def copies_of(
+    paths: PathsConfig, pipelines: Mapping[str, Pipeline], row: FileRow, facts: Facts
+) -> list[tuple[str, Path]]:
+    """Where the input itself is now (for `trace`): spooled, archived, quarantined or deleted."""
+    if row.state == FileState.QUARANTINED:
+        name = str(facts.get("quarantined_as") or safe_name(row.name))
+        return [("quarantined copy", paths.quarantine / row.pipeline / name)]
+    if row.state not in (FileState.PUBLISHED, FileState.DUPLICATE):
+        return [("spooled copy", paths.spool / row.spool_name)]
+    pipeline = pipelines.get(row.pipeline)
+    if row.state == FileState.PUBLISHED and pipeline and pipeline.after_publish == "delete":
+        return []
+    return [("archived copy", archive_path(paths, row))]

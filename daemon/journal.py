@@ -263,6 +263,15 @@ class Journal(JournalQueries):
                 [(reason, at, fid) for fid in file_ids],
             )
 
+    def record_quarantined_as(self, names: Iterable[tuple[int, str]]) -> None:
+        """The name each quarantined input got (made safe, maybe numbered): `trace` shows it."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.quarantined_as', ?) "
+                "WHERE id=?",
+                [(name, fid) for fid, name in names],
+            )
+
     def mark_disposed(self, file_ids: Iterable[int]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
