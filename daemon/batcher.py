@@ -81,9 +81,6 @@ class Batcher:
     def seal_all(self, now: float) -> list[Sealed]:
         return [self._seal(name, now) for name in list(self._open)]
 
-    def next_deadline(self) -> float | None:
-        return min((b.deadline for b in self._open.values()), default=None)
-
     def open_batches(self) -> dict[str, OpenBatch]:
         return dict(self._open)
 

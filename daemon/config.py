@@ -227,12 +227,6 @@ class Settings(_Model):
         _check_no_overlap(self.paths)
         return self
 
-    def pipeline_named(self, name: str) -> Pipeline:
-        for p in self.pipeline:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
 
 def _check_no_overlap(paths: PathsConfig) -> None:
     named = {

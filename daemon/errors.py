@@ -71,10 +71,6 @@ class JournalUnreadableError(MedbatchError):
         super().__init__(message)
 
 
-class DiskFullError(MedbatchError):
-    """A write failed because the disk is full or failing; work pauses until it can resume."""
-
-
 class BatchFailedError(MedbatchError):
     """A batch attempt failed as a whole (not one bad input): it is retried, then quarantined."""
 

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import structlog
 
-from daemon.audit import AuditEvent, AuditLog
+from daemon.audit import AuditLog
+from daemon.audit.events import FileQuarantined, FileReceived, FileRejected
 from daemon.config import Pipeline, Settings
+from daemon.disposal import quarantine
 from daemon.journal import Journal
 from daemon.models import IncomingFile
-from daemon.outbox import FILE_MODE, quarantine
+from daemon.outbox import FILE_MODE
 
 log = structlog.get_logger()
 
@@ -266,13 +268,14 @@ class Intake:
             received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
         )
         for f in taken:
-            self._audit.append(
-                AuditEvent.FILE_RECEIVED,
-                pipeline=f.pipeline,
-                file=f.name,
-                sha256=f.sha256,
-                size=f.size,
-                file_id=f.file_id,
+            self._audit.record(
+                FileReceived(
+                    pipeline=f.pipeline,
+                    file=f.name,
+                    sha256=f.sha256,
+                    size=f.size,
+                    file_id=f.file_id,
+                )
             )
         self._quarantine_refused(refused)
         return taken
@@ -375,9 +378,7 @@ class Intake:
     def _reject(self, pipeline: str, name: str, inode: int, reason: str, size: int) -> None:
         """Leave the entry alone (never opened, never followed) and report it once."""
         if self._journal.record_rejected(pipeline, name, inode, reason, self._clock()):
-            self._audit.append(
-                AuditEvent.FILE_REJECTED, pipeline=pipeline, file=name, reason=reason, size=size
-            )
+            self._audit.record(FileRejected(pipeline=pipeline, file=name, reason=reason, size=size))
             log.warning("file.rejected", pipeline=pipeline, reason=reason, inode=inode)
 
     def _move_and_hash(self, plan: _Plan, inbox_fd: int) -> tuple[str, int] | str | None:
@@ -427,12 +428,10 @@ class Intake:
         opened). A failed move is left to the supervisor's disposal, which retries."""
         disposed = []
         for r in refused:
-            self._audit.append(
-                AuditEvent.FILE_QUARANTINED,
-                pipeline=r.pipeline,
-                file=r.name,
-                file_id=r.file_id,
-                reason=r.reason,
+            self._audit.record(
+                FileQuarantined(
+                    pipeline=r.pipeline, file=r.name, file_id=r.file_id, reason=r.reason
+                )
             )
             log.warning("file.quarantined", pipeline=r.pipeline, file_id=r.file_id, reason=r.reason)
             sidecar = {

@@ -1,7 +1,7 @@
 """Journal: SQLite (WAL, synchronous=FULL) holding every file's and batch's state.
 
-The service's main loop is its only writer; `status` and `trace` open it read-only.
-One method per state transition; every write is an explicit IMMEDIATE transaction.
+The service's main loop is its only writer; one method per state transition, each an explicit
+IMMEDIATE transaction. Reads live in `journal_queries` (which `status` and `trace` open read-only).
 """
 
 from __future__ import annotations
@@ -11,50 +11,25 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any
 
 from daemon.errors import JournalCorruptError
-from daemon.models import Batch, BatchResult, Facts
+from daemon.journal_queries import BatchRow, FileRow, JournalQueries
+from daemon.models import Batch, BatchResult, BatchState, FileState, Reason
+
+__all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
 SCHEMA_VERSION = 1
-TERMINAL_FILE_STATES = ("published", "quarantined", "duplicate")
 
 
-@dataclass(frozen=True, slots=True)
-class FileRow:
-    id: int
-    pipeline: str
-    name: str
-    spool_name: str
-    sha256: str | None
-    size: int | None
-    received_at: float
-    state: str
-    batch_id: str | None
-    reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class BatchRow:
-    id: str
-    pipeline: str
-    priority: int
-    state: str
-    opened_at: float
-    sealed_at: float
-    attempts: int
-    folder: str | None
-
-
-class Journal:
+class Journal(JournalQueries):
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = path
         if readonly:
-            uri = f"{path.resolve().as_uri()}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+            # Kept for callers that have not moved to JournalQueries.open_readonly yet.
+            ro = JournalQueries.open_readonly(path)
+            super().__init__(path, ro._db)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
@@ -62,17 +37,12 @@ class Journal:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)
             os.close(fd)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        super().__init__(path, sqlite3.connect(path, isolation_level=None, timeout=30.0))
         self._check_integrity()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
-
-    def close(self) -> None:
-        self._db.close()
-
-    # -- set-up ---------------------------------------------------------------------------
 
     def _check_integrity(self) -> None:
         try:
@@ -110,8 +80,6 @@ class Journal:
             raise
         self._db.execute("COMMIT")
 
-    # -- intake ---------------------------------------------------------------------------
-
     def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
         """Record intent to move (pipeline, name, spool_name, received_at) into the spool."""
         ids = []
@@ -119,7 +87,7 @@ class Journal:
             for pipeline, name, spool_name, received_at in claims:
                 cur = db.execute(
                     "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
-                    "VALUES (?, ?, ?, ?, 'claiming')",
+                    f"VALUES (?, ?, ?, ?, '{FileState.CLAIMING}')",
                     (pipeline, name, spool_name, received_at),
                 )
                 ids.append(int(cur.lastrowid or 0))
@@ -134,42 +102,23 @@ class Journal:
         """Claims that landed (id, sha256, size), vanished (id), or were refused (…, reason)."""
         with self.transaction() as db:
             db.executemany(
-                "UPDATE files SET state='received', sha256=?, size=? WHERE id=?",
+                f"UPDATE files SET state='{FileState.RECEIVED}', sha256=?, size=? WHERE id=?",
                 [(sha, size, fid) for fid, sha, size in received],
             )
             db.executemany("DELETE FROM files WHERE id=?", [(fid,) for fid in dropped])
             db.executemany(
-                "UPDATE files SET state='quarantined', sha256=?, size=?, reason=?, done_at="
+                f"UPDATE files SET state='{FileState.QUARANTINED}', sha256=?, size=?, reason=?, "
+                "done_at="
                 "received_at WHERE id=?",
                 [(sha, size, reason, fid) for fid, sha, size, reason in quarantined],
             )
-
-    def spool_names(self) -> set[str]:
-        """Spool names of the files whose spooled copy may still exist."""
-        rows = self._db.execute("SELECT spool_name FROM files WHERE disposed=0").fetchall()
-        return {str(name) for (name,) in rows}
-
-    def claiming(self) -> list[FileRow]:
-        return self._files("state='claiming'")
-
-    def received(self) -> list[FileRow]:
-        """Claimed files not yet in a sealed batch, oldest first."""
-        return self._files("state='received' ORDER BY received_at, id")
-
-    def publisher_of(self, pipeline: str, sha256: str) -> str | None:
-        """The batch that already published this content in this pipeline, if any."""
-        row = self._db.execute(
-            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND state='published' "
-            "LIMIT 1",
-            (pipeline, sha256),
-        ).fetchone()
-        return None if row is None else str(row[0])
 
     def mark_duplicates(self, dupes: Iterable[tuple[int, str]]) -> None:
         """Files (id, earlier batch id) whose content that batch already published."""
         with self.transaction() as db:
             db.executemany(
-                "UPDATE files SET state='duplicate', reason='duplicate_of:' || ?, "
+                f"UPDATE files SET state='{FileState.DUPLICATE}', reason='{Reason.DUPLICATE_OF}:' "
+                "|| ?, "
                 "done_at=received_at WHERE id=?",
                 [(batch_id, fid) for fid, batch_id in dupes],
             )
@@ -184,13 +133,11 @@ class Journal:
             )
         return cur.rowcount > 0
 
-    # -- batches --------------------------------------------------------------------------
-
     def seal_batch(self, batch: Batch, opened_at: float) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
-                "n_files, n_bytes) VALUES (?, ?, ?, 'sealed', ?, ?, ?, ?)",
+                f"n_files, n_bytes) VALUES (?, ?, ?, '{BatchState.SEALED}', ?, ?, ?, ?)",
                 (
                     batch.batch_id,
                     batch.pipeline,
@@ -202,7 +149,8 @@ class Journal:
                 ),
             )
             db.executemany(
-                "UPDATE files SET state='batched', batch_id=? WHERE id=? AND state='received'",
+                f"UPDATE files SET state='{FileState.BATCHED}', batch_id=? WHERE id=? AND "
+                f"state='{FileState.RECEIVED}'",
                 [(batch.batch_id, f.file_id) for f in batch.files],
             )
 
@@ -210,7 +158,8 @@ class Journal:
         """Start one more attempt; return its number."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='running', attempts=attempts+1, started_at=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.RUNNING}', attempts=attempts+1, "
+                "started_at=? WHERE id=?",
                 (at, batch_id),
             )
             (attempts,) = db.execute(
@@ -223,21 +172,25 @@ class Journal:
         fault (a full disk, a stop) does not count against it."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='sealed', reason=?, attempts=attempts-? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.SEALED}', reason=?, attempts=attempts-? "
+                "WHERE id=?",
                 (reason, 0 if is_counted else 1, batch_id),
             )
 
     def split_batch(self, parent_id: str, children: Iterable[Batch], reason: str) -> None:
         """Replace a batch by smaller ones (to isolate an input that kills its worker)."""
         with self.transaction() as db:
-            db.execute("UPDATE batches SET state='split', reason=? WHERE id=?", (reason, parent_id))
+            db.execute(
+                f"UPDATE batches SET state='{BatchState.SPLIT}', reason=? WHERE id=?",
+                (reason, parent_id),
+            )
             opened_at, priority = db.execute(
                 "SELECT opened_at, priority FROM batches WHERE id=?", (parent_id,)
             ).fetchone()
             for child in children:
                 db.execute(
                     "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
-                    "n_files, n_bytes) VALUES (?, ?, ?, 'sealed', ?, ?, ?, ?)",
+                    f"n_files, n_bytes) VALUES (?, ?, ?, '{BatchState.SEALED}', ?, ?, ?, ?)",
                     (
                         child.batch_id,
                         child.pipeline,
@@ -256,7 +209,8 @@ class Journal:
     def mark_published(self, result: BatchResult, at: float) -> None:
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='published', finished_at=?, folder=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.PUBLISHED}', finished_at=?, folder=? "
+                "WHERE id=?",
                 (at, str(result.folder), result.batch_id),
             )
             self._finish_files(db, result, at)
@@ -265,8 +219,9 @@ class Journal:
         """Every input of the batch was refused by its processor: nothing to publish."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='quarantined', finished_at=? WHERE id=?",
-                (at, result.batch_id),
+                f"UPDATE batches SET state='{BatchState.QUARANTINED}', finished_at=?, reason=? "
+                "WHERE id=?",
+                (at, Reason.EVERY_INPUT_QUARANTINED, result.batch_id),
             )
             self._finish_files(db, result, at)
 
@@ -274,26 +229,28 @@ class Journal:
         """Give up on a batch: each of its inputs goes to quarantine with `reason`."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE batches SET state='failed', finished_at=?, reason=? WHERE id=?",
+                f"UPDATE batches SET state='{BatchState.FAILED}', finished_at=?, reason=? WHERE "
+                "id=?",
                 (at, reason, batch_id),
             )
             db.execute(
-                "UPDATE files SET state='quarantined', reason=?, done_at=? "
-                "WHERE batch_id=? AND state='batched'",
+                f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, done_at=? "
+                f"WHERE batch_id=? AND state='{FileState.BATCHED}'",
                 (reason, at, batch_id),
             )
 
     @staticmethod
     def _finish_files(db: sqlite3.Connection, result: BatchResult, at: float) -> None:
         db.executemany(
-            "UPDATE files SET state='quarantined', reason=?, facts=?, done_at=? WHERE id=?",
+            f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, facts=?, done_at=? "
+            "WHERE id=?",
             [
                 (reason, json.dumps({"detail": detail}), at, fid)
                 for fid, (reason, detail) in result.quarantined.items()
             ],
         )
         db.executemany(
-            "UPDATE files SET state='published', facts=?, done_at=? WHERE id=?",
+            f"UPDATE files SET state='{FileState.PUBLISHED}', facts=?, done_at=? WHERE id=?",
             [(json.dumps(facts), at, fid) for fid, facts in result.facts.items()],
         )
 
@@ -301,33 +258,23 @@ class Journal:
         """Files claimed but never batched that can no longer be (their pipeline is gone)."""
         with self.transaction() as db:
             db.executemany(
-                "UPDATE files SET state='quarantined', reason=?, done_at=? "
-                "WHERE id=? AND state='received'",
+                f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, done_at=? "
+                f"WHERE id=? AND state='{FileState.RECEIVED}'",
                 [(reason, at, fid) for fid in file_ids],
             )
 
-    def unfinished_batches(self) -> list[BatchRow]:
-        rows = self._db.execute(
-            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
-            "FROM batches WHERE state IN ('sealed', 'running') ORDER BY sealed_at"
-        ).fetchall()
-        return [BatchRow(*row) for row in rows]
-
-    def batch_files(self, batch_id: str) -> list[FileRow]:
-        return self._files("batch_id=? ORDER BY id", (batch_id,))
-
-    # -- disposal of terminal inputs ------------------------------------------------------
-
-    def undisposed(self) -> list[FileRow]:
-        """Terminal files whose spooled copy has not been archived, quarantined or deleted."""
-        states = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
-        return self._files(f"disposed=0 AND state IN ({states}) ORDER BY id")
+    def record_quarantined_as(self, names: Iterable[tuple[int, str]]) -> None:
+        """The name each quarantined input got (made safe, maybe numbered): `trace` shows it."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.quarantined_as', ?) "
+                "WHERE id=?",
+                [(name, fid) for fid, name in names],
+            )
 
     def mark_disposed(self, file_ids: Iterable[int]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
-
-    # -- meta, status, trace ---------------------------------------------------------------
 
     def set_meta(self, **values: Any) -> None:
         with self.transaction() as db:
@@ -336,110 +283,3 @@ class Journal:
                 "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
                 [(k, json.dumps(v)) for k, v in values.items()],
             )
-
-    def meta(self, key: str) -> Any:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """One read transaction: the queries inside see one state (a WAL reader never blocks)."""
-        self._db.execute("BEGIN DEFERRED")
-        try:
-            yield
-        finally:
-            self._db.execute("COMMIT")
-
-    def file_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
-        """Files per (pipeline, state); with `since`, only those finished at or after it."""
-        where, params = ("WHERE done_at >= ?", (since,)) if since is not None else ("", ())
-        rows = self._db.execute(
-            f"SELECT pipeline, state, count(*) FROM files {where} GROUP BY pipeline, state",
-            params,
-        ).fetchall()
-        return {(p, s): int(n) for p, s, n in rows}
-
-    def batch_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
-        """Batches per (pipeline, state); with `since`, only those finished at or after it."""
-        where, params = ("WHERE finished_at >= ?", (since,)) if since is not None else ("", ())
-        rows = self._db.execute(
-            f"SELECT pipeline, state, count(*) FROM batches {where} GROUP BY pipeline, state",
-            params,
-        ).fetchall()
-        return {(p, s): int(n) for p, s, n in rows}
-
-    def open_files(self) -> dict[str, tuple[int, float]]:
-        """Per pipeline: files received but in no sealed batch yet (count, oldest arrival)."""
-        rows = self._db.execute(
-            "SELECT pipeline, count(*), min(received_at) FROM files WHERE state='received' "
-            "GROUP BY pipeline"
-        ).fetchall()
-        return {p: (int(n), float(t)) for p, n, t in rows}
-
-    def waiting_batches(self) -> dict[tuple[str, int], int]:
-        """Sealed batches waiting for a worker, per (pipeline, priority)."""
-        rows = self._db.execute(
-            "SELECT pipeline, priority, count(*) FROM batches WHERE state='sealed' "
-            "GROUP BY pipeline, priority"
-        ).fetchall()
-        return {(p, int(prio)): int(n) for p, prio, n in rows}
-
-    def unfinished_count(self) -> int:
-        """Files not yet published, quarantined or skipped as duplicates."""
-        states = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
-        (count,) = self._db.execute(
-            f"SELECT count(*) FROM files WHERE state NOT IN ({states})"
-        ).fetchone()
-        return int(count)
-
-    def oldest_waiting(self) -> dict[str, float]:
-        rows = self._db.execute(
-            "SELECT pipeline, min(received_at) FROM files "
-            "WHERE state IN ('received', 'batched') GROUP BY pipeline"
-        ).fetchall()
-        return {p: float(t) for p, t in rows}
-
-    def find_files(self, key: str) -> list[FileRow]:
-        """Files whose sha256, name or spool name is `key`."""
-        return self._files("sha256=? OR name=? OR spool_name=? ORDER BY id", (key, key, key))
-
-    def batch(self, batch_id: str) -> BatchRow | None:
-        row = self._db.execute(
-            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
-            "FROM batches WHERE id=?",
-            (batch_id,),
-        ).fetchone()
-        return None if row is None else BatchRow(*row)
-
-    def files_changed_since(self, since: float) -> list[dict[str, Any]]:
-        """Files received or finished at or after `since` (to rebuild missing audit lines)."""
-        return self._dicts(
-            "SELECT id, pipeline, name, sha256, size, received_at, state, batch_id, reason, "
-            "done_at FROM files WHERE received_at >= ? OR done_at >= ? ORDER BY id",
-            (since, since),
-        )
-
-    def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
-        """Batches sealed or finished at or after `since`."""
-        return self._dicts(
-            "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
-            "folder, reason FROM batches WHERE sealed_at >= ? OR finished_at >= ?",
-            (since, since),
-        )
-
-    def _dicts(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-        cursor = self._db.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def file_facts(self, file_id: int) -> Facts:
-        row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()
-        return {} if row is None or row[0] is None else dict(json.loads(row[0]))
-
-    def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
-        rows = self._db.execute(
-            "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
-            f"reason FROM files WHERE {where}",
-            params,
-        ).fetchall()
-        return [FileRow(*row) for row in rows]

@@ -10,13 +10,21 @@ from __future__ import annotations
 import ipaddress
 import re
 import threading
-from collections.abc import Callable, Iterable
-from typing import ClassVar
+from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from daemon.audit.events import (
+    BatchFailed,
+    BatchPublished,
+    BatchRetried,
+    FileQuarantined,
+    FileReceived,
+    FileRejected,
+    Record,
+)
 from daemon.errors import ConfigError, MedbatchError
 
 log = structlog.get_logger()
@@ -44,7 +52,11 @@ class Metrics:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._reasons: set[str] = set()
-        r = self.registry
+        self._add_counters(self.registry)
+        self._add_gauges(self.registry)
+        self.set_queue_depth({})
+
+    def _add_counters(self, r: CollectorRegistry) -> None:
         self._received = Counter(
             "medbatch_files_received", "Files claimed from an inbox.", ["pipeline"], registry=r
         )
@@ -78,6 +90,8 @@ class Metrics:
         self._worker_restarts = Counter(
             "medbatch_worker_restarts", "Worker processes lost and replaced.", registry=r
         )
+
+    def _add_gauges(self, r: CollectorRegistry) -> None:
         self._queue_depth = Gauge(
             "medbatch_queue_depth",
             "Sealed batches waiting for a worker, by priority (1 = most urgent).",
@@ -99,17 +113,26 @@ class Metrics:
             buckets=DROP_TO_PUBLISH_BUCKETS_S,
             registry=r,
         )
-        self.set_queue_depth({})
 
     # -- counters, from the audit log ---------------------------------------------------------
 
-    def on_audit(self, line: dict[str, object]) -> None:
+    def on_audit(self, event: Record) -> None:
         """AuditLog listener: count the events that have a counter."""
-        event = line.get("event")
-        counter = self._AUDIT_COUNTERS.get(str(event))
-        if counter is not None:
-            pipeline = line.get("pipeline")
-            counter(self, str(pipeline) if pipeline else "unknown", str(line.get("reason", "")))
+        match event:
+            case FileReceived(pipeline=pipeline):
+                self.file_received(pipeline)
+            case FileRejected(pipeline=pipeline, reason=reason):
+                self.file_rejected(pipeline, reason)
+            case FileQuarantined(pipeline=pipeline, reason=reason):
+                self.file_quarantined(pipeline, reason)
+            case BatchPublished(pipeline=pipeline):
+                self.batch_published(pipeline)
+            case BatchFailed(pipeline=pipeline, reason=reason):
+                self.batch_failed(pipeline, reason)
+            case BatchRetried(pipeline=pipeline):
+                self.batch_retried(pipeline)
+            case _:
+                pass
 
     def file_received(self, pipeline: str) -> None:
         self._received.labels(pipeline).inc()
@@ -128,15 +151,6 @@ class Metrics:
 
     def batch_retried(self, pipeline: str) -> None:
         self._retried.labels(pipeline).inc()
-
-    _AUDIT_COUNTERS: ClassVar[dict[str, Callable[[Metrics, str, str], None]]] = {
-        "file.received": lambda m, pipeline, _: m.file_received(pipeline),
-        "file.rejected": lambda m, pipeline, reason: m.file_rejected(pipeline, reason),
-        "file.quarantined": lambda m, pipeline, reason: m.file_quarantined(pipeline, reason),
-        "batch.published": lambda m, pipeline, _: m.batch_published(pipeline),
-        "batch.failed": lambda m, pipeline, reason: m.batch_failed(pipeline, reason),
-        "batch.retried": lambda m, pipeline, _: m.batch_retried(pipeline),
-    }
 
     # -- what the main loop reports ---------------------------------------------------------
 

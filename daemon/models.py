@@ -2,11 +2,59 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 Facts = dict[str, int | float | str]
+
+
+class FileState(enum.StrEnum):
+    """A file's row in the journal: received → batched → published | quarantined."""
+
+    CLAIMING = "claiming"
+    RECEIVED = "received"
+    BATCHED = "batched"
+    PUBLISHED = "published"
+    QUARANTINED = "quarantined"
+    DUPLICATE = "duplicate"
+
+
+TERMINAL_FILE_STATES = (FileState.PUBLISHED, FileState.QUARANTINED, FileState.DUPLICATE)
+
+
+class BatchState(enum.StrEnum):
+    """A batch's row: open → sealed → running (attempt n) → published | failed (or split)."""
+
+    SEALED = "sealed"
+    RUNNING = "running"
+    PUBLISHED = "published"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+    SPLIT = "split"
+
+
+class Reason(enum.StrEnum):
+    """The service's own reason codes (processors report their own codes as strings)."""
+
+    DISK_FULL = "disk_full"
+    IO_ERROR = "io_error"
+    EXECUTOR_UNAVAILABLE = "executor_unavailable"
+    EXECUTOR_ERROR = "executor_error"
+    WORKER_CRASH = "worker_crash"
+    TIMEOUT = "timeout"
+    AUDIT_UNWRITABLE = "audit_unwritable"
+    PIPELINE_REMOVED = "pipeline_removed"
+    EVERY_INPUT_QUARANTINED = "every_input_quarantined"
+    INTERRUPTED = "interrupted"
+    START_FAILED = "start_failed"
+    INCOMPLETE = "incomplete"
+    DUPLICATE_OF = "duplicate_of"
+
+
+# An attempt that failed on these was the disk's fault, not the batch's.
+DISK_REASONS = frozenset({Reason.DISK_FULL, Reason.IO_ERROR})
 
 
 @dataclass(frozen=True, slots=True)

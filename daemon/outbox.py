@@ -1,19 +1,19 @@
-"""Outbox: atomic folder publish and manifests (worker side); quarantine and archive (main side)."""
+"""Outbox, worker side: a batch folder staged as `.tmp-<id>/`, its manifest, its atomic publish.
+
+Runs in workers; the main process only removes stale staging folders after a crash.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import stat
-import time
-import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from daemon.fsutil import fsync_dir, iso_utc, sha256_of
 from daemon.models import Batch, Facts, OutputFile
 
 FOLDER_MODE = 0o750
@@ -21,31 +21,6 @@ FILE_MODE = 0o640
 # A batch folder is private to the service until it is published whole (as mkstemp/mkdtemp).
 STAGING_MODE = 0o700
 TMP_PREFIX = ".tmp-"
-SIDECAR_SUFFIX = ".error.json"
-# NAME_MAX is 255 bytes: room for ".error.json" and a ".NNN" collision counter.
-SAFE_NAME_MAX_BYTES = 200
-
-
-def iso(ts: float) -> str:
-    """UTC ISO-8601 with milliseconds."""
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
-    return f"{whole}.{int(ts * 1000) % 1000:03d}Z"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_outputs(folder: Path, names: Iterable[str]) -> tuple[OutputFile, ...]:
@@ -80,14 +55,14 @@ def build_manifest(
         "kind": batch.kind,
         "priority": batch.priority,
         "attempt": batch.attempt,
-        "sealed_at": iso(batch.sealed_at),
-        "published_at": iso(published_at),
+        "sealed_at": iso_utc(batch.sealed_at),
+        "published_at": iso_utc(published_at),
         "inputs": [
             {
                 "name": by_id[i].name,
                 "sha256": by_id[i].sha256,
                 "size": by_id[i].size,
-                "received_at": iso(by_id[i].received_at),
+                "received_at": iso_utc(by_id[i].received_at),
                 **facts[i],
             }
             for i in sorted(facts)
@@ -146,84 +121,6 @@ def make_folder(folder: Path) -> None:
             os.chmod(path, FOLDER_MODE)
 
 
-def safe_name(name: str) -> str:
-    """A file name that is safe to create and to show: `name` where it is plain printable text;
-    otherwise '/', control and format characters (newline, ESC, bidi overrides) and bytes that
-    were not UTF-8 written as escapes, a leading '-' guarded, and anything longer than
-    SAFE_NAME_MAX_BYTES cut (with a hash of the whole, so that cut names stay apart)."""
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    out = []
-    for char in text:
-        if char == "/" or (unicodedata.category(char)[0] in "CZ" and char != " "):
-            code = ord(char)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(char)
-    text = "".join(out)
-    if text.startswith(("-", ".")) or text in ("", ".", ".."):
-        text = "_" + text
-    if len(text.encode("utf-8")) > SAFE_NAME_MAX_BYTES:
-        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-        suffix = Path(text).suffix
-        suffix = suffix if len(suffix.encode("utf-8")) <= 16 else ""
-        keep = SAFE_NAME_MAX_BYTES - len(digest) - 1 - len(suffix.encode("utf-8"))
-        head = text.encode("utf-8")[:keep].decode("utf-8", "ignore")
-        text = f"{head}~{digest}{suffix}"
-    return text
-
-
-def _restrict(path: Path) -> None:
-    """Make a moved input FILE_MODE without following a link or opening a FIFO or device, and
-    without touching a file that has another name elsewhere (its mode is that file's mode).
-    Not ours to change when owned by another user: the folder's mode protects it then."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_ino == st.st_ino:
-                os.fchmod(fd, FILE_MODE)
-        finally:
-            os.close(fd)
-
-
-def move_aside(source: Path, folder: Path, name: str) -> Path:
-    """Rename `source` into `folder` as `safe_name(name)` (never overwriting), FILE_MODE;
-    return where it went."""
-    make_folder(folder)
-    base = safe_name(name)
-    target = folder / base
-    n = 1
-    while os.path.lexists(target) or os.path.lexists(f"{target}{SIDECAR_SUFFIX}"):
-        target = folder / f"{base}.{n}"
-        n += 1
-    os.rename(source, target)
-    _restrict(target)
-    return target
-
-
-def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -> Path:
-    """Move a refused input to `<quarantine>/<pipeline>/<name>` with `<name>.error.json`.
-
-    `name` is made safe first (`safe_name`); the sidecar records the original name as data.
-    """
-    target = move_aside(source, folder, name)
-    error = target.with_name(target.name + SIDECAR_SUFFIX)
-    # Written aside and renamed: whoever reads the quarantine never sees half a sidecar.
-    tmp = target.with_name(f".{target.name}{SIDECAR_SUFFIX}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(sidecar, fh, indent=2, ensure_ascii=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, error)
-    return target
-
-
 def remove_stale_staging(pipeline_dirs: Iterable[Path], batch_id: str = "") -> int:
     """Delete `.tmp-<batch_id>*` folders (every `.tmp-*` by default) that a crash or a killed
     worker left behind; return how many."""
@@ -236,8 +133,3 @@ def remove_stale_staging(pipeline_dirs: Iterable[Path], batch_id: str = "") -> i
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
     return removed
-
-
-def discard(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+
+from daemon.health import HEARTBEAT_S
+
+__all__ = ["HEARTBEAT_S", "Heartbeat", "Periodic", "Rescan", "Tick"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +34,8 @@ class Heartbeat:
     """Record liveness in the journal, check the watcher, ping systemd."""
 
 
-HEARTBEAT_S = 5.0
-
-
 class Periodic:
-    def __init__(self, messages: queue.SimpleQueue[object]) -> None:
+    def __init__(self, messages: queue.SimpleQueue[Any]) -> None:
         self._messages = messages
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},

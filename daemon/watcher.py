@@ -10,6 +10,7 @@ import logging
 import queue
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from watchdog.events import (
@@ -40,7 +41,7 @@ class PathSeen:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, pipeline: str, messages: queue.SimpleQueue[object]) -> None:
+    def __init__(self, pipeline: str, messages: queue.SimpleQueue[Any]) -> None:
         self._pipeline = pipeline
         self._messages = messages
 
@@ -67,7 +68,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class InboxWatcher:
-    def __init__(self, messages: queue.SimpleQueue[object]) -> None:
+    def __init__(self, messages: queue.SimpleQueue[Any]) -> None:
         self._messages = messages
         self._observer: BaseObserver | None = None
         self._folders: dict[str, Path] = {}

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from daemon.errors import BatchFailedError, ProcessorError
 from daemon.logs import configure_logging
-from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile
+from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile, Reason
 from daemon.outbox import (
     build_manifest,
     describe_outputs,
@@ -58,7 +58,8 @@ def run_batch(task: BatchTask) -> BatchResult:
         raise
     except OSError as exc:
         # Errors cross the process boundary pickled: keep them plain (CPython bpo-31699).
-        reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io_error"
+        is_full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = Reason.DISK_FULL if is_full else Reason.IO_ERROR
         raise BatchFailedError(reason, f"{exc.__class__.__name__} errno={exc.errno}") from None
     except MemoryError:
         raise BatchFailedError("out_of_memory") from None
@@ -113,7 +114,7 @@ def _run(task: BatchTask) -> BatchResult:
             facts[f.file_id] = outcome
         elif f.is_suspect_incomplete:
             quarantined[f.file_id] = (
-                "incomplete",
+                Reason.INCOMPLETE,
                 f"its writer never closed it ({outcome.reason})",
             )
         else:

@@ -1,6 +1,6 @@
 """Executors run batch tasks somewhere and report each outcome through a callback.
 
-The callback runs on an executor thread; the supervisor's only puts it on the main loop's queue.
+The callback runs on an executor thread; the service's only puts it on the main loop's queue.
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ class Executor(Protocol):
         """Did this attempt fail because its worker died (not because of its batch's code)?"""
 
     def recover(self) -> None:
-        """After a worker loss: make the executor usable again (idempotent)."""
+        """After a worker loss: make the executor usable again (idempotent). Never blocks the
+        main loop for long: a rebuild runs on a thread of the executor's own."""
 
     def is_healthy(self) -> bool:
         """Can it run work now (the pool is whole, the cluster reachable)?"""
+
+    def has_lost_work(self) -> bool:
+        """Can batches it holds no longer complete (a broken local pool loses its futures)?"""
 
     def worker_pids(self) -> list[int]:
         """Local worker processes, to kill on a timeout or a forced stop (none for remote)."""

@@ -5,12 +5,14 @@ whole pool and fails every running batch (BrokenProcessPool), and a running task
 stopped on a timeout (pebble#25). pebble reports a dead worker on the one task it was running,
 with its exit code, kills a worker whose task outlives its timeout, and starts a new one.
 The dispatcher never submits more batches than there are workers, so no queue inside the pool
-ever decides the order.
+ever decides the order. A broken pool is rebuilt on a thread of its own: the main loop never
+waits for it (systemd's WatchdogSec), attempts submitted meanwhile fail as unavailable.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -37,10 +39,17 @@ class ProcessExecutor:
         self._pool: ProcessPool | None = None
         self._retired: list[ProcessPool] = []
         self._pool_failed = False
+        self._lock = threading.Lock()
+        self._rebuilder: threading.Thread | None = None
 
     def start(self) -> None:
+        pool = self._new_pool()
+        with self._lock:
+            self._pool = pool
+
+    def _new_pool(self) -> ProcessPool:
         # spawn, not fork: the main process runs watchdog and scheduler threads.
-        self._pool = ProcessPool(
+        pool = ProcessPool(
             max_workers=self._workers,
             initializer=init_worker,
             initargs=(self._kinds,),
@@ -49,24 +58,26 @@ class ProcessExecutor:
         # Start every worker now, so the first batch does not pay for the imports.
         # Bounded: a pool that breaks while warming up never fails its queued tasks (pebble's
         # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever.
-        _, late = wait([self._pool.schedule(warm_up) for _ in range(self._workers)], timeout=30)
+        _, late = wait([pool.schedule(warm_up) for _ in range(self._workers)], timeout=30)
         if late:
             log.warning("pool.warm_up_late", workers=len(late))
             self._pool_failed = True  # the next submit builds another
+        return pool
 
     def submit(self, task: BatchTask) -> None:
         batch_id = task.batch.batch_id
         outer: Future[BatchResult] = Future()
         try:
-            self.recover()
-            assert self._pool is not None
-            inner = self._pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
+            with self._lock:
+                pool = self._pool if self._is_usable() else None
+            if pool is None:
+                raise RuntimeError("pool rebuilding")
+            inner = pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
         except (RuntimeError, OSError) as exc:
-            # A pool that cannot take work now (it broke again while starting) must not stop
-            # the service: the attempt fails as unavailable, is retried later, and the next
-            # submit builds a new pool.
+            # A pool that cannot take work now (broken, or being rebuilt) must not stop the
+            # service: the attempt fails as unavailable and is retried later, uncounted.
             log.error("pool.unavailable", error=type(exc).__name__)
-            self._pool_failed = True
+            self.recover()
             outer.set_exception(ExecutorUnavailableError(f"worker pool: {type(exc).__name__}"))
             self._on_done(batch_id, outer)
             return
@@ -81,6 +92,8 @@ class ProcessExecutor:
                 outer.set_exception(
                     ExecutorUnavailableError(f"worker pool: {type(error).__name__}")
                 )
+                if isinstance(error, BrokenProcessPool):
+                    self.recover()  # the pool is ours to rebuild, whoever submits next
             else:
                 outer.set_exception(error)
             self._on_done(batch_id, outer)
@@ -94,21 +107,44 @@ class ProcessExecutor:
         return False
 
     def recover(self) -> None:
-        """A dead worker is replaced by the pool itself; a broken pool is replaced here."""
-        if self._pool is None or not self._pool.active or self._pool_failed:
-            self._pool_failed = False
-            self._rebuild()
+        """A dead worker is replaced by the pool itself; a broken pool is replaced here, on a
+        thread (stopping the old pool and warming up the new one take seconds)."""
+        with self._lock:
+            if self._is_usable() or self._is_rebuilding():
+                return
+            self._rebuilder = threading.Thread(
+                target=self._rebuild, name="medbatch-pool-rebuild", daemon=True
+            )
+            self._rebuilder.start()
+
+    def _is_usable(self) -> bool:
+        return self._pool is not None and bool(self._pool.active) and not self._pool_failed
+
+    def _is_rebuilding(self) -> bool:
+        return self._rebuilder is not None and self._rebuilder.is_alive()
 
     def _rebuild(self) -> None:
         log.warning("pool.rebuilding")
-        if self._pool is not None:
-            self._pool.stop()  # type: ignore[no-untyped-call]
-            self._pool.join(timeout=10)
-            self._pool = None
-        self.start()
+        with self._lock:
+            old, self._pool, self._pool_failed = self._pool, None, False
+        if old is not None:
+            old.stop()  # type: ignore[no-untyped-call]
+            old.join(timeout=10)
+        try:
+            pool = self._new_pool()
+        except (RuntimeError, OSError) as exc:
+            log.error("pool.rebuild_failed", error=type(exc).__name__)
+            return  # the next submit or heartbeat tries again
+        with self._lock:
+            self._pool = pool
+        log.info("pool.rebuilt", workers=self._workers)
 
     def is_healthy(self) -> bool:
-        return self._pool is not None and self._pool.active
+        return self._pool is not None and bool(self._pool.active)
+
+    def has_lost_work(self) -> bool:
+        # Futures queued in a pool that broke never complete (pebble).
+        return not self.is_healthy()
 
     def worker_pids(self) -> list[int]:
         manager = getattr(self._pool, "_pool_manager", None)
@@ -129,6 +165,9 @@ class ProcessExecutor:
 
     def shutdown(self, *, wait: bool) -> None:
         """`wait`: let running batches finish; else stop the workers now."""
+        if self._rebuilder is not None:
+            self._rebuilder.join()
+            self._rebuilder = None
         pools = [*self._retired, *([self._pool] if self._pool is not None else [])]
         for pool in pools:
             if wait:

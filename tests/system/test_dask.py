@@ -85,7 +85,9 @@ class Cluster:
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **SCHEDULER_ENV},
+                # The workers run the code under test (the console script does not put the
+                # working folder on sys.path; an installed medbatch may be another checkout).
+                env={**os.environ, **SCHEDULER_ENV, "PYTHONPATH": str(REPO)},
                 start_new_session=True,
             )
         self.processes.append(process)

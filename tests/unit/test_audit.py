@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from daemon.audit import (
-    GENESIS_HASH,
     AuditEvent,
     AuditLog,
     AuditLogCorruptError,
@@ -26,6 +25,8 @@ from daemon.audit import (
     read_name_key,
     verify,
 )
+from daemon.audit.events import BatchSealed, FileReceived, Record
+from daemon.audit.verify import GENESIS_HASH
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY1, DAY2, DAY3 = "2026-11-29", "2026-11-30", "2026-12-01"
@@ -481,18 +482,21 @@ def test_a_symlinked_name_key_is_refused(tmp_path: Path) -> None:
         read_name_key(tmp_path)
 
 
-def test_listeners_see_each_written_line(tmp_path: Path) -> None:
-    """Listeners get every line as written; one that raises does not undo or stop the write."""
-    seen: list[dict[str, object]] = []
+def test_listeners_see_each_recorded_event(tmp_path: Path) -> None:
+    """Listeners get every recorded event once written; one that raises does not undo or stop
+    the write."""
+    seen: list[Record] = []
 
-    def broken(line: dict[str, object]) -> None:
+    def broken(event: Record) -> None:
         raise RuntimeError("listener bug")
 
+    received = FileReceived(pipeline="emr", file="a.csv", sha256="0" * 64, size=1, file_id=1)
+    sealed = BatchSealed(pipeline="emr", batch_id="b1", files=1, bytes=1, priority=3)
     with AuditLog(tmp_path) as log:
         log.add_listener(broken)
         log.add_listener(seen.append)
-        first = log.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="a.csv")
-        log.append(AuditEvent.BATCH_SEALED, pipeline="emr", batch_id="b1")
-    assert seen[0] == first
-    assert [line["event"] for line in seen] == ["file.received", "batch.sealed"]
+        first = log.record(received)
+        log.record(sealed)
+    assert seen == [received, sealed]
+    assert first["event"] == "file.received" and first["file_id"] == 1
     assert verify(tmp_path, expected_head=log.head).ok

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from daemon.audit import AuditEvent, AuditLog, read_lines, verify
-from daemon.audit_reconcile import reconcile
+from daemon.audit.reconcile import reconcile
 from daemon.journal import Journal
 from daemon.models import Batch, BatchResult, IncomingFile
 

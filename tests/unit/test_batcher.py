@@ -57,7 +57,7 @@ def test_max_wait_counts_from_the_first_files_arrival() -> None:
     """The window starts at the first file's recorded arrival, not when the batcher saw it."""
     batcher = Batcher({"emr": pipeline()})
     batcher.add(incoming(1, at=100.0), now=107.0)  # e.g. re-batched after a restart
-    assert batcher.next_deadline() == 110.0
+    assert batcher.open_batches()["emr"].deadline == 110.0
     assert batcher.seal_due(109.9) == []
     (sealed,) = batcher.seal_due(110.0)
     assert sealed.opened_at == 100.0

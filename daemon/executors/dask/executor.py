@@ -6,38 +6,40 @@ reconnects, sends what waited for the scheduler, and fails what the cluster lost
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
-import json
-import logging
-import os
-import secrets
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
-from daemon import __version__
 from daemon.config import PathsConfig, WorkersConfig
-from daemon.errors import ExecutorUnavailableError, MedbatchError
+from daemon.errors import MedbatchError
 from daemon.executors import DoneCallback
+from daemon.executors.dask.client import (
+    ClusterLostError,
+    DaskClient,
+    DaskFuture,
+    EventLoop,
+    connect_timeout_s,
+    count_workers,
+    import_distributed,
+    scheduler_address,
+)
+from daemon.executors.dask.probe import probe_cluster
 from daemon.models import BatchResult, BatchTask
-from daemon.processors import known_kinds
 from daemon.worker import run_batch
 
 if TYPE_CHECKING:
-    from tornado.ioloop import IOLoop
+    pass
 
 log = structlog.get_logger()
+
 
 PROBE_PREFIX = ".medbatch-probe-"
 _POLL_S = 0.5
@@ -46,132 +48,15 @@ _GATHER_TIMEOUT_S = 60.0  # fetching a finished attempt's small summary
 _RECONNECT_TIMEOUT_S = 5.0  # per try; the monitor keeps trying
 
 
-class ClusterLostError(ExecutorUnavailableError):
-    """The Dask cluster lost this attempt (scheduler gone, connection lost, key forgotten)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"the Dask cluster lost this attempt: {reason}")
-
-
-class _DaskFuture(Protocol):
-    status: str
-
-    def result(self, timeout: float | None = None) -> Any: ...
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None: ...
-
-    def cancel(self, reason: str | None = None, msg: str | None = None) -> None: ...
-
-
-class _DaskClient(Protocol):
-    """What medbatch uses of `distributed.Client`."""
-
-    status: str
-    scheduler: Any
-
-    def submit(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> _DaskFuture: ...
-
-    def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
-
-    def run_on_scheduler(self, function: Callable[..., Any], *args: Any) -> Any: ...
-
-    def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> None: ...
-
-    def scheduler_info(self, n_workers: int = -1) -> Mapping[str, Any]: ...
-
-    def processing(self) -> Mapping[str, Iterable[str]]: ...
-
-    def restart_workers(
-        self, workers: list[str], timeout: float = ..., raise_for_error: bool = ...
-    ) -> Mapping[str, str]: ...
-
-    def sync(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
-
-    def close(self, timeout: float = ...) -> None: ...
-
-
 @dataclass
 class _Attempt:
     task: BatchTask
     future: Future[BatchResult]
-    dask_future: _DaskFuture | None = None  # None: waiting for the scheduler
+    dask_future: DaskFuture | None = None  # None: waiting for the scheduler
     submitted_at: float = 0.0
 
 
 # -- the shared-storage probe --------------------------------------------------------------
-
-
-def probe_worker(marker: str, outbox: str, token: str, kinds: tuple[str, ...]) -> dict[str, str]:
-    """On a Dask worker: does it read our spool and write our outbox, and know our kinds?
-
-    Returns ``{"problem": ...}`` or ``{"reply": <file it wrote in the outbox>, "version": ...}``:
-    plain types, so that the scheduler passes the answer back without importing medbatch.
-    """
-    spool = Path(marker).parent
-    try:
-        seen = Path(marker).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {"problem": f"cannot see the spool {spool}: it must be the same shared storage"}
-    except OSError as exc:
-        return {"problem": f"cannot read the spool {spool} ({exc.strerror})"}
-    if seen != token:
-        return {"problem": f"sees another {spool}: it must be the same shared storage"}
-    missing = sorted(set(kinds) - set(known_kinds()))
-    if missing:
-        return {"problem": f"has no processor for {', '.join(missing)}: install the same plug-ins"}
-    reply = f"{PROBE_PREFIX}{token}-{socket.gethostname()}-{os.getpid()}"
-    try:
-        Path(outbox, reply).write_text(token, encoding="utf-8")
-    except OSError as exc:
-        return {"problem": f"cannot write to the outbox {outbox} ({exc.strerror})"}
-    return {"reply": reply, "version": __version__}
-
-
-def probe_cluster(
-    run: Callable[..., Mapping[str, object]], paths: PathsConfig, kinds: Iterable[str]
-) -> int:
-    """Run `probe_worker` on every worker through `run` (Client.run); raise MedbatchError naming
-    the first worker and path that is not shared. Returns the number of workers probed."""
-    token = secrets.token_hex(8)
-    marker = paths.spool / f"{PROBE_PREFIX}{token}"
-    marker.write_text(token, encoding="utf-8")
-    try:
-        replies = run(probe_worker, str(marker), str(paths.outbox), token, tuple(sorted(kinds)))
-    finally:
-        marker.unlink(missing_ok=True)
-    for worker, reply in sorted(replies.items()):
-        _check_reply(worker, reply, paths.outbox, token)
-    return len(replies)
-
-
-def _check_reply(worker: str, reply: object, outbox: Path, token: str) -> None:
-    if not isinstance(reply, dict):
-        raise MedbatchError(
-            f"Dask worker {worker} could not run medbatch's probe ({reply!r}): "
-            "install medbatch on every worker"
-        )
-    if "problem" in reply:
-        raise MedbatchError(f"Dask worker {worker} {reply['problem']}")
-    name = reply.get("reply")
-    if not isinstance(name, str) or "/" in name:
-        raise MedbatchError(f"Dask worker {worker} gave an unexpected probe reply: {reply!r}")
-    written = outbox / name
-    try:
-        seen = written.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        seen = None
-    finally:
-        written.unlink(missing_ok=True)
-    if seen != token:
-        raise MedbatchError(
-            f"Dask worker {worker} writes to another {outbox}: it must be the same shared storage"
-        )
-    if reply.get("version") != __version__:
-        log.warning("dask.version_mismatch", worker=worker, version=reply.get("version"))
-
-
-# -- the executor --------------------------------------------------------------------------
 
 
 class DaskExecutor:
@@ -183,7 +68,7 @@ class DaskExecutor:
         *,
         paths: PathsConfig | None = None,
     ) -> None:
-        distributed = _import_distributed()
+        distributed = import_distributed()
         self._distributed = distributed
         self._loss_types: tuple[type[BaseException], ...] = (
             ClusterLostError,
@@ -195,12 +80,12 @@ class DaskExecutor:
         self._kinds = tuple(sorted(set(kinds)))
         self._on_done = on_done
         self._paths = paths
-        self._timeout_s = _connect_timeout_s()
+        self._timeout_s = connect_timeout_s()
         self._lock = threading.Lock()
         self._attempts: dict[str, _Attempt] = {}
         self._serial = itertools.count(1)
-        self._loop: _EventLoop | None = None
-        self._client: _DaskClient | None = None
+        self._loop: EventLoop | None = None
+        self._client: DaskClient | None = None
         self._address = ""
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -210,7 +95,7 @@ class DaskExecutor:
         self._next_connect = 0.0
 
     def start(self) -> None:
-        self._loop = _EventLoop()
+        self._loop = EventLoop()
         try:
             self._client = client = self._connect(self._timeout_s)
             try:
@@ -225,7 +110,7 @@ class DaskExecutor:
             else:
                 probe_cluster(partial(client.run, on_error="return"), self._paths, self._kinds)
             self._check_allowed_failures(client)
-            self._n_workers = _count_workers(client)
+            self._n_workers = count_workers(client)
         except BaseException:
             self.shutdown(wait=False)
             raise
@@ -262,6 +147,10 @@ class DaskExecutor:
         client = self._client
         return client is not None and client.status == "running" and self._n_workers > 0
 
+    def has_lost_work(self) -> bool:
+        # A lost connection is re-sent by the watcher thread; a Dask attempt may complete later.
+        return False
+
     def worker_pids(self) -> list[int]:
         return []
 
@@ -272,7 +161,7 @@ class DaskExecutor:
     def shutdown(self, *, wait: bool) -> None:
         """Closing the client releases its keys: the scheduler drops what it still holds.
 
-        `wait` is moot: the supervisor has drained what it wanted to finish; a batch still
+        `wait` is moot: the service has drained what it wanted to finish; a batch still
         running stays "running" in the journal and the next start re-runs it.
         """
         self._stop.set()
@@ -291,23 +180,9 @@ class DaskExecutor:
             self._loop.stop()
             self._loop = None
 
-    # -- connection ----------------------------------------------------------------------
-
-    def _scheduler_address(self) -> str:
-        if self._settings.scheduler_address:
-            return self._settings.scheduler_address
-        # Read it here: Client(scheduler_file=...) waits forever for a file that is missing.
-        path = self._settings.scheduler_file
-        try:
-            return str(json.loads(Path(str(path)).read_text(encoding="utf-8"))["address"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise MedbatchError(
-                f"cannot read the Dask scheduler's address from {path} ({exc!r})"
-            ) from None
-
-    def _connect(self, timeout_s: float) -> _DaskClient:
+    def _connect(self, timeout_s: float) -> DaskClient:
         assert self._loop is not None
-        address = self._scheduler_address()
+        address = scheduler_address(self._settings)
         try:
             client = self._distributed.Client(
                 address,
@@ -321,9 +196,9 @@ class DaskExecutor:
                 f"cannot reach the Dask scheduler at {address} within {timeout_s:g}s ({exc})"
             ) from None
         self._address = address
-        return cast(_DaskClient, client)
+        return cast(DaskClient, client)
 
-    def _check_allowed_failures(self, client: _DaskClient) -> None:
+    def _check_allowed_failures(self, client: DaskClient) -> None:
         """With allowed-failures > 0 the scheduler silently re-runs a batch whose worker died,
         outside medbatch's retry rules and audit log."""
         import dask.config
@@ -340,7 +215,7 @@ class DaskExecutor:
 
     # -- attempts ------------------------------------------------------------------------
 
-    def _send(self, client: _DaskClient, key: str, attempt: _Attempt) -> None:
+    def _send(self, client: DaskClient, key: str, attempt: _Attempt) -> None:
         """With self._lock held."""
         attempt.dask_future = client.submit(
             run_batch,
@@ -354,7 +229,7 @@ class DaskExecutor:
         attempt.submitted_at = time.monotonic()
         attempt.dask_future.add_done_callback(partial(self._on_dask_done, key))
 
-    def _on_dask_done(self, key: str, dask_future: _DaskFuture) -> None:
+    def _on_dask_done(self, key: str, dask_future: DaskFuture) -> None:
         """Dask's callback thread: the attempt's outcome, or why the cluster lost it."""
         outcome: BatchResult | BaseException
         try:
@@ -393,7 +268,7 @@ class DaskExecutor:
             if not self._is_connected:
                 log.info("dask.reconnected", scheduler=self._address)
                 self._is_connected = True
-            self._n_workers = _count_workers(client)
+            self._n_workers = count_workers(client)
             with self._lock:
                 for key, attempt in self._attempts.items():
                     if attempt.dask_future is None:
@@ -415,11 +290,11 @@ class DaskExecutor:
         if self._settings.scheduler_address or self._settings.scheduler_file is None:
             return False
         try:
-            return self._scheduler_address() != self._address
+            return scheduler_address(self._settings) != self._address
         except MedbatchError:
             return False
 
-    def _reconnect(self, old: _DaskClient | None) -> None:
+    def _reconnect(self, old: DaskClient | None) -> None:
         if time.monotonic() < self._next_connect:
             return
         self._next_connect = time.monotonic() + _RECONNECT_TIMEOUT_S
@@ -436,7 +311,7 @@ class DaskExecutor:
         except MedbatchError as exc:
             log.info("dask.reconnect_failed", error=str(exc))
 
-    def _expire(self, client: _DaskClient) -> None:
+    def _expire(self, client: DaskClient) -> None:
         """A batch over batch_timeout_s: stop its worker (through its nanny), then fail it."""
         limit_s = self._settings.batch_timeout_s
         now = time.monotonic()
@@ -461,7 +336,7 @@ class DaskExecutor:
             log.warning("dask.batch_timeout", key=key, workers=where, timeout_s=limit_s)
             _complete(attempt, TimeoutError(f"ran longer than batch_timeout_s ({limit_s:g}s)"))
 
-    def _reconcile(self, client: _DaskClient) -> None:
+    def _reconcile(self, client: DaskClient) -> None:
         """A key the scheduler no longer knows will never complete: fail its attempt."""
         now = time.monotonic()
         if now < self._next_reconcile:
@@ -489,58 +364,3 @@ def _complete(attempt: _Attempt, outcome: BatchResult | BaseException) -> None:
         attempt.future.set_exception(outcome)
     else:
         attempt.future.set_result(outcome)
-
-
-class _EventLoop:
-    """The one event loop thread every Client of this executor runs on: a Client that starts its
-    own leaves that thread behind when it fails to connect or gives up reconnecting."""
-
-    loop: IOLoop
-    _done: asyncio.Event
-
-    def __init__(self) -> None:
-        from tornado.ioloop import IOLoop
-
-        ready = threading.Event()
-
-        async def main() -> None:
-            self.loop = IOLoop.current()
-            self._done = asyncio.Event()
-            ready.set()
-            await self._done.wait()
-
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(main(),), name="medbatch-dask-loop", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(timeout=10):
-            raise MedbatchError("the Dask client's event loop did not start")
-
-    def stop(self) -> None:
-        self.loop.add_callback(self._done.set)
-        self._thread.join(timeout=10)
-
-
-def _count_workers(client: _DaskClient) -> int:
-    return int(client.scheduler_info(n_workers=0).get("n_workers", 0))
-
-
-def _import_distributed() -> ModuleType:
-    try:
-        import distributed
-    except ImportError:
-        raise MedbatchError(
-            "workers.executor = 'dask' needs dask.distributed: pip install 'medbatch[dask]'"
-        ) from None
-    # Importing distributed sets its loggers back to INFO (distributed/config.py): keep the
-    # WARNING floor that daemon/logs.py gives libraries.
-    floor = max(logging.WARNING, logging.getLogger().getEffectiveLevel())
-    logging.getLogger("distributed").setLevel(floor)
-    return distributed
-
-
-def _connect_timeout_s() -> float:
-    import dask.config
-    from dask.utils import parse_timedelta
-
-    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))

@@ -1,0 +1,212 @@
+"""The audit vocabulary: one frozen dataclass per event, its fields the line's payload.
+
+The live writer, the reconciler (which rebuilds lines from the journal) and the metrics all use
+these types, so a line written live and the same line rebuilt cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+
+class AuditEvent(enum.StrEnum):
+    DAEMON_STARTED = "daemon.started"
+    DAEMON_STOPPED = "daemon.stopped"
+    DAEMON_RECOVERED = "daemon.recovered"
+    DAEMON_DRAINING = "daemon.draining"
+    FILE_RECEIVED = "file.received"
+    FILE_REJECTED = "file.rejected"
+    FILE_QUARANTINED = "file.quarantined"
+    FILE_DUPLICATE = "file.duplicate"
+    BATCH_SEALED = "batch.sealed"
+    BATCH_STARTED = "batch.started"
+    BATCH_PUBLISHED = "batch.published"
+    BATCH_FAILED = "batch.failed"
+    BATCH_RETRIED = "batch.retried"
+    BATCH_SPLIT = "batch.split"
+    CONFIG_RELOADED = "config.reloaded"
+    CONFIG_REJECTED = "config.rejected"
+    INTAKE_PAUSED = "intake.paused"
+    INTAKE_RESUMED = "intake.resumed"
+    AUDIT_RECOVERED = "audit.recovered"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """Base of every event: `payload()` is what the line carries besides ts/seq/event/prev/hash
+    (None fields are left out)."""
+
+    event: ClassVar[AuditEvent]
+
+    def payload(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonStarted(Record):
+    event = AuditEvent.DAEMON_STARTED
+    pid: int
+    version: str
+    once: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonStopped(Record):
+    event = AuditEvent.DAEMON_STOPPED
+    pid: int
+    interrupted: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonRecovered(Record):
+    event = AuditEvent.DAEMON_RECOVERED
+    stale_staging: int = 0
+    claims_finished: int = 0
+    orphans_adopted: int = 0
+    batches_rerun: int = 0
+    files_rebatched: int = 0
+    audit_lines_rebuilt: int = 0
+    files_of_removed_pipelines: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonDraining(Record):
+    event = AuditEvent.DAEMON_DRAINING
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileReceived(Record):
+    event = AuditEvent.FILE_RECEIVED
+    pipeline: str
+    file: str
+    sha256: str
+    size: int
+    file_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileRejected(Record):
+    event = AuditEvent.FILE_REJECTED
+    pipeline: str
+    file: str
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileQuarantined(Record):
+    event = AuditEvent.FILE_QUARANTINED
+    pipeline: str
+    file: str
+    file_id: int
+    reason: str
+    sha256: str | None = None
+    batch_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileDuplicate(Record):
+    event = AuditEvent.FILE_DUPLICATE
+    pipeline: str
+    file_id: int
+    sha256: str
+    batch_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchSealed(Record):
+    event = AuditEvent.BATCH_SEALED
+    pipeline: str
+    batch_id: str
+    files: int
+    bytes: int
+    priority: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchStarted(Record):
+    event = AuditEvent.BATCH_STARTED
+    pipeline: str
+    batch_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchPublished(Record):
+    event = AuditEvent.BATCH_PUBLISHED
+    pipeline: str
+    batch_id: str
+    files: int
+    quarantined: int
+    folder: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchFailed(Record):
+    event = AuditEvent.BATCH_FAILED
+    pipeline: str
+    batch_id: str
+    reason: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchRetried(Record):
+    event = AuditEvent.BATCH_RETRIED
+    pipeline: str
+    batch_id: str
+    attempt: int
+    reason: str
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchSplit(Record):
+    event = AuditEvent.BATCH_SPLIT
+    pipeline: str
+    batch_id: str
+    reason: str
+    into: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigReloaded(Record):
+    event = AuditEvent.CONFIG_RELOADED
+    pipelines: int
+    workers: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigRejected(Record):
+    event = AuditEvent.CONFIG_REJECTED
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntakePaused(Record):
+    event = AuditEvent.INTAKE_PAUSED
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntakeResumed(Record):
+    event = AuditEvent.INTAKE_RESUMED
+    after: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditRecovered(Record):
+    event = AuditEvent.AUDIT_RECOVERED
+    file: str | None = None
+    torn_bytes: int | None = None
+    reason: str | None = None

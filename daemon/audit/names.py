@@ -1,0 +1,77 @@
+"""Name hashing: pipelines whose file names may carry patient identity get a keyed hash instead.
+
+The key lives in `<state>/audit-name.key` (32 random bytes, mode 0600), created on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from daemon.errors import MedbatchError
+from daemon.fsutil import fsync_dir, write_all
+
+NAME_KEY_FILE = "audit-name.key"
+NAME_KEY_BYTES = 32
+NAME_HASH_PREFIX = "hmac-sha256:"
+
+
+class NameKeyError(MedbatchError):
+    """The audit name key is unreadable or not 32 bytes; refusing to hash names with another."""
+
+
+def hash_name(key: bytes, name: str) -> str:
+    """The keyed hash written instead of a file name: stable for one key, useless without it."""
+    raw = name.encode("utf-8", "surrogateescape")
+    return NAME_HASH_PREFIX + hmac.new(key, raw, hashlib.sha256).hexdigest()[:32]
+
+
+def load_name_key(state: Path) -> bytes:
+    """`<state>/audit-name.key`, created (32 random bytes, mode 0600) on first use."""
+    path = state / NAME_KEY_FILE
+    key = read_name_key(state)
+    if key is not None:
+        return key
+    state.mkdir(parents=True, exist_ok=True, mode=0o750)
+    tmp = state / f".{NAME_KEY_FILE}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        write_all(fd, secrets.token_bytes(NAME_KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        # link() never replaces: if another process created the key meanwhile, theirs wins.
+        os.link(tmp, path)
+        fsync_dir(state)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    key = read_name_key(state)
+    assert key is not None
+    return key
+
+
+def read_name_key(state: Path) -> bytes | None:
+    """The name key if it exists (None if not); NameKeyError if it is not 32 bytes."""
+    path = state / NAME_KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NameKeyError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        key = os.read(fd, NAME_KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(key) != NAME_KEY_BYTES:
+        raise NameKeyError(
+            f"{path} holds {len(key)} bytes, not {NAME_KEY_BYTES}; restore it from a backup "
+            "(a new key would make earlier hashed names untraceable)"
+        )
+    return key

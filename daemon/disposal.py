@@ -1,0 +1,175 @@
+"""Disposal: where a finished input goes — archive, deletion or quarantine — and its paths.
+
+Main loop only, after the journal commit (idempotent: a crash in between is finished by
+recovery). `trace` derives the same paths from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import unicodedata
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from daemon.config import PathsConfig, Pipeline
+from daemon.fsutil import atomic_write, iso_utc, utc_day
+from daemon.journal import FileRow, Journal
+from daemon.models import Facts, FileState
+from daemon.outbox import FILE_MODE, make_folder
+
+SIDECAR_SUFFIX = ".error.json"
+# NAME_MAX is 255 bytes: room for ".error.json" and a ".NNN" collision counter.
+SAFE_NAME_MAX_BYTES = 200
+
+
+def safe_name(name: str) -> str:
+    """A file name that is safe to create and to show: `name` where it is plain printable text;
+    otherwise '/', control and format characters (newline, ESC, bidi overrides) and bytes that
+    were not UTF-8 written as escapes, a leading '-' guarded, and anything longer than
+    SAFE_NAME_MAX_BYTES cut (with a hash of the whole, so that cut names stay apart)."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    out = []
+    for char in text:
+        if char == "/" or (unicodedata.category(char)[0] in "CZ" and char != " "):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    text = "".join(out)
+    if text.startswith(("-", ".")) or text in ("", ".", ".."):
+        text = "_" + text
+    if len(text.encode("utf-8")) > SAFE_NAME_MAX_BYTES:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        suffix = Path(text).suffix
+        suffix = suffix if len(suffix.encode("utf-8")) <= 16 else ""
+        keep = SAFE_NAME_MAX_BYTES - len(digest) - 1 - len(suffix.encode("utf-8"))
+        head = text.encode("utf-8")[:keep].decode("utf-8", "ignore")
+        text = f"{head}~{digest}{suffix}"
+    return text
+
+
+def _restrict(path: Path) -> None:
+    """Make a moved input FILE_MODE without following a link or opening a FIFO or device, and
+    without touching a file that has another name elsewhere (its mode is that file's mode).
+    Not ours to change when owned by another user: the folder's mode protects it then."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_ino == st.st_ino:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+
+
+def move_aside(source: Path, folder: Path, name: str) -> Path:
+    """Rename `source` into `folder` as `safe_name(name)` (never overwriting), FILE_MODE;
+    return where it went."""
+    make_folder(folder)
+    base = safe_name(name)
+    target = folder / base
+    n = 1
+    while os.path.lexists(target) or os.path.lexists(f"{target}{SIDECAR_SUFFIX}"):
+        target = folder / f"{base}.{n}"
+        n += 1
+    os.rename(source, target)
+    _restrict(target)
+    return target
+
+
+def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -> Path:
+    """Move a refused input to `<quarantine>/<pipeline>/<name>` with `<name>.error.json`.
+
+    `name` is made safe first (`safe_name`); the sidecar records the original name as data.
+    """
+    target = move_aside(source, folder, name)
+    data = (json.dumps(sidecar, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+    # Written aside and renamed: whoever reads the quarantine never sees half a sidecar.
+    atomic_write(target.with_name(target.name + SIDECAR_SUFFIX), data, FILE_MODE)
+    return target
+
+
+def archive_path(paths: PathsConfig, row: FileRow) -> Path:
+    """Where a published input is archived: `<archive>/<pipeline>/<day received>/<spool name>`."""
+    return paths.archive / row.pipeline / utc_day(row.received_at) / Path(row.spool_name).name
+
+
+def sidecar(row: FileRow, detail: str, batch_id: str | None = None) -> dict[str, Any]:
+    """The `.error.json` beside a quarantined input."""
+    return {
+        "name": row.name,
+        "pipeline": row.pipeline,
+        "reason": row.reason,
+        "detail": detail,
+        "sha256": row.sha256 or "",
+        "size": row.size or 0,
+        "batch_id": batch_id if batch_id is not None else row.batch_id,
+        "quarantined_at": iso_utc(),
+    }
+
+
+class Disposal:
+    """Moves terminal inputs out of the spool: archive (or delete) or quarantine."""
+
+    def __init__(
+        self,
+        paths: PathsConfig,
+        journal: Journal,
+        pipelines: Callable[[], Mapping[str, Pipeline]],
+    ) -> None:
+        self._paths = paths
+        self._journal = journal
+        self._pipelines = pipelines
+
+    def dispose(self) -> int:
+        """Dispose of every undisposed terminal input; return how many."""
+        rows = self._journal.undisposed()
+        made: set[Path] = set()
+        quarantined_as: list[tuple[int, str]] = []
+        for row in rows:
+            source = self._paths.spool / row.spool_name
+            pipeline = self._pipelines().get(row.pipeline)
+            try:
+                if row.state == FileState.QUARANTINED:
+                    detail = str(self._journal.file_facts(row.id).get("detail", ""))
+                    folder = self._paths.quarantine / row.pipeline
+                    target = quarantine(source, folder, row.name, sidecar(row, detail))
+                    quarantined_as.append((row.id, target.name))
+                elif pipeline is not None and pipeline.after_publish == "delete":
+                    source.unlink()
+                else:
+                    target = archive_path(self._paths, row)
+                    if target.parent not in made:
+                        make_folder(target.parent)
+                        made.add(target.parent)
+                    # Spool names are unique: the archived copy keeps it, nothing to compare.
+                    os.rename(source, target)
+            except FileNotFoundError:
+                continue  # moved before a crash, after the journal commit: already done
+        if quarantined_as:
+            self._journal.record_quarantined_as(quarantined_as)
+        if rows:
+            self._journal.mark_disposed(r.id for r in rows)
+        return len(rows)
+
+
+def copies_of(
+    paths: PathsConfig, pipelines: Mapping[str, Pipeline], row: FileRow, facts: Facts
+) -> list[tuple[str, Path]]:
+    """Where the input itself is now (for `trace`): spooled, archived, quarantined or deleted."""
+    if row.state == FileState.QUARANTINED:
+        name = str(facts.get("quarantined_as") or safe_name(row.name))
+        return [("quarantined copy", paths.quarantine / row.pipeline / name)]
+    if row.state not in (FileState.PUBLISHED, FileState.DUPLICATE):
+        return [("spooled copy", paths.spool / row.spool_name)]
+    pipeline = pipelines.get(row.pipeline)
+    if row.state == FileState.PUBLISHED and pipeline and pipeline.after_publish == "delete":
+        return []
+    return [("archived copy", archive_path(paths, row))]

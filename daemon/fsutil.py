@@ -1,0 +1,86 @@
+"""Filesystem and time helpers shared by every part: each rule written once.
+
+Pure functions; safe in the main process and in workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+READ_BYTES = 1 << 20
+_OPEN_FILE = os.O_RDONLY | os.O_CLOEXEC
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (a create, a rename) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a short write is not an error)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def sha256_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int] | None:
+    """sha256 and size of what `fd` reads from its offset; None once past `max_bytes` (read at
+    most one chunk past the limit: a file still growing is never read whole)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, READ_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            return None
+    return digest.hexdigest(), size
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file's content."""
+    fd = os.open(path, _OPEN_FILE)
+    try:
+        result = sha256_fd(fd)
+    finally:
+        os.close(fd)
+    assert result is not None
+    return result[0]
+
+
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` whole or not at all: a hidden temporary beside it, fsync, rename, fsync the
+    folder. Never follows a link at the temporary's name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
+    try:
+        os.fchmod(fd, mode)
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def iso_utc(ts: float | None = None) -> str:
+    """UTC ISO-8601 with milliseconds (`2026-01-31T12:00:00.123Z`); now by default."""
+    return iso_utc_ms(int((time.time() if ts is None else ts) * 1000))
+
+
+def iso_utc_ms(ms: int) -> str:
+    """`iso_utc` of a time in whole milliseconds since the epoch."""
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def utc_day(ts: float) -> str:
+    """`YYYY-MM-DD` of `ts` in UTC (audit files, archive folders)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))

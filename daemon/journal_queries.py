@@ -1,0 +1,209 @@
+"""Read-only queries on the journal: status, trace, recovery and the audit reconciler read here.
+
+`JournalQueries.open_readonly(path)` works beside a running service (a WAL reader never blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.models import TERMINAL_FILE_STATES, BatchState, Facts, FileState
+
+_TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    id: int
+    pipeline: str
+    name: str
+    spool_name: str
+    sha256: str | None
+    size: int | None
+    received_at: float
+    state: str
+    batch_id: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    id: str
+    pipeline: str
+    priority: int
+    state: str
+    opened_at: float
+    sealed_at: float
+    attempts: int
+    folder: str | None
+
+
+class JournalQueries:
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = db
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> JournalQueries:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        return cls(path, sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def spool_names(self) -> set[str]:
+        """Spool names of the files whose spooled copy may still exist."""
+        rows = self._db.execute("SELECT spool_name FROM files WHERE disposed=0").fetchall()
+        return {str(name) for (name,) in rows}
+
+    def claiming(self) -> list[FileRow]:
+        return self._files(f"state='{FileState.CLAIMING}'")
+
+    def received(self) -> list[FileRow]:
+        """Claimed files not yet in a sealed batch, oldest first."""
+        return self._files(f"state='{FileState.RECEIVED}' ORDER BY received_at, id")
+
+    def publisher_of(self, pipeline: str, sha256: str) -> str | None:
+        """The batch that already published this content in this pipeline, if any."""
+        row = self._db.execute(
+            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND "
+            f"state='{FileState.PUBLISHED}' "
+            "LIMIT 1",
+            (pipeline, sha256),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def unfinished_batches(self) -> list[BatchRow]:
+        rows = self._db.execute(
+            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
+            f"FROM batches WHERE state IN ('{BatchState.SEALED}', '{BatchState.RUNNING}') ORDER "
+            "BY sealed_at"
+        ).fetchall()
+        return [BatchRow(*row) for row in rows]
+
+    def batch_files(self, batch_id: str) -> list[FileRow]:
+        return self._files("batch_id=? ORDER BY id", (batch_id,))
+
+    def undisposed(self) -> list[FileRow]:
+        """Terminal files whose spooled copy has not been archived, quarantined or deleted."""
+        return self._files(f"disposed=0 AND state IN ({_TERMINAL}) ORDER BY id")
+
+    def meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: the queries inside see one state (a WAL reader never blocks)."""
+        self._db.execute("BEGIN DEFERRED")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
+
+    def file_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
+        """Files per (pipeline, state); with `since`, only those finished at or after it."""
+        where, params = ("WHERE done_at >= ?", (since,)) if since is not None else ("", ())
+        rows = self._db.execute(
+            f"SELECT pipeline, state, count(*) FROM files {where} GROUP BY pipeline, state",
+            params,
+        ).fetchall()
+        return {(p, s): int(n) for p, s, n in rows}
+
+    def batch_counts(self, since: float | None = None) -> dict[tuple[str, str], int]:
+        """Batches per (pipeline, state); with `since`, only those finished at or after it."""
+        where, params = ("WHERE finished_at >= ?", (since,)) if since is not None else ("", ())
+        rows = self._db.execute(
+            f"SELECT pipeline, state, count(*) FROM batches {where} GROUP BY pipeline, state",
+            params,
+        ).fetchall()
+        return {(p, s): int(n) for p, s, n in rows}
+
+    def open_files(self) -> dict[str, tuple[int, float]]:
+        """Per pipeline: files received but in no sealed batch yet (count, oldest arrival)."""
+        rows = self._db.execute(
+            "SELECT pipeline, count(*), min(received_at) FROM files WHERE "
+            f"state='{FileState.RECEIVED}' "
+            "GROUP BY pipeline"
+        ).fetchall()
+        return {p: (int(n), float(t)) for p, n, t in rows}
+
+    def waiting_batches(self) -> dict[tuple[str, int], int]:
+        """Sealed batches waiting for a worker, per (pipeline, priority)."""
+        rows = self._db.execute(
+            f"SELECT pipeline, priority, count(*) FROM batches WHERE state='{BatchState.SEALED}' "
+            "GROUP BY pipeline, priority"
+        ).fetchall()
+        return {(p, int(prio)): int(n) for p, prio, n in rows}
+
+    def unfinished_count(self) -> int:
+        """Files not yet published, quarantined or skipped as duplicates."""
+        (count,) = self._db.execute(
+            f"SELECT count(*) FROM files WHERE state NOT IN ({_TERMINAL})"
+        ).fetchone()
+        return int(count)
+
+    def oldest_waiting(self) -> dict[str, float]:
+        rows = self._db.execute(
+            "SELECT pipeline, min(received_at) FROM files "
+            f"WHERE state IN ('{FileState.RECEIVED}', '{FileState.BATCHED}') GROUP BY pipeline"
+        ).fetchall()
+        return {p: float(t) for p, t in rows}
+
+    def find_files(self, key: str) -> list[FileRow]:
+        """Files whose sha256, name or spool name is `key`."""
+        return self._files("sha256=? OR name=? OR spool_name=? ORDER BY id", (key, key, key))
+
+    def batch(self, batch_id: str) -> BatchRow | None:
+        row = self._db.execute(
+            "SELECT id, pipeline, priority, state, opened_at, sealed_at, attempts, folder "
+            "FROM batches WHERE id=?",
+            (batch_id,),
+        ).fetchone()
+        return None if row is None else BatchRow(*row)
+
+    def files_changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Files received or finished at or after `since` (to rebuild missing audit lines)."""
+        return self._dicts(
+            "SELECT id, pipeline, name, sha256, size, received_at, state, batch_id, reason, "
+            "done_at FROM files WHERE received_at >= ? OR done_at >= ? ORDER BY id",
+            (since, since),
+        )
+
+    def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Batches sealed or finished at or after `since`."""
+        return self._dicts(
+            "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
+            "folder, reason, attempts, "
+            "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
+            f"f.state='{FileState.PUBLISHED}') "
+            "AS n_published, "
+            "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
+            f"f.state='{FileState.QUARANTINED}') "
+            "AS n_quarantined "
+            "FROM batches b WHERE sealed_at >= ? OR finished_at >= ?",
+            (since, since),
+        )
+
+    def _dicts(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        cursor = self._db.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def file_facts(self, file_id: int) -> Facts:
+        row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()
+        return {} if row is None or row[0] is None else dict(json.loads(row[0]))
+
+    def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
+        rows = self._db.execute(
+            "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
+            f"reason FROM files WHERE {where}",
+            params,
+        ).fetchall()
+        return [FileRow(*row) for row in rows]

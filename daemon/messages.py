@@ -1,0 +1,40 @@
+"""What the main loop's queue carries: a closed union, handled with `match` + `assert_never`.
+
+Threads (watcher, scheduler, pool callbacks) and signal handlers only put these on the queue.
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from daemon.models import BatchResult
+from daemon.periodic import Heartbeat, Rescan, Tick
+from daemon.watcher import PathSeen
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReceived:
+    signum: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    batch_id: str
+    future: Future[BatchResult]
+
+
+Message = PathSeen | BatchDone | SignalReceived | Tick | Rescan | Heartbeat
+MessageQueue = queue.SimpleQueue[Message]
+
+__all__ = [
+    "BatchDone",
+    "Heartbeat",
+    "Message",
+    "MessageQueue",
+    "PathSeen",
+    "Rescan",
+    "SignalReceived",
+    "Tick",
+]

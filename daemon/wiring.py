@@ -1,0 +1,52 @@
+"""Wiring: the service's parts built in order, from the settings and the records. Main process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from daemon.admission import Admission
+from daemon.audit import TolerantAuditLog
+from daemon.batch_flow import BatchFlow
+from daemon.batcher import Batcher
+from daemon.config import Pipeline, Settings
+from daemon.dispatcher import PriorityDispatcher
+from daemon.disposal import Disposal
+from daemon.intake import Intake
+from daemon.journal import Journal
+from daemon.metrics import Metrics
+from daemon.notify import Notifier
+from daemon.outcome_listeners import IntakeGate, Progress, standard_listeners
+from daemon.startup import by_name
+
+
+class Parts(NamedTuple):
+    intake: Intake
+    batcher: Batcher
+    dispatcher: PriorityDispatcher
+    gate: IntakeGate
+    disposal: Disposal
+    flow: BatchFlow
+    admission: Admission
+
+
+def wire(
+    settings: Settings,
+    journal: Journal,
+    audit: TolerantAuditLog,
+    metrics: Metrics,
+    progress: Progress,
+    notifier: Notifier,
+    pipelines: Callable[[], dict[str, Pipeline]],
+) -> Parts:
+    """Intake, batcher, dispatcher and the batch flow with its listeners, in order."""
+    workers = settings.workers
+    intake = Intake(settings, journal, audit)
+    batcher = Batcher(by_name(settings))
+    dispatcher = PriorityDispatcher(workers.count, workers.memory_budget, settings.dispatch.aging_s)
+    gate = IntakeGate(audit, journal)
+    disposal = Disposal(settings.paths, journal, pipelines)
+    listeners = standard_listeners(audit, metrics, gate, progress, notifier, disposal)
+    flow = BatchFlow(settings, journal, dispatcher, listeners)
+    admission = Admission(journal, audit, disposal, batcher, pipelines)
+    return Parts(intake, batcher, dispatcher, gate, disposal, flow, admission)

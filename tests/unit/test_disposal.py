@@ -1,0 +1,83 @@
+"""Disposal and `copies_of`: the path `trace` shows is where the input really went, whatever
+its name (unsafe, too long, taken twice)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings
+from daemon.disposal import Disposal, copies_of
+from daemon.journal import Journal
+
+NAMES = [
+    "a.csv",
+    "a.csv",  # the same name again: numbered
+    "-rf.csv",
+    "bad\nname\x1b[31m.csv",
+    "é" * 150 + ".csv",  # past the safe length
+    "caf\\xe9.csv",  # bytes that were not UTF-8, as the journal records them
+    "..",
+]
+
+
+def settings(root: Path, after_publish: str = "archive") -> Settings:
+    return Settings.model_validate(
+        {
+            "paths": {"inbox": root / "inbox", "outbox": root / "outbox",
+                      "state": root / "state", "quarantine": root / "quarantine"},
+            "pipeline": [{"name": "emr", "kind": "emr", "after_publish": after_publish}],
+        }
+    )  # fmt: skip
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    (tmp_path / "state" / "spool").mkdir(parents=True)
+    return Journal(tmp_path / "state" / "journal.db")
+
+
+def test_trace_finds_each_quarantined_input_where_it_went(tmp_path: Path, journal: Journal) -> None:
+    """Every quarantined name (a family of awkward ones) is found at the path copies_of gives,
+    with its sidecar beside it."""
+    s = settings(tmp_path)
+    claims = [("emr", name, f"s{i}.csv", 100.0 + i) for i, name in enumerate(NAMES)]
+    ids = journal.begin_claims(claims)
+    for _, _, spool_name, _ in claims:
+        (s.paths.spool / spool_name).write_bytes(b"x")
+    journal.finish_claims([], quarantined=[(i, "", 0, "fifo") for i in ids])
+    pipelines = {p.name: p for p in s.pipeline}
+
+    assert Disposal(s.paths, journal, lambda: pipelines).dispose() == len(NAMES)
+
+    rows = [journal._files("id=?", (i,))[0] for i in ids]
+    paths = []
+    for row in rows:
+        ((what, where),) = copies_of(s.paths, pipelines, row, journal.file_facts(row.id))
+        assert what == "quarantined copy"
+        assert where.is_file(), where
+        sidecar = json.loads(where.with_name(where.name + ".error.json").read_text())
+        assert sidecar["name"] == row.name
+        paths.append(where)
+    assert len(set(paths)) == len(NAMES)
+
+
+def test_published_inputs_are_archived_or_deleted_as_configured(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """Archived: the copy is at the archive path; deleted: copies_of says there is none."""
+    for after, expected in (("archive", True), ("delete", False)):
+        s = settings(tmp_path, after)
+        (file_id,) = journal.begin_claims([("emr", "x.csv", f"{after}.csv", 100.0)])
+        (s.paths.spool / f"{after}.csv").write_bytes(b"x")
+        journal.finish_claims([(file_id, "0" * 64, 1)])
+        journal._db.execute("UPDATE files SET state='published', done_at=1 WHERE id=?", (file_id,))
+        pipelines = {p.name: p for p in s.pipeline}
+        Disposal(s.paths, journal, lambda p=pipelines: p).dispose()
+        (row,) = journal._files("id=?", (file_id,))
+        copies = copies_of(s.paths, pipelines, row, {})
+        assert bool(copies) == expected
+        assert all(where.is_file() for _, where in copies)
+        assert not (s.paths.spool / f"{after}.csv").exists()
