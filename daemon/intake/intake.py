@@ -21,14 +21,14 @@ import structlog
 
 from daemon.audit import AuditEvent, AuditLog
 from daemon.config import Pipeline, Settings
-from daemon.intake import claim, reasons
+from daemon.intake import claim, reasons, recovery
 from daemon.intake.claim import Lease, Opened, Refusal, Taken
 from daemon.intake.memory import RefusalMemory
+from daemon.intake.recovery import Refused
 from daemon.intake.refusal import is_ignored, recorded_name, spool_suffix
 from daemon.intake.settle import Candidate, Candidates, Signature
 from daemon.journal import Journal
 from daemon.models import IncomingFile
-from daemon.outbox import quarantine
 
 log = structlog.get_logger()
 
@@ -50,17 +50,6 @@ class _Plan:
     opened: Opened
     spool_name: str
     received_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Refused:
-    """A claimed entry that turned out not to be what was checked: quarantined as it is."""
-
-    file_id: int
-    pipeline: str
-    name: str
-    spool_name: str
-    reason: str
 
 
 class Intake:
@@ -261,7 +250,7 @@ class Intake:
             elif outcome is None:
                 dropped.append(file_id)
             else:
-                r = _Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name, outcome)
+                r = Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name, outcome)
                 refused.append(r)
         self._journal.finish_claims(
             received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
@@ -275,7 +264,7 @@ class Intake:
                 size=f.size,
                 file_id=f.file_id,
             )
-        self._quarantine_refused(refused)
+        recovery.quarantine_refused(refused, self._settings, self._audit, self._journal)
         return taken
 
     def _plan(
@@ -365,62 +354,14 @@ class Intake:
     # -- recovery -------------------------------------------------------------------------
 
     def adopt_orphans(self) -> int:
-        """Recovery: spooled files the journal does not know (a journal restored from a backup,
-        a write lost with the disk) become claims again, under their spool name since the
-        original name is gone: never left behind, never deleted. Half-made copies go."""
-        known = self._journal.spool_names()
-        orphans = []
-        for pipeline in self._pipelines:
-            folder = self._spool / pipeline
-            for entry in os.scandir(folder) if folder.is_dir() else ():
-                if entry.name.startswith(".") and entry.name.endswith(claim.COPY_SUFFIX):
-                    Path(entry.path).unlink(missing_ok=True)
-                    continue
-                spool_name = f"{pipeline}/{entry.name}"
-                if spool_name not in known and not entry.name.startswith("."):
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                    orphans.append((pipeline, entry.name, spool_name, mtime))
-        if orphans:
-            self._journal.begin_claims(orphans)
-            log.warning("intake.orphans_adopted", files=len(orphans))
-        return len(orphans)
+        """Recovery: spooled files the journal does not know become claims again."""
+        return recovery.adopt_orphans(self._journal, self._spool, self._pipelines)
 
     def finish_interrupted_claims(self) -> list[IncomingFile]:
         """Recovery: claims whose journal intent was written but not their outcome."""
-        received, dropped, refused, taken = [], [], [], []
-        for row in self._journal.claiming():
-            spooled = self._spool / row.spool_name
-            if row.pipeline not in self._pipelines or not os.path.lexists(spooled):
-                dropped.append(row.id)
-                continue
-            pipeline = self._pipelines[row.pipeline]
-            outcome = claim.take_spooled(spooled, pipeline, self._service_uid)
-            if isinstance(outcome, Refusal):
-                if outcome.reason == reasons.VANISHED:
-                    dropped.append(row.id)
-                    continue
-                refused.append(
-                    _Refused(row.id, row.pipeline, row.name, row.spool_name, outcome.reason)
-                )
-                continue
-            received.append((row.id, outcome.sha256, outcome.size))
-            taken.append(
-                IncomingFile(
-                    row.id,
-                    row.pipeline,
-                    row.name,
-                    spooled,
-                    outcome.sha256,
-                    outcome.size,
-                    row.received_at,
-                )
-            )
-        if received or dropped or refused:
-            self._journal.finish_claims(
-                received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
-            )
-        self._quarantine_refused(refused)
-        return taken
+        return recovery.finish_interrupted_claims(
+            self._journal, self._settings, self._pipelines, self._audit, self._service_uid
+        )
 
     @contextlib.contextmanager
     def _inbox_fds(self, pipelines: set[str]) -> Iterator[dict[str, int]]:
@@ -442,43 +383,6 @@ class Intake:
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-    def _quarantine_refused(self, refused: list[_Refused]) -> None:
-        """Audit, then move each refused entry to quarantine at once (a rename: still never
-        opened). A failed move is left to the supervisor's disposal, which retries."""
-        disposed = []
-        for r in refused:
-            self._audit.append(
-                AuditEvent.FILE_QUARANTINED,
-                pipeline=r.pipeline,
-                file=r.name,
-                file_id=r.file_id,
-                reason=r.reason,
-            )
-            log.warning("file.quarantined", pipeline=r.pipeline, file_id=r.file_id, reason=r.reason)
-            sidecar = {
-                "name": r.name,
-                "pipeline": r.pipeline,
-                "reason": r.reason,
-                "detail": "refused when claimed (not what was checked, or unreadable); not kept",
-                "sha256": "",
-                "size": 0,
-                "batch_id": None,
-                "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            target = self._settings.paths.quarantine / r.pipeline
-            try:
-                quarantine(self._spool / r.spool_name, target, r.name, sidecar)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.error(
-                    "intake.quarantine_failed", file_id=r.file_id, errno=claim.errno_name(exc)
-                )
-                continue
-            disposed.append(r.file_id)
-        if disposed:
-            self._journal.mark_disposed(disposed)
 
 
 def _signature(st: os.stat_result) -> Signature:
