@@ -93,8 +93,13 @@ class Service:
         return [sys.executable, "-m", "daemon", "--config", str(self.config), *args]
 
     def start(
-        self, *args: str, env: Mapping[str, str] | None = None, wait_ready: bool = True
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+        user: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start `run`; as `user` (a non-root service account) when given."""
         self.runs += 1
         stderr = self.stderr_path.open("wb")
         self.process = subprocess.Popen(
@@ -104,6 +109,7 @@ class Service:
             stderr=stderr,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            user=user,
         )
         stderr.close()
         if wait_ready:
