@@ -110,6 +110,7 @@ class Intake:
                 return
             if self._refused.is_unchanged(pipeline, path.name, st):
                 return
+            self._refused.forget(pipeline, path.name)  # changed: examined afresh
             candidate = Candidate(pipeline, path, _signature(st), now, now + settle_s)
             self._candidates.add(candidate)
         candidate.is_urgent = True
@@ -155,6 +156,7 @@ class Intake:
         except OSError:
             return
         if not self._refused.is_unchanged(pipeline.name, entry.name, st):
+            self._refused.forget(pipeline.name, entry.name)  # changed: examined afresh
             due = now + pipeline.settle_s
             self._candidates.add(Candidate(pipeline.name, path, _signature(st), now, due))
 
