@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.data import drop
+from tests.support.users import as_user
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,14 +103,16 @@ class Service:
         """Start `run`; as `user` (a non-root service account) when given."""
         self.runs += 1
         stderr = self.stderr_path.open("wb")
+        command = self.command("run", *args)
+        if user is not None:
+            command = as_user(command, user, self.root / ".interpreter")
         self.process = subprocess.Popen(
-            self.command("run", *args),
+            command,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env={**os.environ, **(env or {})},
             start_new_session=True,
-            user=user,
         )
         stderr.close()
         if wait_ready:

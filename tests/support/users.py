@@ -6,6 +6,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,3 +46,24 @@ def chown_tree(root: Path, user: pwd.struct_passwd) -> None:
             os.chown(name, user.pw_uid, user.pw_gid)
         for name in files:
             os.chown(os.path.join(folder, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def as_user(command: list[str], user: str, stage: Path) -> list[str]:
+    """`command` run as `user`. Our interpreter may live under root's 0700 home (pyenv): in a
+    private mount namespace, that home is covered by an empty 0755 tmpfs into which only the
+    interpreter's folder is bound back, so the account reaches Python and nothing else of root's."""
+    prefix = Path(sys.base_prefix).resolve()
+    home = Path("/root")
+    if home not in prefix.parents:
+        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *command]
+    top = home / prefix.relative_to(home).parts[0]
+    stage.mkdir(exist_ok=True)
+    script = (
+        'mount --bind "$1" "$2" && mount -t tmpfs -o mode=0755 tmpfs /root && '
+        'mkdir -p "$1" && mount --bind "$2" "$1" && shift 3 && '
+        'exec setpriv --reuid="$0" --regid="$0" --init-groups -- "$@"'
+    )
+    return [
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+        user, str(top), str(stage), "--", *command,
+    ]  # fmt: skip
