@@ -39,6 +39,9 @@ CLAIM_CHUNK = 500
 OPEN_CHUNK = 128
 # How soon to look again at a file someone holds open for writing (its close event is sooner).
 BUSY_RETRY_S = 1.0
+# Candidates a rescan may hold at once (about 300 bytes each): a producer who drops a million
+# files costs bounded memory; the rest are found when the backlog drains.
+MAX_PENDING = 50_000
 _OPEN_INBOX = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -68,6 +71,7 @@ class Intake:
         self._candidates = Candidates()
         self._refused = RefusalMemory()
         self._unsafe_inboxes: set[str] = set()
+        self._is_scan_capped = False
         self._service_uid = os.geteuid()
         if threading.current_thread() is threading.main_thread():
             # A writer opening a file we hold a lease on makes the kernel send us SIGIO, whose
@@ -86,7 +90,8 @@ class Intake:
 
     @property
     def pending(self) -> int:
-        return len(self._candidates)
+        """Candidates waiting, plus one while a capped rescan left entries unlisted."""
+        return len(self._candidates) + int(self._is_scan_capped)
 
     @property
     def left_in_inbox(self) -> int:
@@ -130,6 +135,7 @@ class Intake:
         refused ones that did not change; count new candidates."""
         before = len(self._candidates)
         now = self._monotonic()
+        self._is_scan_capped = False
         for name, pipeline in self._pipelines.items():
             folder = self._settings.paths.inbox / name
             try:
@@ -157,6 +163,9 @@ class Intake:
             return
         if not self._refused.is_unchanged(pipeline.name, entry.name, st):
             self._refused.forget(pipeline.name, entry.name)  # changed: examined afresh
+            if len(self._candidates) >= MAX_PENDING:
+                self._is_scan_capped = True
+                return
             due = now + pipeline.settle_s
             self._candidates.add(Candidate(pipeline.name, path, _signature(st), now, due))
 
@@ -199,6 +208,8 @@ class Intake:
         """Claim settled candidates, at most `limit` (the main loop comes back for the rest, so
         batches seal and start while a large backlog is still being claimed); return the files
         now in the spool and journal."""
+        if self._is_scan_capped and len(self._candidates) < MAX_PENDING // 2:
+            self.scan()  # the capped rescan's remainder, now that the backlog drained
         ready = self._settled(limit)
         if not ready:
             return []

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from daemon.intake import claim
+from daemon.intake import intake as intake_module
 from tests.unit.test_intake import GOOD, Env
 
 FOREIGN_UID = 4242
@@ -225,3 +226,19 @@ def test_a_file_announced_by_an_event_goes_before_a_rescan_backlog(env: Env) -> 
     env.intake.offer("emr", env.inbox / "new.csv", is_writing=False)
     (first,) = env.intake.take_settled(limit=1)
     assert first.name == "new.csv"
+
+
+def test_a_rescan_holds_at_most_max_pending_candidates(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer's flood of files costs bounded memory: a capped rescan keeps `pending` above
+    zero (a `run --once` does not stop early) and lists the rest once the backlog drains."""
+    monkeypatch.setattr(intake_module, "MAX_PENDING", 10)
+    for i in range(25):
+        (env.inbox / f"f{i:02d}.csv").write_bytes(GOOD)
+    assert env.intake.scan() == 10 and env.intake.pending == 11
+    taken = []
+    for _ in range(10):
+        taken += env.intake.take_settled(limit=10)
+    assert sorted(t.name for t in taken) == [f"f{i:02d}.csv" for i in range(25)]
+    assert env.intake.pending == 0
