@@ -242,3 +242,19 @@ def test_a_rescan_holds_at_most_max_pending_candidates(
         taken += env.intake.take_settled(limit=10)
     assert sorted(t.name for t in taken) == [f"f{i:02d}.csv" for i in range(25)]
     assert env.intake.pending == 0
+
+
+def test_recovery_replaces_a_foreign_spooled_file_by_a_private_copy(env: Env) -> None:
+    """A crash after the rename but before the copy: recovery copies, hashes and keeps a
+    service-owned 0600 file; a half-made copy left by the crash is removed, not adopted."""
+    spool = env.root / "state" / "spool" / "emr"
+    (spool / "1-a.csv").write_bytes(GOOD)
+    os.chown(spool / "1-a.csv", FOREIGN_UID, FOREIGN_UID)
+    (spool / ".2-b.csv.copy").write_bytes(GOOD[:5])
+    env.journal.begin_claims([("emr", "a.csv", "emr/1-a.csv", 0.0)])
+    assert env.intake.adopt_orphans() == 0
+    (taken,) = env.intake.finish_interrupted_claims()
+    st = os.lstat(spool / "1-a.csv")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o600)
+    assert taken.sha256 == hashlib.sha256(GOOD).hexdigest()
+    assert sorted(p.name for p in spool.iterdir()) == ["1-a.csv"]
