@@ -151,23 +151,30 @@ class Intake:
         return len(self._candidates) - before
 
     def _scan_entry(self, pipeline: Pipeline, entry: os.DirEntry[str], now: float) -> None:
-        path = Path(entry.path)
-        if is_ignored(entry.name) or path in self._candidates:
+        if is_ignored(entry.name):
             return
-        # A link keeps its inode for life: known by the listing alone, with no lstat.
-        if entry.is_symlink() and self._refused.inode(pipeline.name, entry.name) == entry.inode():
-            return
+        # A refused entry costs a dict look-up (a link keeps its inode for life: not even an
+        # lstat); a Path is built only for what may be new, since that is the costly part.
         try:
-            st = entry.stat(follow_symlinks=False)
+            if self._refused.inode(pipeline.name, entry.name) == entry.inode() and (
+                entry.is_symlink()
+                or self._refused.is_unchanged(
+                    pipeline.name, entry.name, entry.stat(follow_symlinks=False)
+                )
+            ):
+                return
+            path = Path(entry.path)
+            if path in self._candidates:
+                return
+            st = entry.stat(follow_symlinks=False)  # cached by the DirEntry
         except OSError:
             return
-        if not self._refused.is_unchanged(pipeline.name, entry.name, st):
-            self._refused.forget(pipeline.name, entry.name)  # changed: examined afresh
-            if len(self._candidates) >= MAX_PENDING:
-                self._is_scan_capped = True
-                return
-            due = now + pipeline.settle_s
-            self._candidates.add(Candidate(pipeline.name, path, _signature(st), now, due))
+        self._refused.forget(pipeline.name, entry.name)  # new or changed: examined afresh
+        if len(self._candidates) >= MAX_PENDING:
+            self._is_scan_capped = True
+            return
+        due = now + pipeline.settle_s
+        self._candidates.add(Candidate(pipeline.name, path, _signature(st), now, due))
 
     def next_due(self) -> float | None:
         """Monotonic time at which the next candidate may be complete."""
