@@ -102,7 +102,13 @@ class Intake:
 
     def offer(self, pipeline: str, path: Path, *, is_writing: bool | None = None) -> None:
         """A path seen by an event. `is_writing` is True after a modify event and False after
-        a close or a rename-in (complete unless a writer still holds it); None leaves it."""
+        a close or a rename-in; None (a create) leaves it as it was.
+
+        A file whose first event is a close or a rename-in was written elsewhere and renamed
+        in: complete unless a writer still holds it, which the lease tells, so no settle wait.
+        One written in place (its first event a create) keeps the settle rule even when closed:
+        a writer may reopen it to add more.
+        """
         if pipeline not in self._pipelines or is_ignored(path.name):
             return
         now = self._monotonic()
@@ -117,15 +123,15 @@ class Intake:
                 return
             self._refused.forget(pipeline, path.name)  # changed: examined afresh
             candidate = Candidate(pipeline, path, _signature(st), now, now + settle_s)
+            candidate.is_closed_hint = is_writing is False
             self._candidates.add(candidate)
         candidate.is_urgent = True
         if is_writing is not None:
             candidate.is_writing = is_writing
         if is_writing:
-            candidate.stable_since, candidate.is_closed_hint = now, False
+            candidate.stable_since = now
             self._candidates.schedule(candidate, now + settle_s)
-        elif is_writing is False:
-            candidate.is_closed_hint = True
+        elif is_writing is False and candidate.is_closed_hint:
             self._candidates.schedule(candidate, now)
         else:
             self._candidates.schedule(candidate, candidate.due)

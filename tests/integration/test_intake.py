@@ -137,9 +137,9 @@ def test_the_watcher_reports_itself_dead_when_its_folder_goes(settings: Settings
 
 
 def test_a_complete_file_needs_no_settle_wait(tmp_path: Path) -> None:
-    """settle_s = 30: a file renamed in, or closed after writing in place, with no writer left
-    (the lease says so) is claimed at once from its inotify event; one still held open for
-    writing is not, until its writer closes it."""
+    """settle_s = 30: a file renamed in with no writer left (the lease says so) is claimed at
+    once from its inotify event; one renamed in while its writer holds it is claimed when the
+    writer closes it; one written in place, even closed, still waits for settle_s."""
     config = tmp_path / "medbatch.toml"
     config.write_text(
         '[paths]\ninbox = "inbox"\noutbox = "outbox"\nstate = "state"\nquarantine = "q"\n'
@@ -154,18 +154,20 @@ def test_a_complete_file_needs_no_settle_wait(tmp_path: Path) -> None:
     watcher.start({"emr": inbox})
     try:
         intake = Intake(settings, journal, audit)
+        (inbox / "in-place.csv").write_text("diagnosis,age\ny,2\n")
         (inbox / ".a.csv.part").write_text("diagnosis,age\nx,1\n")
         os.rename(inbox / ".a.csv.part", inbox / "a.csv")
-        (inbox / "b.csv").write_text("diagnosis,age\ny,2\n")  # in place, then closed
-        with (inbox / "c.csv").open("w") as writer:
+        with (inbox / ".held.csv.part").open("w") as writer:
             writer.write("diagnosis,age\n")
             writer.flush()
-            claimed = pump(intake, messages, 2, timeout_s=5)
-            assert {c.name for c in claimed} == {"a.csv", "b.csv"}
-            assert (inbox / "c.csv").exists()
+            os.rename(inbox / ".held.csv.part", inbox / "held.csv")
+            (claimed,) = pump(intake, messages, 1, timeout_s=5)
+            assert claimed.name == "a.csv"
+            assert (inbox / "held.csv").exists()
             writer.write("z,3\n")
         (late,) = pump(intake, messages, 1, timeout_s=5)
-        assert (late.name, late.size) == ("c.csv", 18)
+        assert (late.name, late.size) == ("held.csv", 18)
+        assert (inbox / "in-place.csv").exists() and intake.pending == 1
     finally:
         watcher.stop()
         audit.close()
