@@ -15,15 +15,21 @@ import fcntl
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+import structlog
 
 from daemon.config import Pipeline
 from daemon.intake import reasons
 from daemon.intake.refusal import identity, refusal
 
+log = structlog.get_logger()
+
 PRIVATE_MODE = 0o600
+_OPEN_INBOX = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_PINNED = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_SPOOLED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -61,6 +67,28 @@ class Taken:
 
 def errno_name(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+@contextlib.contextmanager
+def inbox_fds(inbox: Path, pipelines: set[str], unsafe: set[str]) -> Iterator[dict[str, int]]:
+    """A descriptor of each inbox folder, opened without following a symlink: a producer
+    who replaces `<inbox>/<pipeline>` by a link to another folder (the state folder, /etc)
+    must not make us rename files out of it."""
+    fds: dict[str, int] = {}
+    try:
+        for name in sorted(pipelines):
+            try:
+                fds[name] = os.open(inbox / name, _OPEN_INBOX)
+            except OSError as exc:
+                if name not in unsafe:
+                    unsafe.add(name)
+                    log.error("intake.inbox_unsafe", pipeline=name, errno=errno_name(exc))
+                continue
+            unsafe.discard(name)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def open_checked(inbox_fd: int, name: str, pipeline: Pipeline) -> Opened | Refusal:

@@ -7,13 +7,12 @@ reported once and remembered until they change (memory.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,6 @@ BUSY_RETRY_S = 1.0
 # Candidates a rescan may hold at once (about 300 bytes each): a producer who drops a million
 # files costs bounded memory; the rest are found when the backlog drains.
 MAX_PENDING = 50_000
-_OPEN_INBOX = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +225,9 @@ class Intake:
         if not ready:
             return []
         taken: list[IncomingFile] = []
-        with self._inbox_fds({c.pipeline for c, _ in ready}) as inbox_fds:
+        with claim.inbox_fds(
+            self._settings.paths.inbox, {c.pipeline for c, _ in ready}, self._unsafe_inboxes
+        ) as inbox_fds:
             for start in range(0, len(ready), OPEN_CHUNK):
                 taken += self._claim(ready[start : start + OPEN_CHUNK], inbox_fds)
         return taken
@@ -388,27 +388,6 @@ class Intake:
         return recovery.finish_interrupted_claims(
             self._journal, self._settings, self._pipelines, self._audit, self._service_uid
         )
-
-    @contextlib.contextmanager
-    def _inbox_fds(self, pipelines: set[str]) -> Iterator[dict[str, int]]:
-        """A descriptor of each inbox folder, opened without following a symlink: a producer
-        who replaces `<inbox>/<pipeline>` by a link to another folder (the state folder, /etc)
-        must not make us rename files out of it."""
-        fds: dict[str, int] = {}
-        try:
-            for name in sorted(pipelines):
-                try:
-                    fds[name] = os.open(self._settings.paths.inbox / name, _OPEN_INBOX)
-                except OSError as exc:
-                    if name not in self._unsafe_inboxes:
-                        self._unsafe_inboxes.add(name)
-                        log.error("intake.inbox_unsafe", pipeline=name, errno=claim.errno_name(exc))
-                    continue
-                self._unsafe_inboxes.discard(name)
-            yield fds
-        finally:
-            for fd in fds.values():
-                os.close(fd)
 
 
 def _signature(st: os.stat_result) -> Signature:
