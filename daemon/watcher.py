@@ -52,7 +52,9 @@ class _Handler(FileSystemEventHandler):
             if event.is_directory:
                 return
             if isinstance(event, FileMovedEvent):
-                path, is_writing = event.dest_path, None
+                # Renamed in: written elsewhere and complete, unless a writer still holds it
+                # (intake asks the kernel with a lease before taking it at once).
+                path, is_writing = event.dest_path, False
             elif isinstance(event, FileModifiedEvent):
                 path, is_writing = event.src_path, True
             elif isinstance(event, FileClosedEvent):

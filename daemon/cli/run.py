@@ -11,7 +11,7 @@ def run(settings: Settings, *, once: bool) -> int:
     # Before anything is touched: a bad folder or a taken port fails here (78), not after
     # recovery and a `daemon.started` line; a second instance fails here (75).
     preflight.check(settings, bind=True)
-    from daemon.supervisor import Supervisor
+    from daemon.service import Service
 
     with InstanceLock(settings.paths.state):
-        return Supervisor(settings, once=once).run()
+        return Service(settings, once=once).run()

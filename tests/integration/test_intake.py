@@ -134,3 +134,41 @@ def test_the_watcher_reports_itself_dead_when_its_folder_goes(settings: Settings
     (folder / "after.csv").write_text("x\n")
     (claimed,) = pump(intake, messages, 1)
     assert claimed.name == "after.csv"
+
+
+def test_a_complete_file_needs_no_settle_wait(tmp_path: Path) -> None:
+    """settle_s = 30: a file renamed in with no writer left (the lease says so) is claimed at
+    once from its inotify event; one renamed in while its writer holds it is claimed when the
+    writer closes it; one written in place, even closed, still waits for settle_s."""
+    config = tmp_path / "medbatch.toml"
+    config.write_text(
+        '[paths]\ninbox = "inbox"\noutbox = "outbox"\nstate = "state"\nquarantine = "q"\n'
+        '[[pipeline]]\nname = "emr"\nkind = "emr"\nsettle_s = 30\n'
+    )
+    settings = load_settings(config)
+    inbox = settings.paths.inbox / "emr"
+    inbox.mkdir(parents=True)
+    journal, audit = Journal(settings.paths.journal), AuditLog(settings.paths.audit)
+    messages: queue.SimpleQueue[object] = queue.SimpleQueue()
+    watcher = InboxWatcher(messages)
+    watcher.start({"emr": inbox})
+    try:
+        intake = Intake(settings, journal, audit)
+        (inbox / "in-place.csv").write_text("diagnosis,age\ny,2\n")
+        (inbox / ".a.csv.part").write_text("diagnosis,age\nx,1\n")
+        os.rename(inbox / ".a.csv.part", inbox / "a.csv")
+        with (inbox / ".held.csv.part").open("w") as writer:
+            writer.write("diagnosis,age\n")
+            writer.flush()
+            os.rename(inbox / ".held.csv.part", inbox / "held.csv")
+            (claimed,) = pump(intake, messages, 1, timeout_s=5)
+            assert claimed.name == "a.csv"
+            assert (inbox / "held.csv").exists()
+            writer.write("z,3\n")
+        (late,) = pump(intake, messages, 1, timeout_s=5)
+        assert (late.name, late.size) == ("held.csv", 18)
+        assert (inbox / "in-place.csv").exists() and intake.pending == 1
+    finally:
+        watcher.stop()
+        audit.close()
+        journal.close()

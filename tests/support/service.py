@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.data import drop
+from tests.support.users import as_user
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,12 +94,20 @@ class Service:
         return [sys.executable, "-m", "daemon", *args, "--config", str(self.config)]
 
     def start(
-        self, *args: str, env: Mapping[str, str] | None = None, wait_ready: bool = True
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+        user: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start `run`; as `user` (a non-root service account) when given."""
         self.runs += 1
         stderr = self.stderr_path.open("wb")
+        command = self.command("run", *args)
+        if user is not None:
+            command = as_user(command, user, self.root / ".interpreter")
         self.process = subprocess.Popen(
-            self.command("run", *args),
+            command,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=stderr,

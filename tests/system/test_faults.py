@@ -373,7 +373,12 @@ def test_files_that_vanish_before_their_claim_are_skipped_quietly(
     service = make_service([emr(max_files=50, settle_s=1.0)])
     service.start()
     names = [f"v{i:03d}.csv" for i in range(60)]
-    shas = {n: service.drop("emr", n, emr_csv(rng, rows=5)) for n in names}
+    # Written in place, so the settle rule applies (a file renamed in is taken at once).
+    shas = {}
+    for n in names:
+        content = emr_csv(rng, rows=5)
+        (service.inbox / "emr" / n).write_bytes(content)
+        shas[n] = sha256(content)
     dropped_at = time.monotonic()
     # Delete 50 of them at moments spread around the settle time (1 s); keep 10.
     plan = sorted((rng.uniform(0.0, 1.6), n) for n in names[:50])

@@ -29,6 +29,10 @@ def published_order(service: Any) -> list[str]:
     return [line["pipeline"] for line in service.audit() if line["event"] == "batch.published"]
 
 
+def started_batches(service: Any) -> int:
+    return sum(line["event"] == "batch.started" for line in service.audit())
+
+
 def test_a_later_urgent_batch_overtakes_the_routine_backlog(make_service: MakeService) -> None:
     """With one worker busy and four routine batches waiting, a priority-1 batch dropped
     afterwards is published right after the running one, before the rest of the backlog."""
@@ -70,7 +74,15 @@ def test_aging_lets_a_routine_batch_through_a_steady_urgent_stream(
         dropped[f"u{i}"] = service.drop("urgent", f"u{i}", slow(0.3, f"u{i}"))
         if "routine" in published_order(service):
             break
-        wait_until(lambda i=i: len(service.journal("SELECT id FROM files")) > i + 1, 10)
+        # Two urgent files per batch the worker starts: faster than it takes them, and spread
+        # over more than the aging span (files renamed in are claimed within milliseconds).
+        wait_until(
+            lambda i=i: (
+                len(service.journal("SELECT id FROM files")) > i + 1
+                and started_batches(service) >= i // 2
+            ),
+            10,
+        )
     wait_until(lambda: service.accounted() == len(dropped), 60, message="all accounted")
     assert service.stop() == 0
 

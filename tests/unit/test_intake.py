@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from daemon import intake as intake_module
 from daemon.audit import AuditLog
 from daemon.config import Settings
-from daemon.intake import Intake, recorded_name, refusal
+from daemon.intake import Intake, claim, recorded_name, refusal
 from daemon.journal import Journal
 
 GOOD = b"diagnosis,age\nflu,1\n"
@@ -86,12 +85,12 @@ def test_recorded_name_escapes_bytes_that_are_not_utf8() -> None:
 
 
 def test_a_regular_file_is_claimed_hashed_and_made_private(env: Env) -> None:
-    """A plain file moves to the spool, 0640 whatever its mode was, with one file.received."""
+    """A plain file moves to the spool, 0600 whatever its mode was, with one file.received."""
     (env.inbox / "a.csv").write_bytes(GOOD)
     (env.inbox / "a.csv").chmod(0o666)
     (taken,) = env.take("a.csv")
     assert taken.name == "a.csv" and taken.size == len(GOOD)
-    assert stat.S_IMODE(os.stat(taken.spool_path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(taken.spool_path).st_mode) == 0o600
     assert not (env.inbox / "a.csv").exists()
     assert [line["event"] for line in env.audit_lines()][-1] == "file.received"
 
@@ -157,8 +156,12 @@ def test_refusal_checks_size_against_the_pipeline(env: Env, tmp_path: Path) -> N
     ("swap", "reason", "check"),
     [
         (lambda p, s: p.symlink_to(s), "symlink", os.path.islink),
-        (lambda p, s: os.mkfifo(p), "fifo", lambda p: stat.S_ISFIFO(os.lstat(p).st_mode)),
-        (lambda p, s: os.link(s, p), "hard_link", os.path.isfile),
+        (
+            lambda p, s: os.mkfifo(p),
+            "changed_after_check",
+            lambda p: stat.S_ISFIFO(os.lstat(p).st_mode),
+        ),
+        (lambda p, s: os.link(s, p), "changed_after_check", os.path.isfile),
     ],
     ids=["symlink", "fifo", "hard_link"],
 )
@@ -170,8 +173,9 @@ def test_an_entry_swapped_in_before_the_claim_is_quarantined_never_read(
     reason: str,
     check: Callable[[Path], bool],
 ) -> None:
-    """A plain file checked, then replaced just before the rename: what was moved is refused on
-    its descriptor (never read, never blocking), quarantined as it is, and audited once."""
+    """A plain file pinned and checked, then replaced just before the rename: what was moved
+    is not the checked inode, so it is refused (a link as `symlink`, anything else as
+    `changed_after_check`), never read or blocked on, quarantined as it is, audited once."""
     (env.inbox / "a.csv").write_bytes(GOOD)
     real_rename = os.rename
     swapped = []
@@ -183,7 +187,7 @@ def test_an_entry_swapped_in_before_the_claim_is_quarantined_never_read(
             swapped.append(True)
         real_rename(src, dst, **kwargs)
 
-    monkeypatch.setattr(intake_module.os, "rename", swapping_rename)
+    monkeypatch.setattr(os, "rename", swapping_rename)
     assert env.take("a.csv") == []
     monkeypatch.undo()
 
@@ -207,7 +211,7 @@ def test_a_failed_rename_is_rejected_once_and_the_file_left(
     def failing_rename(src: Any, dst: Any, **kwargs: Any) -> None:
         raise OSError(errno.EXDEV, "cross-device", str(dst))
 
-    monkeypatch.setattr(intake_module.os, "rename", failing_rename)
+    monkeypatch.setattr(os, "rename", failing_rename)
     assert env.take("a.csv") == []
     assert env.take("a.csv") == []
     monkeypatch.undo()
@@ -242,6 +246,6 @@ def test_hashing_stops_past_the_size_limit(tmp_path: Path) -> None:
     path.write_bytes(b"x" * (3 << 20))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert intake_module._hash_fd(fd, 1 << 20) == "too_large"
+        assert claim._hash_fd(fd, 1 << 20) == "too_large"
     finally:
         os.close(fd)

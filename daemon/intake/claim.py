@@ -1,0 +1,224 @@
+"""The kernel side of a claim: pin, check, lease, move, copy and hash one inbox entry (main loop).
+
+The entry is pinned with O_PATH|O_NOFOLLOW (never opened as a file, so a link, FIFO or device is
+never followed, read or blocked on), checked on that descriptor, then reopened through
+/proc/self/fd (the same inode, so EACCES is a real `permission_denied`). A read lease proves no one
+holds it open for writing; a file not ours, or with another name, is copied while hashed, so what
+is hashed is exactly what is processed and kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import structlog
+
+from daemon.config import Pipeline
+from daemon.intake import reasons
+from daemon.intake.refusal import identity, refusal
+
+log = structlog.get_logger()
+
+PRIVATE_MODE = 0o600
+_OPEN_INBOX = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_PINNED = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_REOPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_SPOOLED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_COPY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_BYTES = 1 << 20
+COPY_SUFFIX = ".copy"
+
+
+class Lease(StrEnum):
+    HELD = "held"  # no writer had it open; a new writer now waits for our release
+    BUSY = "busy"  # someone holds it open for writing
+    UNAVAILABLE = "unavailable"  # not permitted (neither owner nor CAP_LEASE): settle rule
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str
+    errno_name: str | None = None
+    st: os.stat_result | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A readable descriptor on the checked inode, and that inode's stat at the check."""
+
+    fd: int
+    st: os.stat_result
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    sha256: str
+    size: int
+
+
+def errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+@contextlib.contextmanager
+def inbox_fds(inbox: Path, pipelines: set[str], unsafe: set[str]) -> Iterator[dict[str, int]]:
+    """A descriptor of each inbox folder, opened without following a symlink: a producer
+    who replaces `<inbox>/<pipeline>` by a link to another folder (the state folder, /etc)
+    must not make us rename files out of it."""
+    fds: dict[str, int] = {}
+    try:
+        for name in sorted(pipelines):
+            try:
+                fds[name] = os.open(inbox / name, _OPEN_INBOX)
+            except OSError as exc:
+                if name not in unsafe:
+                    unsafe.add(name)
+                    log.error("intake.inbox_unsafe", pipeline=name, errno=errno_name(exc))
+                continue
+            unsafe.discard(name)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def open_checked(inbox_fd: int, name: str, pipeline: Pipeline) -> Opened | Refusal:
+    """Pin `name`, check it, and open that very inode for reading."""
+    try:
+        pinned = os.open(name, _OPEN_PINNED, dir_fd=inbox_fd)
+    except FileNotFoundError as exc:
+        return Refusal(reasons.VANISHED, errno_name(exc))
+    except OSError as exc:
+        reason = reasons.PERMISSION_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else None
+        return Refusal(reason or reasons.CLAIM_FAILED, errno_name(exc))
+    try:
+        st = os.fstat(pinned)
+        reason = refusal(pipeline, st)
+        if reason is not None:
+            return Refusal(reason, None, st)
+        try:
+            fd = os.open(f"/proc/self/fd/{pinned}", _REOPEN)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                return Refusal(reasons.PERMISSION_DENIED, errno_name(exc), st)
+            return Refusal(reasons.CLAIM_FAILED, errno_name(exc), st)
+        return Opened(fd, st)
+    finally:
+        os.close(pinned)
+
+
+def try_lease(fd: int) -> Lease:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return Lease.BUSY if exc.errno in (errno.EAGAIN, errno.EBUSY) else Lease.UNAVAILABLE
+    return Lease.HELD
+
+
+def release_lease(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def move_into_spool(inbox_fd: int, name: str, target: Path, st: os.stat_result) -> Refusal | None:
+    """Rename the entry into the spool; then check that what moved is the inode we checked."""
+    try:
+        os.rename(name, target, src_dir_fd=inbox_fd)
+    except FileNotFoundError as exc:
+        return Refusal(reasons.VANISHED, errno_name(exc))
+    except OSError as exc:
+        return Refusal(reasons.CLAIM_FAILED, errno_name(exc), st)
+    return check_moved(target, st)
+
+
+def check_moved(target: Path, st: os.stat_result) -> Refusal | None:
+    """A refusal for what now sits at `target` when it is not the checked inode (a swap)."""
+    try:
+        moved = os.lstat(target)
+    except FileNotFoundError as exc:
+        return Refusal(reasons.VANISHED, errno_name(exc))
+    if stat.S_ISLNK(moved.st_mode):
+        return Refusal(reasons.SYMLINK, None, moved)
+    if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+        return Refusal(reasons.CHANGED_AFTER_CHECK, None, moved)
+    return None
+
+
+def take_bytes(
+    fd: int, st: os.stat_result, target: Path, pipeline: Pipeline, service_uid: int
+) -> Taken | Refusal:
+    """Hash the file at `target` (open as `fd`, checked as `st`). A file owned by someone else or
+    with another name is replaced by a private copy made while hashing, so nobody can change
+    the bytes we keep; a file that changed while read is refused."""
+    must_copy = st.st_uid != service_uid or st.st_nlink > 1
+    copy_path = target.with_name(f".{target.name}{COPY_SUFFIX}")
+    copy_fd = os.open(copy_path, _CREATE_COPY, PRIVATE_MODE) if must_copy else None
+    try:
+        if copy_fd is None:
+            os.fchmod(fd, PRIVATE_MODE)
+        outcome = _hash_fd(fd, pipeline.max_file_bytes, copy_fd)
+        if isinstance(outcome, str):
+            return Refusal(outcome)
+        if identity(os.fstat(fd)) != identity(st) or outcome.size != st.st_size:
+            return Refusal(reasons.CHANGED_AFTER_CHECK)
+        if copy_fd is not None:
+            os.fchmod(copy_fd, PRIVATE_MODE)
+            os.fsync(copy_fd)
+            os.rename(copy_path, target)  # the copy replaces the producer's inode in the spool
+            os.close(copy_fd)
+            copy_fd = None
+            must_copy = False  # nothing left to clean up
+        return outcome
+    finally:
+        if copy_fd is not None:
+            os.close(copy_fd)
+        if must_copy:
+            copy_path.unlink(missing_ok=True)
+
+
+def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Refusal:
+    """Recovery: an entry already in the spool, never followed, read only if a plain file."""
+    try:
+        fd = os.open(path, _OPEN_SPOOLED)
+    except FileNotFoundError as exc:
+        return Refusal(reasons.VANISHED, errno_name(exc))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return Refusal(reasons.SYMLINK, errno_name(exc))
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return Refusal(reasons.PERMISSION_DENIED, errno_name(exc))
+        return Refusal(reasons.CLAIM_FAILED, errno_name(exc))
+    try:
+        st = os.fstat(fd)
+        reason = refusal(pipeline, st)
+        if reason is not None:
+            return Refusal(reason, None, st)
+        return take_bytes(fd, st, path, pipeline, service_uid)
+    finally:
+        os.close(fd)
+
+
+def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | str:
+    """sha256 and size (copying to `copy_fd` on the way), reading at most one chunk past the
+    limit (a file still growing)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := os.read(fd, _READ_BYTES):
+        digest.update(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            return reasons.TOO_LARGE
+        if copy_fd is not None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(copy_fd, view) :]
+    return Taken(digest.hexdigest(), size)

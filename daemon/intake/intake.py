@@ -1,0 +1,392 @@
+"""Intake: decide when an inbox file is complete, check it is safe, and claim it into the spool.
+
+Runs on the main loop. Claiming is: pin and check the entry (claim.py) → journal intent → rename
+into the spool → copy or hash → journal. Entries that cannot be taken stay in the inbox, are
+reported once and remembered until they change (memory.py).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from daemon.audit import AuditLog
+from daemon.audit.events import FileReceived, FileRejected
+from daemon.config import Pipeline, Settings
+from daemon.intake import claim, reasons, recovery
+from daemon.intake.claim import Lease, Opened, Refusal, Taken
+from daemon.intake.memory import RefusalMemory
+from daemon.intake.recovery import Refused
+from daemon.intake.refusal import is_ignored, recorded_name, spool_suffix
+from daemon.intake.settle import Candidate, Candidates, Signature
+from daemon.journal import Journal
+from daemon.models import IncomingFile
+
+log = structlog.get_logger()
+
+# Files claimed per main-loop step: two journal commits each chunk, so batching them keeps the
+# fsyncs few, while a bounded chunk keeps the loop responsive to everything else.
+CLAIM_CHUNK = 500
+# Entries held open (with a lease) at once within a step: below systemd's 1024 soft fd limit.
+OPEN_CHUNK = 128
+# How soon to look again at a file someone holds open for writing (its close event is sooner).
+BUSY_RETRY_S = 1.0
+# Candidates a rescan may hold at once (about 300 bytes each): a producer who drops a million
+# files costs bounded memory; the rest are found when the backlog drains.
+MAX_PENDING = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    pipeline: Pipeline
+    candidate: Candidate
+    name: str  # recorded_name(candidate.path.name)
+    opened: Opened
+    spool_name: str
+    received_at: float
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: Settings,
+        journal: Journal,
+        audit: AuditLog,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._journal = journal
+        self._audit = audit
+        self._clock = clock
+        self._monotonic = monotonic
+        self._candidates = Candidates()
+        self._refused = RefusalMemory()
+        self._unsafe_inboxes: set[str] = set()
+        self._is_scan_capped = False
+        self._service_uid = os.geteuid()
+        if threading.current_thread() is threading.main_thread():
+            # A writer opening a file we hold a lease on makes the kernel send us SIGIO, whose
+            # default action ends the process; the lease is released within the claim anyway.
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pipelines: Mapping[str, Pipeline] = {p.name: p for p in settings.pipeline}
+        self._spool = settings.paths.spool
+        for name in self._pipelines:
+            (self._spool / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._candidates.drop_pipelines_except(set(self._pipelines))
+        self._refused.forget_pipelines_except(self._pipelines)
+
+    @property
+    def pending(self) -> int:
+        """Candidates waiting, plus one while a capped rescan left entries unlisted."""
+        return len(self._candidates) + int(self._is_scan_capped)
+
+    @property
+    def left_in_inbox(self) -> int:
+        """Entries now in an inbox that intake saw but could not take (reported once each)."""
+        return len(self._refused)
+
+    # -- candidates -----------------------------------------------------------------------
+
+    def offer(self, pipeline: str, path: Path, *, is_writing: bool | None = None) -> None:
+        """A path seen by an event. `is_writing` is True after a modify event and False after
+        a close or a rename-in; None (a create) leaves it as it was.
+
+        A file whose first event is a close or a rename-in was written elsewhere and renamed
+        in: complete unless a writer still holds it, which the lease tells, so no settle wait.
+        One written in place (its first event a create) keeps the settle rule even when closed:
+        a writer may reopen it to add more.
+        """
+        if pipeline not in self._pipelines or is_ignored(path.name):
+            return
+        now = self._monotonic()
+        settle_s = self._pipelines[pipeline].settle_s
+        candidate = self._candidates.get(path)
+        if candidate is None:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return
+            if self._refused.is_unchanged(pipeline, path.name, st):
+                return
+            self._refused.forget(pipeline, path.name)  # changed: examined afresh
+            candidate = Candidate(pipeline, path, _signature(st), now, now + settle_s)
+            candidate.is_closed_hint = is_writing is False
+            self._candidates.add(candidate)
+        candidate.is_urgent = True
+        if is_writing is not None:
+            candidate.is_writing = is_writing
+        if is_writing:
+            candidate.stable_since = now
+            self._candidates.schedule(candidate, now + settle_s)
+        elif is_writing is False and candidate.is_closed_hint:
+            self._candidates.schedule(candidate, now)
+        else:
+            self._candidates.schedule(candidate, candidate.due)
+
+    def scan(self) -> int:
+        """Offer every new entry of every inbox (start-up and the periodic rescan), skipping
+        refused ones that did not change; count new candidates."""
+        before = len(self._candidates)
+        now = self._monotonic()
+        self._is_scan_capped = False
+        for name, pipeline in self._pipelines.items():
+            folder = self._settings.paths.inbox / name
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                folder.mkdir(parents=True, exist_ok=True)
+                continue
+            except OSError:
+                continue
+            for entry in entries:
+                self._scan_entry(pipeline, entry, now)
+            self._refused.keep_only(name, (e.name for e in entries))
+        return len(self._candidates) - before
+
+    def _scan_entry(self, pipeline: Pipeline, entry: os.DirEntry[str], now: float) -> None:
+        if is_ignored(entry.name):
+            return
+        # A refused entry costs a dict look-up (a link keeps its inode for life: not even an
+        # lstat); a Path is built only for what may be new, since that is the costly part.
+        try:
+            if self._refused.inode(pipeline.name, entry.name) == entry.inode() and (
+                entry.is_symlink()
+                or self._refused.is_unchanged(
+                    pipeline.name, entry.name, entry.stat(follow_symlinks=False)
+                )
+            ):
+                return
+            path = Path(entry.path)
+            if path in self._candidates:
+                return
+            st = entry.stat(follow_symlinks=False)  # cached by the DirEntry
+        except OSError:
+            return
+        self._refused.forget(pipeline.name, entry.name)  # new or changed: examined afresh
+        if len(self._candidates) >= MAX_PENDING:
+            self._is_scan_capped = True
+            return
+        due = now + pipeline.settle_s
+        self._candidates.add(Candidate(pipeline.name, path, _signature(st), now, due))
+
+    def next_due(self) -> float | None:
+        """Monotonic time at which the next candidate may be complete."""
+        return self._candidates.next_due()
+
+    def _settled(self, limit: int) -> list[tuple[Candidate, bool]]:
+        """Due candidates worth a claim attempt, each with whether it passed the settle rule
+        (needed when no lease can tell whether a writer still holds it)."""
+        now = self._monotonic()
+        ready: list[tuple[Candidate, bool]] = []
+        for c in self._candidates.pop_due(now, limit):
+            pipeline = self._pipelines[c.pipeline]
+            try:
+                st = os.lstat(c.path)
+            except OSError:
+                self._candidates.remove(c.path)
+                continue
+            signature = _signature(st)
+            if signature != c.signature:
+                c.signature, c.stable_since = signature, now
+                if not c.is_closed_hint:
+                    self._candidates.schedule(c, now + pipeline.settle_s)
+                    continue
+            is_settled = now >= c.stable_since + pipeline.settle_s
+            timed_out = now - c.stable_since >= max(pipeline.max_incomplete_s, pipeline.settle_s)
+            if c.is_closed_hint or (is_settled and (not c.is_writing or timed_out)):
+                # A lost close event (inotify overflow) must not hold a file forever either.
+                ready.append((c, is_settled and (not c.is_writing or timed_out)))
+            else:
+                self._candidates.schedule(
+                    c, c.stable_since + max(pipeline.max_incomplete_s, pipeline.settle_s)
+                )
+        return ready
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def take_settled(self, limit: int = CLAIM_CHUNK) -> list[IncomingFile]:
+        """Claim settled candidates, at most `limit` (the main loop comes back for the rest, so
+        batches seal and start while a large backlog is still being claimed); return the files
+        now in the spool and journal."""
+        if self._is_scan_capped and len(self._candidates) < MAX_PENDING // 2:
+            self.scan()  # the capped rescan's remainder, now that the backlog drained
+        ready = self._settled(limit)
+        if not ready:
+            return []
+        taken: list[IncomingFile] = []
+        with claim.inbox_fds(
+            self._settings.paths.inbox, {c.pipeline for c, _ in ready}, self._unsafe_inboxes
+        ) as inbox_fds:
+            for start in range(0, len(ready), OPEN_CHUNK):
+                taken += self._claim(ready[start : start + OPEN_CHUNK], inbox_fds)
+        return taken
+
+    def _claim(
+        self, ready: list[tuple[Candidate, bool]], inbox_fds: dict[str, int]
+    ) -> list[IncomingFile]:
+        now = self._clock()
+        plans: list[_Plan] = []
+        try:
+            for c, is_settled in ready:
+                plan = self._plan(c, is_settled, inbox_fds.get(c.pipeline), now)
+                if plan is not None:
+                    plans.append(plan)
+            if not plans:
+                return []
+            ids = self._journal.begin_claims(
+                (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
+            )
+            return self._move_all(list(zip(ids, plans, strict=True)), inbox_fds)
+        finally:
+            for p in plans:
+                claim.release_lease(p.opened.fd)
+                os.close(p.opened.fd)
+
+    def _move_all(
+        self, claims: list[tuple[int, _Plan]], inbox_fds: dict[str, int]
+    ) -> list[IncomingFile]:
+        received, dropped, refused, taken = [], [], [], []
+        for file_id, plan in claims:
+            outcome = self._move_and_hash(plan, inbox_fds[plan.pipeline.name])
+            if isinstance(outcome, Taken):
+                received.append((file_id, outcome.sha256, outcome.size))
+                taken.append(
+                    IncomingFile(
+                        file_id,
+                        plan.pipeline.name,
+                        plan.name,
+                        self._spool / plan.spool_name,
+                        outcome.sha256,
+                        outcome.size,
+                        plan.received_at,
+                        bool(plan.candidate.is_writing),
+                    )
+                )
+            elif outcome is None:
+                dropped.append(file_id)
+            else:
+                r = Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name, outcome)
+                refused.append(r)
+        self._journal.finish_claims(
+            received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
+        )
+        for f in taken:
+            self._audit.record(
+                FileReceived(
+                    pipeline=f.pipeline,
+                    file=f.name,
+                    sha256=f.sha256,
+                    size=f.size,
+                    file_id=f.file_id,
+                )
+            )
+        recovery.quarantine_refused(refused, self._settings, self._audit, self._journal)
+        return taken
+
+    def _plan(
+        self, c: Candidate, is_settled: bool, inbox_fd: int | None, now: float
+    ) -> _Plan | None:
+        """Pin and check a candidate, and decide whether it may be taken now."""
+        pipeline = self._pipelines[c.pipeline]
+        if inbox_fd is None:
+            self._candidates.schedule(c, self._monotonic() + max(pipeline.settle_s, BUSY_RETRY_S))
+            return None
+        opened = claim.open_checked(inbox_fd, c.path.name, pipeline)
+        if isinstance(opened, Refusal):
+            self._candidates.remove(c.path)
+            self._refuse_in_inbox(pipeline.name, c.path.name, opened)
+            return None
+        lease = claim.try_lease(opened.fd)
+        if lease is Lease.BUSY or (lease is Lease.UNAVAILABLE and not is_settled):
+            os.close(opened.fd)
+            again = self._monotonic()
+            if lease is Lease.UNAVAILABLE:
+                c.is_closed_hint = False  # no kernel word on writers: the settle rule decides
+                again = max(again, c.stable_since + pipeline.settle_s)
+            else:
+                again += max(pipeline.settle_s, BUSY_RETRY_S)
+                log.debug("intake.busy", pipeline=pipeline.name, inode=opened.st.st_ino)
+            self._candidates.schedule(c, again)
+            return None
+        self._candidates.remove(c.path)
+        spool_name = f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}"
+        return _Plan(
+            pipeline,
+            c,
+            recorded_name(c.path.name),
+            opened,
+            spool_name + spool_suffix(c.path.name),
+            now,
+        )
+
+    def _move_and_hash(self, plan: _Plan, inbox_fd: int) -> Taken | str | None:
+        """The claim's outcome: taken, None (vanished, or left in the inbox and reported), or
+        the reason the spooled entry is quarantined."""
+        target = self._spool / plan.spool_name
+        st = plan.opened.st
+        moved = claim.move_into_spool(inbox_fd, plan.candidate.path.name, target, st)
+        if moved is not None and moved.reason in (reasons.VANISHED, reasons.CLAIM_FAILED):
+            # Left in the inbox (a read-only or sticky folder, a mount point): reported once.
+            self._refuse_in_inbox(plan.pipeline.name, plan.candidate.path.name, moved)
+            return None
+        if moved is not None:
+            self._log_refusal("file.swapped", plan.pipeline.name, moved, st.st_ino)
+            return moved.reason
+        outcome = claim.take_bytes(plan.opened.fd, st, target, plan.pipeline, self._service_uid)
+        return outcome.reason if isinstance(outcome, Refusal) else outcome
+
+    def _refuse_in_inbox(self, pipeline: str, raw_name: str, refused: Refusal) -> None:
+        """Leave the entry alone and report it once; remember it until it changes."""
+        if refused.reason == reasons.VANISHED:
+            log.info(
+                "intake.vanished",
+                pipeline=pipeline,
+                reason=refused.reason,
+                errno=refused.errno_name,
+            )
+            return
+        st = refused.st
+        if st is not None:
+            self._refused.remember(pipeline, raw_name, st, refused.reason)
+        inode, size = (st.st_ino, st.st_size) if st is not None else (0, 0)
+        name = recorded_name(raw_name)
+        if self._journal.record_rejected(pipeline, name, inode, refused.reason, self._clock()):
+            self._audit.record(
+                FileRejected(pipeline=pipeline, file=name, reason=refused.reason, size=size)
+            )
+            self._log_refusal("file.rejected", pipeline, refused, inode)
+
+    @staticmethod
+    def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:
+        # Never the name: only the reason code, the errno's name and the inode.
+        log.warning(
+            event, pipeline=pipeline, reason=refused.reason, errno=refused.errno_name, inode=inode
+        )
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def adopt_orphans(self) -> int:
+        """Recovery: spooled files the journal does not know become claims again."""
+        return recovery.adopt_orphans(self._journal, self._spool, self._pipelines)
+
+    def finish_interrupted_claims(self) -> list[IncomingFile]:
+        """Recovery: claims whose journal intent was written but not their outcome."""
+        return recovery.finish_interrupted_claims(
+            self._journal, self._settings, self._pipelines, self._audit, self._service_uid
+        )
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -1,0 +1,63 @@
+"""Pure checks on names and stat results: what intake may take, under which spool name."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from daemon.config import Pipeline
+from daemon.intake import reasons
+
+IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
+_SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
+
+
+def is_ignored(name: str) -> bool:
+    """Hidden and partial names wait until they are renamed (write-then-rename)."""
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def spool_suffix(name: str) -> str:
+    """The input's extension, sanitised: processors detect formats by it."""
+    suffix = Path(name).suffix.lower()
+    return suffix if 1 < len(suffix) <= 10 and set(suffix) <= _SUFFIX_CHARS else ""
+
+
+def recorded_name(name: str) -> str:
+    """The name as text the journal, manifests and audit log can hold: bytes that are not UTF-8
+    (surrogate-escaped by Python) become a literal `\\xNN`. Only ever data, never a path."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return reasons.SYMLINK
+    if stat.S_ISDIR(mode):
+        return reasons.DIRECTORY
+    if stat.S_ISFIFO(mode):
+        return reasons.FIFO
+    if stat.S_ISSOCK(mode):
+        return reasons.SOCKET
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return reasons.DEVICE
+    return reasons.NOT_REGULAR_FILE
+
+
+def refusal(pipeline: Pipeline, st: os.stat_result) -> str | None:
+    """Why an entry must not be taken, or None: the same checks on the lstat and on the fd."""
+    if not stat.S_ISREG(st.st_mode):
+        return kind_of(st.st_mode)
+    if st.st_nlink > 1 and not pipeline.allow_hard_links:
+        return reasons.HARD_LINK
+    if pipeline.allowed_uids is not None and st.st_uid not in pipeline.allowed_uids:
+        return reasons.OWNER_NOT_ALLOWED
+    if st.st_size > pipeline.max_file_bytes:
+        return reasons.TOO_LARGE
+    return None
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
+    """What must not change between the check and the end of the claim. ctime is left out:
+    our own rename and fchmod change it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_uid, st.st_nlink)
