@@ -97,7 +97,7 @@ class ServiceTree:
         return self.root / "outbox" / pipeline
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "daemon", "--config", str(self.config), *args]
+        return [sys.executable, "-m", "daemon", *args, "--config", str(self.config)]
 
     def published(self, pipeline: str) -> list[Path]:
         folder = self.outbox(pipeline)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,7 +25,8 @@ from pydantic import (
 from daemon.errors import ConfigError, UnknownProcessorError
 from daemon.processors import known_kinds, options_model
 
-DEFAULT_CONFIG = Path("config/medbatch.toml")
+LOCAL_CONFIG = Path("config/medbatch.toml")
+SYSTEM_CONFIG = Path("/etc/medbatch/medbatch.toml")
 
 _UNITS = {
     "": 1,
@@ -113,11 +116,38 @@ class DispatchConfig(_Model):
     aging_s: PositiveSeconds = 60.0
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port`, host an IP literal or `localhost`; ValueError otherwise."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+|localhost):(\d{1,5})", address)
+    if match is None:
+        raise ValueError(f"{address!r} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)")
+    host = match[1] or match[3]
+    port = int(match[2] or match[4])
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    return host, port
+
+
+def _check_address(value: Any) -> Any:
+    if isinstance(value, str):
+        parse_address(value)
+    return value
+
+
+Address = Annotated[str, AfterValidator(_check_address)]
+
+
 class ServiceConfig(_Model):
     graceful_timeout_s: Seconds = 60.0
     rescan_s: PositiveSeconds = 30.0
     tick_s: PositiveSeconds = 0.5
-    metrics_address: str | None = None
+    metrics_address: Address | None = None
 
 
 class Pipeline(_Model):
@@ -254,8 +284,19 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 
 
 def config_path_from(arg: str | Path | None) -> Path:
-    """--config, else $MEDBATCH_CONFIG, else config/medbatch.toml."""
-    return Path(arg or os.environ.get("MEDBATCH_CONFIG") or DEFAULT_CONFIG)
+    """--config, else $MEDBATCH_CONFIG, else ./config/medbatch.toml if it exists, else
+    /etc/medbatch/medbatch.toml; ConfigError naming all of them when none is there."""
+    chosen = arg or os.environ.get("MEDBATCH_CONFIG")
+    if chosen:
+        return Path(chosen)
+    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        "config",
+        "no config file found: give --config PATH, or set $MEDBATCH_CONFIG, or create "
+        f"./{LOCAL_CONFIG} or {SYSTEM_CONFIG}",
+    )
 
 
 def load_settings(path: Path) -> Settings:

@@ -50,6 +50,27 @@ class ExecutorUnavailableError(MedbatchError):
     so the attempt does not count against it."""
 
 
+class InstanceLockedError(MedbatchError):
+    """Another medbatch instance already runs on this state folder."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"pid {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"another instance ({holder}) already runs on this state folder "
+            f"(it holds {path}); stop it first, or give this one its own paths.state"
+        )
+
+
+class JournalUnreadableError(MedbatchError):
+    """The journal could not be read."""
+
+    def __init__(self, message: str, *, is_permission: bool = False) -> None:
+        self.is_permission = is_permission
+        super().__init__(message)
+
+
 class DiskFullError(MedbatchError):
     """A write failed because the disk is full or failing; work pauses until it can resume."""
 

@@ -128,6 +128,7 @@ class Supervisor:
         return 1 if unfinished else 0
 
     def _start(self) -> None:
+        self._install_signal_handlers()
         paths = self.settings.paths
         for folder in (paths.state, paths.spool, paths.outbox, paths.quarantine, paths.archive):
             folder.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -148,7 +149,6 @@ class Supervisor:
         self._recover()
         self.executor = make_executor(self.settings, self._kinds(), self._on_done)
         self.executor.start()
-        self._install_signal_handlers()
         if self.settings.service.metrics_address:
             self.metrics.serve(self.settings.service.metrics_address)
         self.watcher = InboxWatcher(self._messages)
@@ -234,8 +234,11 @@ class Supervisor:
     # -- signals --------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        for signum in signals:
             signal.signal(signum, self._on_signal)
+        # `medbatch run` holds these blocked until now; the workers must not inherit the mask.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._messages.put(SignalReceived(signum))  # SimpleQueue.put is reentrant

@@ -90,7 +90,7 @@ class Service:
     # -- process --------------------------------------------------------------------------
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "daemon", "--config", str(self.config), *args]
+        return [sys.executable, "-m", "daemon", *args, "--config", str(self.config)]
 
     def start(
         self, *args: str, env: Mapping[str, str] | None = None, wait_ready: bool = True

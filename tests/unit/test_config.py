@@ -70,9 +70,12 @@ def test_unknown_kind_lists_the_known_ones(tmp_path: Path) -> None:
         load_settings(write(tmp_path, '[[pipeline]]\nname = "x"\nkind = "nope"\n'))
 
 
-def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--config, else $MEDBATCH_CONFIG, else config/medbatch.toml."""
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--config, else $MEDBATCH_CONFIG, else ./config/medbatch.toml if it exists."""
     monkeypatch.delenv("MEDBATCH_CONFIG", raising=False)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "medbatch.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
     assert config_path_from(None) == Path("config/medbatch.toml")
     monkeypatch.setenv("MEDBATCH_CONFIG", "/etc/m.toml")
     assert config_path_from(None) == Path("/etc/m.toml")

@@ -1,0 +1,17 @@
+"""`medbatch run [--once]`: check everything, take the instance lock, run the service."""
+
+from __future__ import annotations
+
+from daemon import preflight
+from daemon.config import Settings
+from daemon.instance_lock import InstanceLock
+
+
+def run(settings: Settings, *, once: bool) -> int:
+    # Before anything is touched: a bad folder or a taken port fails here (78), not after
+    # recovery and a `daemon.started` line; a second instance fails here (75).
+    preflight.check(settings, bind=True)
+    from daemon.supervisor import Supervisor
+
+    with InstanceLock(settings.paths.state):
+        return Supervisor(settings, once=once).run()
