@@ -58,7 +58,7 @@ def test_make_install_is_the_service_only(clone: Clone, tmp_path: Path) -> None:
         [
             str(clone.root / ".venv/bin/python"),
             "-c",
-            "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))",
+            "import importlib.metadata as m; print(*(d.name for d in m.distributions()))",
         ],
         capture_output=True,
         text=True,
