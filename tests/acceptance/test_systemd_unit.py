@@ -1,7 +1,7 @@
 """The unit's ExecStart=/ExecReload= run as written, as a non-root user, speaking sd_notify.
 
-systemd cannot be PID 1 here (the machine's init is not systemd and no container runtime is
-at hand), so the command lines run verbatim with the unit's User=, UMask= and Environment=.
+PID 1 of the development and CI machines is not systemd (a microVM's own init), so instead of
+the unit the command lines run verbatim, with the unit's User=, UMask= and Environment=.
 """
 
 from __future__ import annotations
