@@ -1,48 +1,65 @@
-# Every target CI and developers use. `make run` and `make test` install into .venv on first use.
+# Every target CI and developers use. The venv is built on first use, in two parts:
+#   `make run` / `make once` / `make install`: only what the service needs (pip install -e .);
+#   `make dev` (and so test, lint, bench): adds the dev tools and the test plug-ins
+#   (tests/plugins/example_processor, which registers the `linecount` and `faulty` kinds).
+# Separate stamps, so `make test` after `make run` adds only the dev part.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
+# -qq: no progress bars or notices; errors are still printed (and fail the target).
+PIP := $(BIN)/python -m pip --quiet --quiet
 CONFIG ?= config/medbatch.toml
 PYTEST_ARGS ?=
 
-.PHONY: install run once test test-unit test-system lint format bench clean
+.PHONY: install dev run once test test-unit test-system test-acceptance lint format bench clean
 
-$(STAMP): pyproject.toml tests/plugins/example_processor/pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet -e tests/plugins/example_processor
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
 
-install: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
 
-run: $(STAMP)
+$(DEV_STAMP): $(RUN_STAMP) pyproject.toml tests/plugins/example_processor/pyproject.toml
+	$(PIP) install -e '.[dev]' -e tests/plugins/example_processor
+	touch $@
+
+install: $(RUN_STAMP)
+
+dev: $(DEV_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/medbatch run --config $(CONFIG)
 
-once: $(STAMP)
+once: $(RUN_STAMP)
 	$(BIN)/medbatch run --once --config $(CONFIG)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-system: $(STAMP)
+test-system: $(DEV_STAMP)
 	$(BIN)/python -m pytest tests/system $(PYTEST_ARGS)
 
-lint: $(STAMP)
+test-acceptance: $(DEV_STAMP)
+	$(BIN)/python -m pytest tests/acceptance $(PYTEST_ARGS)
+
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/ruff format --check daemon tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff format daemon tests bench
 	$(BIN)/ruff check --fix daemon tests bench
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench
 
 clean:
