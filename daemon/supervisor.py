@@ -43,6 +43,7 @@ from daemon.notify import Notifier
 from daemon.outbox import make_folder, quarantine, remove_stale_staging
 from daemon.periodic import HEARTBEAT_S, Heartbeat, Periodic, Rescan, Tick
 from daemon.watcher import InboxWatcher, PathSeen
+from daemon.web.server import StatusServer
 
 log = structlog.get_logger()
 
@@ -92,6 +93,7 @@ class Supervisor:
         self._messages: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._notifier = Notifier()
         self.metrics = Metrics()
+        self.status_server: StatusServer | None = None
         self._stopping = False
         self._stop_now = False
         self._inflight: dict[str, _InFlight] = {}
@@ -150,7 +152,8 @@ class Supervisor:
         self.executor.start()
         self._install_signal_handlers()
         if self.settings.service.metrics_address:
-            self.metrics.serve(self.settings.service.metrics_address)
+            self.status_server = StatusServer(self.settings, self.metrics)
+            self.status_server.start(self.settings.service.metrics_address)
         self.watcher = InboxWatcher(self._messages)
         if not self.once:
             self.watcher.start(self._inbox_folders())
@@ -197,7 +200,8 @@ class Supervisor:
         self._record_heartbeat(stopped=True)
         self.audit.close()
         self.journal.close()
-        self.metrics.close()
+        if self.status_server is not None:
+            self.status_server.close()
         log.info("daemon.stopped", interrupted=len(self._inflight))
 
     def _drain(self) -> None:
@@ -740,9 +744,12 @@ class Supervisor:
         healthy = self._is_healthy()
         # A paused intake or an unreachable cluster is degraded, not hung: keep feeding the
         # watchdog, but let `status` say so.
+        workers_ok = self.executor.is_healthy()
         self._record_heartbeat(
             stopped=False,
-            healthy=healthy and self.executor.is_healthy() and not self._paused,
+            healthy=healthy and workers_ok and not self._paused,
+            workers_ok=workers_ok,
+            watches_ok=self.once or self.watcher.is_alive(),
         )
         if healthy:
             self._notifier.watchdog()
@@ -762,7 +769,7 @@ class Supervisor:
         log.info("audit.recovered", lines_rebuilt=rebuilt)
         self._resume()
 
-    def _record_heartbeat(self, *, stopped: bool, healthy: bool = True) -> None:
+    def _record_heartbeat(self, *, stopped: bool, healthy: bool = True, **checks: bool) -> None:
         # The journal's head must never be ahead of what is durable in the log (AuditLog.head).
         self.audit.sync()
         head = {}
@@ -773,6 +780,7 @@ class Supervisor:
             pid=os.getpid(),
             healthy=healthy,
             heartbeat_s=self._heartbeat_s(),
+            **checks,
             **head,
         )
 
