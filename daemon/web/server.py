@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,12 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     status: StatusServer
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Only the error's type: socketserver's default prints a traceback to stderr, outside
+        the JSON log, and an exception's text can quote a path or a value."""
+        error = sys.exc_info()[1]
+        log.error("http.request_failed", error=type(error).__name__)
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
@@ -83,6 +90,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except sqlite3.Error as exc:
             log.warning("http.journal_unreadable", error=type(exc).__name__)
             self._send(503, "text/plain; charset=utf-8", b"journal unreadable\n", send_body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away
+        except Exception as exc:
+            # A bug here must cost one answer, never the server thread: type only, no text.
+            log.error(
+                "http.request_failed",
+                route=path if route is not None else "download",
+                error=type(exc).__name__,
+            )
+            self._send(500, "text/plain; charset=utf-8", b"internal error\n", send_body)
 
     _ROUTES: ClassVar[dict[str, Callable[[StatusServer], Response]]] = {
         "/": lambda app: app.status_page(),

@@ -164,3 +164,25 @@ def test_close_stops_listening(root: Path) -> None:
     status.close()
     with pytest.raises(OSError), socket.create_connection((host, port), timeout=2):
         pass
+
+
+def test_a_failing_page_costs_one_answer_not_the_server(
+    server: tuple[StatusServer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while rendering answers 500 without its text; the next requests are served."""
+    status, base = server
+
+    def broken() -> str:
+        raise ValueError("Doe, John.csv")
+
+    monkeypatch.setattr(status.page, "render", broken)
+    code, _, body = get(f"{base}/")
+    assert (code, body) == (500, b"internal error\n")
+    assert get(f"{base}/healthz")[0] == 503
+    conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("HEAD", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b""
+    finally:
+        conn.close()
