@@ -25,6 +25,9 @@ class Health:
     paused: str | None = None
     audit_head: tuple[int, str] | None = None
     audit_head_at: float | None = None
+    # The parts that make `healthy` false, so that status and /healthz can name the broken one.
+    workers_ok: bool = True
+    watches_ok: bool = True
 
 
 def write_health(journal: Journal, health: Health) -> None:
@@ -35,6 +38,8 @@ def write_health(journal: Journal, health: Health) -> None:
         "healthy": health.healthy,
         "heartbeat_s": health.heartbeat_s,
         "paused": health.paused,
+        "workers_ok": health.workers_ok,
+        "watches_ok": health.watches_ok,
     }
     if health.audit_head is not None:
         values["audit_head"] = list(health.audit_head)
@@ -60,4 +65,6 @@ def read_health(journal: JournalQueries) -> Health:
         paused=journal.meta("paused"),
         audit_head=(int(head[0]), str(head[1])) if head else None,
         audit_head_at=None if at is None else float(at),
+        workers_ok=journal.meta("workers_ok") is not False,
+        watches_ok=journal.meta("watches_ok") is not False,
     )

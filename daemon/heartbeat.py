@@ -39,14 +39,36 @@ class HeartbeatMonitor:
         """The scheduler's ticks still arrive (a stuck loop or a dead scheduler stops them)."""
         return time.monotonic() - self.last_tick <= max(10.0, 20 * tick_s)
 
-    def beat(self, *, is_alive: bool, is_healthy: bool, paused: str | None, status: str) -> None:
+    def beat(
+        self,
+        *,
+        is_alive: bool,
+        is_healthy: bool,
+        is_watching: bool,
+        paused: str | None,
+        status: str,
+    ) -> None:
         """Record it; feed the watchdog only when alive (degraded is not hung)."""
-        self.record(stopped=False, healthy=is_alive and is_healthy and not paused, paused=paused)
+        self.record(
+            stopped=False,
+            healthy=is_alive and is_healthy and not paused,
+            paused=paused,
+            workers_ok=is_healthy,
+            watches_ok=is_watching,
+        )
         if is_alive:
             self._notifier.watchdog()
         self._notifier.status(status)
 
-    def record(self, *, stopped: bool, healthy: bool = True, paused: str | None = None) -> None:
+    def record(
+        self,
+        *,
+        stopped: bool,
+        healthy: bool = True,
+        paused: str | None = None,
+        workers_ok: bool = True,
+        watches_ok: bool = True,
+    ) -> None:
         # The journal's head must never be ahead of what is durable in the log (AuditLog.head).
         self._audit.sync()
         is_durable = self._audit.failing_since is None
@@ -58,6 +80,8 @@ class HeartbeatMonitor:
             paused=paused,
             audit_head=self._audit.head if is_durable else None,
             audit_head_at=time.time() if is_durable else None,
+            workers_ok=workers_ok,
+            watches_ok=watches_ok,
         )
         write_health(self._journal, health)
 

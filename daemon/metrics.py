@@ -1,21 +1,21 @@
 """Prometheus metrics: counters, gauges and histograms in a registry of their own.
 
-Updated by the main loop only; `serve` starts prometheus-client's HTTP server thread, which only
-reads the registry. Label values are pipeline names (from the config) and reason codes, so the
-number of series stays bounded; a file name never becomes a label.
+The main loop updates counters and histograms; the state gauges are computed at scrape time in
+the HTTP thread (`daemon.web.server`). Label values are pipeline names (from the config), folder
+roles and reason codes, so the number of series stays bounded; a file name never becomes a label.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import threading
-from collections.abc import Iterable
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
-import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from daemon import config
 from daemon.audit.events import (
     BatchFailed,
     BatchPublished,
@@ -26,8 +26,6 @@ from daemon.audit.events import (
     Record,
 )
 from daemon.errors import ConfigError, MedbatchError
-
-log = structlog.get_logger()
 
 PRIORITIES = range(1, 6)
 OTHER_REASON = "other"
@@ -49,8 +47,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
         self._reasons: set[str] = set()
         self._add_counters(self.registry)
         self._add_gauges(self.registry)
@@ -174,33 +170,10 @@ class Metrics:
     def set_in_flight(self, n: int) -> None:
         self._in_flight.set(n)
 
-    # -- the endpoint ---------------------------------------------------------------------
-
-    def serve(self, address: str) -> tuple[str, int]:
-        """Serve /metrics on `host:port` (`[::1]:9464` for IPv6); return the bound address."""
-        host, port = parse_address(address)
-        if not ipaddress.ip_address(host).is_loopback:
-            log.warning("metrics.not_loopback", address=address)
-        try:
-            self._server, self._thread = start_http_server(port, host, registry=self.registry)
-        except OSError as exc:
-            # Not a ConfigError (exit 78 stops systemd's restarts): the port may free up.
-            raise MetricsServerError(
-                f"metrics: cannot listen on {address}: {exc.strerror}"
-            ) from None
-        bound = self._server.server_address
-        log.info("metrics.serving", host=host, port=bound[1])
-        return host, int(bound[1])
-
-    def close(self) -> None:
-        """Stop the HTTP server, if any, and wait for its thread."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+    def watch_state(self, read: Callable[[], StateReading | None]) -> None:
+        """Gauges of the service's state, computed by `read` at each scrape (in the HTTP
+        thread), so the main loop never updates them and a slow disk never stalls it."""
+        self.registry.register(StateGauges(read))
 
     def _reason(self, reason: str) -> str:
         if not _REASON_CODE.fullmatch(reason):
@@ -212,22 +185,65 @@ class Metrics:
         return reason
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port`, host an IP literal; ConfigError naming the key otherwise."""
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+|localhost):(\d{1,5})", address)
-    if match is None:
-        raise ConfigError(
-            "service.metrics_address",
-            f"{address!r} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)",
+@dataclass(frozen=True, slots=True)
+class StateReading:
+    """What the state gauges show, read from the journal and the filesystems."""
+
+    is_paused: bool
+    free_bytes: Mapping[str, int]  # by folder role: inbox, state, outbox, quarantine
+    oldest_waiting_s: Mapping[str, float]  # by pipeline; 0 when nothing waits
+    last_publish_ts: Mapping[str, float]  # by pipeline; absent until its first publish
+
+
+class StateGauges(Collector):
+    """Intake paused, disk free per folder, oldest waiting file, last publish per pipeline."""
+
+    def __init__(self, read: Callable[[], StateReading | None]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        reading = self._read()
+        paused, free, oldest, last = self._families()
+        if reading is not None:
+            paused.add_metric([], 1.0 if reading.is_paused else 0.0)
+            for folder, n in sorted(reading.free_bytes.items()):
+                free.add_metric([folder], float(n))
+            for pipeline, age in sorted(reading.oldest_waiting_s.items()):
+                oldest.add_metric([pipeline], age)
+            for pipeline, ts in sorted(reading.last_publish_ts.items()):
+                last.add_metric([pipeline], ts)
+        return iter((paused, free, oldest, last))
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "medbatch_intake_paused", "1 while intake is paused (disk full, audit unwritable)."
+            ),
+            GaugeMetricFamily(
+                "medbatch_disk_free_bytes",
+                "Bytes free (for an unprivileged writer) on the filesystem of each folder.",
+                labels=["folder"],
+            ),
+            GaugeMetricFamily(
+                "medbatch_oldest_waiting_seconds",
+                "Age of the oldest file taken but not yet published or quarantined.",
+                labels=["pipeline"],
+            ),
+            GaugeMetricFamily(
+                "medbatch_last_publish_timestamp_seconds",
+                "Unix time of the pipeline's last published batch.",
+                labels=["pipeline"],
+            ),
         )
-    host = match[1] or match[3]
-    port = int(match[2] or match[4])
-    if host == "localhost":
-        host = "127.0.0.1"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """The config's rule (`config.parse_address`), as a ConfigError naming the key."""
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError("service.metrics_address", f"{host!r} is not an IP address") from None
-    if port > 65535:
-        raise ConfigError("service.metrics_address", f"port {port} is out of range")
-    return host, port
+        return config.parse_address(address)
+    except ValueError as exc:
+        raise ConfigError("service.metrics_address", str(exc)) from None

@@ -52,6 +52,7 @@ from daemon.reload import name_key_for, reloaded_settings
 from daemon.signals import SignalHandlers
 from daemon.startup import by_name, hashed_pipelines, inbox_folders, kinds, prepare_folders
 from daemon.watcher import InboxWatcher
+from daemon.web.server import StatusServer
 from daemon.wiring import wire
 
 log = structlog.get_logger()
@@ -69,6 +70,7 @@ class Service:
         self._signals = SignalHandlers(lambda signum: self._messages.put(SignalReceived(signum)))
         self._notifier = Notifier()
         self.metrics = Metrics()
+        self.status_server: StatusServer | None = None
         self.progress = Progress()
         self._stopping = self._stop_now = self._is_ready = self._reload_pending = False
         self.monitor: HeartbeatMonitor | None = None
@@ -137,7 +139,8 @@ class Service:
         self.executor.start()
         self._checkpoint()
         if self.settings.service.metrics_address:
-            self.metrics.serve(self.settings.service.metrics_address)
+            self.status_server = StatusServer(self.settings, self.metrics)
+            self.status_server.start(self.settings.service.metrics_address)
         backlog = self._start_watching()
         self._heartbeat()
         self.audit.sync()
@@ -205,7 +208,8 @@ class Service:
             self.audit.close()
         if self.journal is not None:
             self.journal.close()
-        self.metrics.close()
+        if self.status_server is not None:
+            self.status_server.close()
         self._notifier.close()
         log.info("daemon.stopped", interrupted=in_flight)
 
@@ -330,6 +334,7 @@ class Service:
             and is_scheduling
             and self.monitor.is_ticking(self.settings.service.tick_s),
             is_healthy=self.executor.is_healthy(),
+            is_watching=is_watching,
             paused=self.gate.paused,
             status=f"{self.intake.pending} settling, {len(self.dispatcher)} waiting, "
             f"{len(self.flow.inflight)} in flight, {self.progress.published} published",

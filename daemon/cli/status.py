@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import calendar
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from daemon.cli.exits import EX_FAIL, EX_NOT_RUNNING, EX_OK
@@ -15,56 +13,12 @@ from daemon.cli.journal_access import open_journal
 from daemon.cli.output import printable
 from daemon.config import Settings
 from daemon.journal import Journal
-
-# A heartbeat older than this many intervals (plus the slack) means the main loop is stuck.
-STALE_HEARTBEATS = 3
-STALE_SLACK_S = 5.0
+from daemon.liveness import NOT_STARTED, assess
 
 
 def _service_state(journal: Journal, now: float) -> dict[str, Any]:
     """From the heartbeat the service records in the journal's meta table."""
-    beat, pid = journal.meta("heartbeat"), journal.meta("pid")
-    state: dict[str, Any] = {
-        "state": "not running",
-        "running": False,
-        "healthy": False,
-        "pid": None,
-        "heartbeat_age_s": None,
-        "problem": None,
-    }
-    # A clean stop records heartbeat = None; a kill -9 leaves the last one and a dead pid.
-    if beat is None or pid is None or not _is_medbatch_process(int(pid)):
-        return state
-    age = max(0.0, now - float(beat))
-    interval = float(journal.meta("heartbeat_s") or 5.0)
-    state.update(running=True, pid=int(pid), heartbeat_age_s=round(age, 1))
-    if age > STALE_HEARTBEATS * interval + STALE_SLACK_S:
-        state["problem"] = f"no heartbeat for {age:.0f} s (main loop stuck?)"
-    elif not journal.meta("healthy"):
-        state["problem"] = "the service reports itself unhealthy (watcher or scheduler down)"
-    elif journal.meta("paused"):
-        state["problem"] = f"intake paused ({journal.meta('paused')}): no files are taken"
-    else:
-        state["healthy"] = True
-    state["state"] = "running" if state["healthy"] else "degraded"
-    return state
-
-
-def _is_medbatch_process(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    # After a crash the pid may belong to another program by now.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return b"medbatch" in cmdline or b"daemon" in cmdline
+    return assess(journal.meta, now).as_dict()
 
 
 def _start_of_day(now: float) -> float:
@@ -134,14 +88,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
 
 
 def _not_started() -> dict[str, Any]:
-    return {
-        "state": "not running",
-        "running": False,
-        "healthy": False,
-        "pid": None,
-        "heartbeat_age_s": None,
-        "problem": "no journal yet: the service has never run with this config",
-    }
+    return NOT_STARTED.as_dict()
 
 
 _COLUMNS = (

@@ -120,8 +120,12 @@ def test_running_service_counts_match_what_was_dropped(make_service: MakeService
     text = service.run("status")
     assert text.returncode == 0 and text.stdout.startswith("medbatch: running (pid ")
     assert any(line.startswith("emr ") for line in text.stdout.splitlines())
-    # And the Prometheus endpoint counts the same
-    assert scrape(service) == {
+    # And the Prometheus endpoint counts the same (the state gauges: tests/system/test_http.py)
+    scraped = scrape(service)
+    assert scraped.pop(("medbatch_intake_paused", None)) == 0
+    for gauge in ("disk_free_bytes", "oldest_waiting_seconds", "last_publish_timestamp_seconds"):
+        assert scraped.pop((f"medbatch_{gauge}", "emr" if "seconds" in gauge else None)) > 0
+    assert scraped == {
         ("medbatch_files_received_total", "emr"): 7,
         ("medbatch_files_quarantined_total", "emr"): 1,
         ("medbatch_batches_published_total", "emr"): 2,

@@ -1,9 +1,6 @@
-"""Metrics: counters follow audit lines, latencies and gauges from the main loop, the endpoint."""
+"""Metrics: counters follow audit lines, latencies and gauges from the main loop, state gauges."""
 
 from __future__ import annotations
-
-import socket
-import urllib.request
 
 import pytest
 
@@ -20,7 +17,7 @@ from daemon.audit.events import (
     Record,
 )
 from daemon.errors import ConfigError
-from daemon.metrics import MAX_REASONS, Metrics, MetricsServerError, parse_address
+from daemon.metrics import MAX_REASONS, Metrics, StateGauges, StateReading, parse_address
 
 
 @pytest.fixture
@@ -130,32 +127,26 @@ def test_each_instance_has_its_own_registry() -> None:
     assert sample(second, "medbatch_files_received_total", pipeline="emr") is None
 
 
-def test_serves_the_registry_over_http(metrics: Metrics) -> None:
-    """`serve` on a loopback port answers a scrape with the metrics; `close` stops it."""
-    metrics.file_received("emr")
-    host, port = metrics.serve("127.0.0.1:0")
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
-            body = response.read().decode()
-            assert response.status == 200
-    finally:
-        metrics.close()
-    assert 'medbatch_files_received_total{pipeline="emr"} 1.0' in body
-    assert "# TYPE medbatch_drop_to_publish_seconds histogram" in body
-    with pytest.raises(OSError), socket.create_connection((host, port), timeout=2):
-        pass
-
-
-def test_busy_port_is_a_plain_error_not_a_config_error(metrics: Metrics) -> None:
-    """An address in use may free up: not exit 78 (which stops systemd's restarts)."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(MetricsServerError, match=f"127.0.0.1:{port}") as caught:
-            metrics.serve(f"127.0.0.1:{port}")
-    assert not isinstance(caught.value, ConfigError)
-    metrics.close()
+def test_state_gauges_are_read_at_scrape_time(metrics: Metrics) -> None:
+    """The state gauges show what the reader returns at each scrape, and nothing if it fails."""
+    readings: list[StateReading | None] = [
+        StateReading(
+            is_paused=True,
+            free_bytes={"inbox": 10, "outbox": 20},
+            oldest_waiting_s={"emr": 4.5, "imaging": 0.0},
+            last_publish_ts={"emr": 1_700_000_000.0},
+        )
+    ]
+    metrics.watch_state(lambda: readings[-1])
+    assert sample(metrics, "medbatch_intake_paused") == 1
+    assert sample(metrics, "medbatch_disk_free_bytes", folder="outbox") == 20
+    assert sample(metrics, "medbatch_oldest_waiting_seconds", pipeline="emr") == 4.5
+    assert sample(metrics, "medbatch_oldest_waiting_seconds", pipeline="imaging") == 0
+    assert sample(metrics, "medbatch_last_publish_timestamp_seconds", pipeline="emr") == 1.7e9
+    assert sample(metrics, "medbatch_last_publish_timestamp_seconds", pipeline="imaging") is None
+    readings.append(None)
+    assert sample(metrics, "medbatch_intake_paused") is None
+    assert isinstance(StateGauges(lambda: None).describe().__next__().name, str)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""The loopback HTTP side: /metrics, /healthz and a read-only status page, in one server thread."""
