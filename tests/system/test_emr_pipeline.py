@@ -53,10 +53,16 @@ def test_dropped_files_publish_one_batch_with_exact_means(make_service: MakeServ
     assert service.stop() == 0
 
     assert sorted(i["name"] for i in manifest["inputs"]) == sorted(dropped)
-    assert all(i["rows"] == 40 and i["rows_dropped"] == 6 for i in manifest["inputs"])
+    # Per-file counts are rounded down to a multiple of min_cell_size (11): 40 → 33, 6 → 0.
+    assert all(
+        (i["rows"], i["rows_dropped"], i["rounded_to"]) == (33, 0, 11) for i in manifest["inputs"]
+    )
     result = pd.read_csv(service.outbox / "emr" / manifest["batch_id"] / "result.csv")
     expected = expected_means(contents)
-    assert list(result.columns) == ["diagnosis", "n", *[f"mean_{c}" for c in NUMERIC]]
+    assert list(result.columns) == [
+        "diagnosis", "n", *[f"mean_{c}" for c in NUMERIC], "suppressed"
+    ]  # fmt: skip
+    assert not result.pop("suppressed").any()
     pd.testing.assert_frame_equal(result, expected, check_exact=False, rtol=1e-12)
     assert "patient_id" not in result.columns
     check_accounting(service, dropped)
