@@ -25,7 +25,7 @@ from daemon.errors import ProcessorError
 from daemon.models import Facts
 from daemon.processors import emr_stats
 from daemon.processors.emr_fold import complete_rows, file_facts, plan_columns, to_number
-from daemon.processors.emr_scan import COMPRESSED, sniff_delimiter, table_suffix
+from daemon.processors.emr_scan import COMPRESSED, sniff_delimiter
 from daemon.processors.options import EmrOptions
 from daemon.processors.tables import is_numeric
 
@@ -42,6 +42,10 @@ class EmrProcessor(Protocol):
 FILE_COLUMN = "__medbatch_file__"
 # Larger files gain nothing from joining, and may hold lines only the full scan can judge.
 MAX_JOIN_BYTES = 1 << 20
+# Tables that are never joined: other formats, and text only its own scan can decode.
+_ALONE_SUFFIXES = (".parquet", ".tsv", ".tab", ".xlsx", ".xlsm", *COMPRESSED)
+# One joined parse holds this much text at most (a few times that once parsed).
+MAX_SHARE_BYTES = 16 << 20
 
 Outcome = Facts | ProcessorError
 _Group = list[tuple[int, bytes]]  # (item index, body lines already suffixed with the index)
@@ -66,14 +70,29 @@ def read_batch(
             header, body = prepared
             groups[header].append((index, body))
     for header, members in groups.items():
-        if len(members) == 1 or not _read_group(
-            processor, items, header, members, partials, outcomes
-        ):
-            for index, _ in members:
-                _read_one(processor, items, index, partials, outcomes)
+        for share in _shares(members):
+            if len(share) == 1 or not _read_group(
+                processor, items, header, share, partials, outcomes
+            ):
+                for index, _ in share:
+                    _read_one(processor, items, index, partials, outcomes)
     assert all(o is not None for o in outcomes)
     partials.sort(key=lambda placed: placed[0])
     return [p for _, p in partials], [o for o in outcomes if o is not None]
+
+
+def _shares(members: _Group) -> list[_Group]:
+    """Members cut into joined parses of at most MAX_SHARE_BYTES: memory stays bounded
+    whatever the batch's size."""
+    shares: list[_Group] = [[]]
+    size = 0
+    for member in members:
+        if shares[-1] and size + len(member[1]) > MAX_SHARE_BYTES:
+            shares.append([])
+            size = 0
+        shares[-1].append(member)
+        size += len(member[1])
+    return shares
 
 
 def _read_one(
@@ -97,8 +116,7 @@ def _prepare(processor: EmrProcessor, path: Path, index: int) -> tuple[bytes, by
     """(header line, body with the item index appended to each row), or None: read it alone."""
     options = processor.options
     if (
-        table_suffix(path) in (".parquet", ".tsv", ".tab", ".xlsx", ".xlsm")
-        or path.suffix.lower() in COMPRESSED
+        path.name.lower().endswith(_ALONE_SUFFIXES)
         or options.field_delimiter not in (None, ",")
         or options.decimal != "."
         or options.encoding not in ("utf-8", "auto")
@@ -121,8 +139,6 @@ def _prepare(processor: EmrProcessor, path: Path, index: int) -> tuple[bytes, by
     lines = [line for line in body.split(b"\n") if line]
     if not header.strip() or len(lines) > options.max_rows:
         return None
-    if sniff_delimiter(path, header.decode("utf-8")) != ",":
-        return None
     suffix = b",%d\n" % index
     return header, suffix.join(lines) + suffix if lines else b""
 
@@ -137,6 +153,9 @@ def _read_group(
 ) -> bool:
     """Parse the group as one table; False when it must be read file by file instead."""
     options = processor.options
+    path = items[members[0][0]][0]
+    if sniff_delimiter(path, header.decode("utf-8")) != ",":
+        return False
     names = header.decode("utf-8").split(",")
     group = options.group_by
     if (
