@@ -8,6 +8,10 @@ import re
 import pyarrow as pa
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# Spreadsheets skip these before a formula, or read them as the ASCII sign: fullwidth signs,
+# spaces, and zero-width characters (and a BOM) must not hide a prefix.
+_FULLWIDTH = ("\uff1d", "\uff0b", "\uff0d", "\uff20", "\ufe62", "\ufe63", "\u2212")
+_INVISIBLE = " \u00a0\u2000\u2001\u2002\u2003\u2009\u200a\u200b\u200c\u200d\u2060\u3000\ufeff\n"
 # A header that is itself patient data: a date ("1984-03-02"), a long number (an MRN), an
 # e-mail, or words shaped like a person's name ("Doe, John", "John Smith").
 _LOOKS_PERSONAL = re.compile(
@@ -18,8 +22,12 @@ _PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9 _.()%/#-]{0,63}$")
 
 
 def neutralise(text: str) -> str:
-    """OWASP CSV-injection rule: a text cell that a spreadsheet would run gets a leading quote."""
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+    """OWASP CSV-injection rule: a text cell that a spreadsheet would run gets a leading quote,
+    also when the sign is fullwidth or follows spaces or zero-width characters."""
+    if text.startswith(FORMULA_PREFIXES):
+        return "'" + text
+    shown = text.lstrip(_INVISIBLE)
+    return "'" + text if shown.startswith(FORMULA_PREFIXES + _FULLWIDTH) else text
 
 
 def is_numeric(kind: pa.DataType) -> bool:

@@ -197,6 +197,17 @@ def test_means_are_exact_over_files_and_suppression_is_off_at_1(tmp_path: Path) 
         ("\rx", "'\rx"),
         ("plain", "plain"),
         ("a=b", "a=b"),
+        (" =1+1", "' =1+1"),
+        ("\u00a0\u00a0@SUM(A1)", "'\u00a0\u00a0@SUM(A1)"),
+        ("\u200b=cmd", "'\u200b=cmd"),
+        ("\ufeff+1", "'\ufeff+1"),
+        ("\uff1dHYPERLINK()", "'\uff1dHYPERLINK()"),
+        ("\uff0b1", "'\uff0b1"),
+        ("\uff20x", "'\uff20x"),
+        ("\u2212" + "1", "'\u22121"),
+        ("\n=1", "'\n=1"),
+        (" plain", " plain"),
+        ("e-mail", "e-mail"),
     ],
 )
 def test_neutralise(text: str, expected: str) -> None:
