@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import random
@@ -177,3 +178,87 @@ def test_symlink_and_fifo_are_rejected_never_read(make_service: MakeService) -> 
     assert fifo.exists()
     assert "secret" not in "".join(str(m) for m in service.manifests())
     check_accounting(service, {"good.csv": sha})
+
+
+def european_export(rng: random.Random) -> pd.DataFrame:
+    """Rows of a Windows export: accented labels, a lab column with censored values."""
+    rows = []
+    for _ in range(60):
+        crp = rng.choice(["<0.5", f"{rng.uniform(0.5, 90):.2f}", f"{rng.uniform(0.5, 90):.2f}"])
+        rows.append(
+            {
+                "Diagnose": rng.choice(["Fièvre", "Grippe", "Bronchite"]),
+                "Station": rng.choice(["Nord", "Süd"]),
+                "temp": round(rng.uniform(36, 41), 1),
+                "crp": crp,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_real_exports_give_the_chosen_statistics(make_service: MakeService) -> None:
+    """A cp1252 `;` export with decimal commas and censored `<0.5` values, an .xlsx and a
+    gzip CSV in one batch: mean, std, median and p90 over each column's own values equal
+    pandas'; the censored values are counted in the manifest, never silently dropped."""
+    import openpyxl
+
+    rng = random.Random(7)
+    frames = [european_export(rng) for _ in range(3)]
+    service = make_service(
+        [
+            emr(
+                max_files=3,
+                group_by="Diagnose",
+                category_columns=["Station"],
+                encoding="auto",
+                decimal=",",
+                statistics=["mean", "std", "median", "p90"],
+                missing="column",
+            )
+        ]
+    )
+    service.start()
+    # Given a cp1252 `;` CSV with decimal commas, an .xlsx, and a gzip CSV
+    text = frames[0].to_csv(sep=";", index=False, decimal=",", lineterminator="\r\n")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(list(frames[1].columns))
+    for row in frames[1].itertuples(index=False):
+        sheet.append([float(v) if k == "temp" else v for k, v in zip(frames[1].columns, row)])
+    xlsx = io.BytesIO()
+    book.save(xlsx)
+    dropped = {
+        "export.csv": service.drop("emr", "export.csv", text.encode("cp1252")),
+        "export.xlsx": service.drop("emr", "export.xlsx", xlsx.getvalue()),
+        "export.csv.gz": service.drop(
+            "emr", "export.csv.gz", gzip.compress(frames[2].to_csv(index=False).encode())
+        ),
+    }
+    # When the batch is published
+    manifest = wait_until(lambda: service.manifests("emr"), 60)[0]
+    assert service.stop() == 0
+    # Then every statistic equals pandas over the three tables' own values per column
+    result = pd.read_csv(service.outbox / "emr" / manifest["batch_id"] / "result.csv")
+    result = result.set_index("Diagnose").sort_index()
+    frame = pd.concat(frames)
+    frame["crp"] = pd.to_numeric(frame["crp"], errors="coerce")
+    grouped = frame.groupby("Diagnose")
+    for column in ("temp", "crp"):
+        values = grouped[column]
+        expected = {
+            f"n_{column}": values.count(),
+            f"mean_{column}": values.mean(),
+            f"std_{column}": values.std(),
+            f"median_{column}": values.median(),
+            f"p90_{column}": values.quantile(0.9),
+        }
+        for name, want in expected.items():
+            pd.testing.assert_series_equal(
+                result[name], want.rename(name).astype(float), check_dtype=False, rtol=1e-12
+            )
+    assert "mean_Station" not in result.columns and not result["suppressed"].any()
+    censored = {i["name"]: i.get("unparsed:crp", 0) for i in manifest["inputs"]}
+    assert censored == {
+        name: int((f["crp"] == "<0.5").sum()) for name, f in zip(dropped, frames, strict=True)
+    }
+    check_accounting(service, dropped)
