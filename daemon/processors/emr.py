@@ -130,17 +130,16 @@ class EmrProcessor:
         open it). A single small cell could be recovered by subtraction from the batch total:
         the smallest other cell is then suppressed with it."""
         n = cells[N].to_numpy(np.int64)
-        sources = cells[emr_stats.SOURCES].to_numpy(np.int64)
-        suppressed = (n < self.options.min_cell_size) | (sources < self.options.min_cell_sources)
+        suppressed = self._small(cells)
         if suppressed.sum() == 1 and (~suppressed).any():
             kept = np.flatnonzero(~suppressed)
             suppressed[kept[np.argmin(n[kept])]] = True
-        return np.asarray(suppressed, dtype=bool)
+        return suppressed
 
     def _merge_small(self, cells: pd.DataFrame) -> pd.DataFrame:
         """Small cells folded into one `other` row, with the smallest others until that row is
         no small cell itself (its statistics merged exactly from the partials)."""
-        small = self._suppressed_plain(cells)
+        small = self._small(cells)
         if not small.any():
             return cells
         n = cells[N].to_numpy(np.int64)
@@ -154,7 +153,7 @@ class EmrProcessor:
         )
         return pd.concat([cells[~fold], merged])
 
-    def _suppressed_plain(self, cells: pd.DataFrame) -> np.ndarray:
+    def _small(self, cells: pd.DataFrame) -> np.ndarray:
         n = cells[N].to_numpy(np.int64)
         sources = cells[emr_stats.SOURCES].to_numpy(np.int64)
         return np.asarray(

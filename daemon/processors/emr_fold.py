@@ -123,6 +123,11 @@ class TableFold:
         mask = complete_rows(piece, plan.required or {plan.group})
         piece = piece.filter(mask)
         self.kept += piece.num_rows
+        if self.keep_values and self.kept * len(plan.values) > self.options.max_quantile_values:
+            limit = self.options.max_quantile_values
+            raise ProcessorError(
+                self.path, "too_many_values", f"median/quantiles over more than {limit} values"
+            )
         columns: dict[str, pa.Array] = {plan.group: pc.cast(piece[plan.group], pa.string())}
         for name in plan.values:
             columns[name], parsed, unparsed = to_number(piece[name], self.options.decimal)

@@ -88,6 +88,8 @@ class EmrOptions(_Options):
     # n (each column's own count, `n_<column>`), mean, std, min, max, median, p1..p99.
     # mean/std/min/max are exact across files and batches; median and quantiles within a batch.
     statistics: tuple[str, ...] = ("mean",)
+    # Median and quantiles hold the values (8 bytes each): an input with more is refused.
+    max_quantile_values: int = Field(default=20_000_000, gt=0)
     # "row": a row missing any value of `required_columns` (default: every column) is dropped.
     # "column": each column over its own values, with its own `n_<column>`.
     missing: Literal["row", "column"] = "row"

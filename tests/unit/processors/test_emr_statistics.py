@@ -126,3 +126,15 @@ def test_configured_columns_are_always_present(tmp_path: Path) -> None:
 def test_unknown_statistics_are_refused(bad: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="statistics"):
         EmrOptions(statistics=bad)
+
+
+def test_quantiles_hold_values_within_a_bound(tmp_path: Path) -> None:
+    """A median needs every value: an input past max_quantile_values is refused, not swapped."""
+    from daemon.errors import ProcessorError
+
+    content = b"diagnosis,age,glucose\n" + b"flu,1,2\n" * 600
+    with pytest.raises(ProcessorError) as info:
+        run(tmp_path, [content], statistics=("median",), max_quantile_values=1000)
+    assert info.value.reason == "too_many_values"
+    result, _ = run(tmp_path, [content], statistics=("mean",), max_quantile_values=1000)
+    assert result["mean_age"].iloc[0] == 1.0
