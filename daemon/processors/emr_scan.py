@@ -77,6 +77,7 @@ class ScannedStream:
         self.decoded = 0
         self.newlines = 0
         self.quotes = 0
+        self.offset = 0  # of the next byte handed to the parser
         self.last_newline = -1
         try:
             self.replay = self._read_head()
@@ -207,7 +208,7 @@ class ScannedStream:
             except UnicodeDecodeError:
                 raise self.not_decodable(self.header.encoding) from None
         self.quotes += chunk.count(b'"')
-        offset = self.newline_offset
+        offset = self.offset
         positions = np.flatnonzero(np.frombuffer(chunk, np.uint8) == _NEWLINE) + offset
         ends = np.concatenate(([self.last_newline], positions, [offset + len(chunk)]))
         if int(np.diff(ends).max()) - 1 > self.options.max_row_bytes:
@@ -216,14 +217,12 @@ class ScannedStream:
         self.newlines += positions.size
         if positions.size:
             self.last_newline = int(positions[-1])
-        self.newline_offset = offset + len(chunk)
+        self.offset = offset + len(chunk)
         # Lines after the header; a last line without its newline counts too.
         if self.newlines - 1 > self.options.max_rows:
             raise self.refuse(
                 "too_many_rows", f"more than max_rows ({self.options.max_rows}) lines"
             )
-
-    newline_offset = 0
 
     def _finish(self) -> None:
         try:
