@@ -154,7 +154,7 @@ def _check_zip(path: Path, options: EmrOptions) -> None:
     except (zipfile.BadZipFile, OSError):
         raise _refuse(path, "bad_table", "not a readable workbook (not a zip)") from None
     stored = max(path.stat().st_size, 1)
-    if decoded > options.max_decoded_bytes or (
+    if decoded > min(options.max_xlsx_bytes, options.max_decoded_bytes) or (
         decoded > 1 << 24 and decoded / stored > options.max_ratio
     ):
         raise _refuse(path, "decompression_bomb", f"decodes to {decoded} bytes from {stored}")

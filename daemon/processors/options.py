@@ -102,6 +102,8 @@ class EmrOptions(_Options):
     delimiter: Literal["auto", ",", ";", "\t", "|"] = "auto"
     decimal: Literal[".", ","] = "."
     sheet: str | None = None  # .xlsx: the first sheet unless named
+    # .xlsx is a zip whose shared strings openpyxl holds in memory: its declared decoded size.
+    max_xlsx_bytes: int = Field(default=256 << 20, gt=0)
     # .gz, .bz2, .zst, .xz text: decompressed as a stream within these caps, or refused.
     compressed: Literal["stream", "refuse"] = "stream"
     max_decoded_bytes: int = Field(default=4 << 30, gt=0)

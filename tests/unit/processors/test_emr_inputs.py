@@ -7,6 +7,7 @@ import bz2
 import gzip
 import lzma
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,19 @@ def test_a_broken_xlsx_is_refused_with_a_reason(tmp_path: Path, content: bytes) 
     with pytest.raises(ProcessorError) as info:
         read(path)
     assert info.value.reason == "bad_table"
+
+
+def test_an_xlsx_that_inflates_past_its_cap_is_refused_before_opening(tmp_path: Path) -> None:
+    """A workbook padded with 40 MiB of zeros (a few KiB zipped): refused by the ratio cap and
+    by max_xlsx_bytes, from the zip's declared sizes, before openpyxl reads it."""
+    path = tmp_path / "padded.xlsx"
+    write_xlsx(path, {"Data": [("diagnosis", "temp"), ("flu", 1.0)]})
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("xl/media/pad.bin", bytes(40 << 20))
+    for options in ({}, {"max_xlsx_bytes": 1 << 20, "max_ratio": 10**6}):
+        with pytest.raises(ProcessorError) as info:
+            read(path, **options)
+        assert info.value.reason == "decompression_bomb"
 
 
 def zstd(data: bytes) -> bytes:
