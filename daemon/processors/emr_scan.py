@@ -9,6 +9,7 @@ import codecs
 import csv
 import gzip
 import lzma
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,21 +45,39 @@ def table_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def open_decoded(path: Path, options: EmrOptions) -> Any:
-    """A binary file of the decoded bytes (gzip, bz2, xz in C through the standard library;
-    zstd through pyarrow)."""
-    kind = COMPRESSED.get(path.suffix.lower())
-    if kind is None:
-        return path.open("rb")
-    if options.compressed == "refuse":
-        raise ProcessorError(path, "compressed", f"{kind} text is refused (compressed = refuse)")
-    if kind == "gzip":
-        return gzip.open(path, "rb")
-    if kind == "bz2":
-        return bz2.open(path, "rb")
-    if kind == "xz":
-        return lzma.open(path, "rb")
-    return pa.input_stream(str(path), compression="zstd")
+# Each closed by `Decoded.close`, with the stored file under it.
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "gzip": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    "bz2": bz2.BZ2File,
+    "xz": lzma.LZMAFile,
+    "zstd": lambda raw: pa.CompressedInputStream(raw, "zstd"),
+}
+
+
+class Decoded:
+    """A binary file of a table's decoded bytes (gzip, bz2, xz in C through the standard
+    library; zstd through pyarrow), and how many stored bytes it has consumed so far."""
+
+    def __init__(self, path: Path, options: EmrOptions) -> None:
+        self.kind = COMPRESSED.get(path.suffix.lower())
+        if self.kind is not None and options.compressed == "refuse":
+            raise ProcessorError(
+                path, "compressed", f"{self.kind} text is refused (compressed = refuse)"
+            )
+        self.raw = pa.OSFile(str(path)) if self.kind == "zstd" else path.open("rb")
+        self.stream: Any = _DECODERS[self.kind](self.raw) if self.kind else self.raw
+
+    @property
+    def consumed(self) -> int:
+        return int(self.raw.tell())
+
+    def read(self, size: int) -> bytes:
+        data: bytes = self.stream.read(size)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
 
 
 class ScannedStream:
@@ -72,8 +91,7 @@ class ScannedStream:
     def __init__(self, path: Path, options: EmrOptions) -> None:
         self.path = path
         self.options = options
-        self.compressed_bytes = path.stat().st_size if path.suffix.lower() in COMPRESSED else 0
-        self.source = open_decoded(path, options)
+        self.source = Decoded(path, options)
         self.decoded = 0
         self.newlines = 0
         self.quotes = 0
@@ -123,11 +141,11 @@ class ScannedStream:
 
     def _pull(self, size: int) -> bytes:
         try:
-            chunk: bytes = self.source.read(size)
+            chunk = self.source.read(size)
         except (OSError, EOFError, lzma.LZMAError, ValueError, pa.ArrowException):
             raise self.refuse("bad_compression", "the compressed stream is corrupt") from None
         self.decoded += len(chunk)
-        if self.compressed_bytes:
+        if self.source.kind is not None:
             self._check_inflation()
         return chunk
 
@@ -135,7 +153,8 @@ class ScannedStream:
         if self.decoded > self.options.max_decoded_bytes:
             limit = self.options.max_decoded_bytes
             raise self.refuse("decompression_bomb", f"decodes past max_decoded_bytes ({limit})")
-        ratio = self.decoded / max(self.compressed_bytes, 1)
+        # Against the stored bytes consumed so far: padding a bomb with more data cannot dilute it.
+        ratio = self.decoded / max(self.source.consumed, 1)
         if self.decoded > _RATIO_FLOOR_BYTES and ratio > self.options.max_ratio:
             limit = self.options.max_ratio
             raise self.refuse("decompression_bomb", f"inflates more than max_ratio ({limit})x")
@@ -238,8 +257,8 @@ def check_quoting(stream: ScannedStream) -> None:
     pyarrow is lenient, and two stray quotes make one cell of every line between them."""
     options, header = stream.options, stream.header
     csv.field_size_limit(options.max_row_bytes)
-    raw = open_decoded(stream.path, options)
-    text = codecs.getreader(header.encoding)(raw)
+    raw = Decoded(stream.path, options)
+    text = codecs.getreader(header.encoding)(raw.stream)
     try:
         for _ in csv.reader(text, delimiter=header.delimiter, strict=True):
             pass
