@@ -166,7 +166,9 @@ class TableFold:
         facts = file_facts(self.options, self.rows, self.kept, len(partial), self.plan.withheld)
         if text:
             facts["non_numeric"] = ";".join(text)
-        facts.update({f"unparsed:{c}": n for c, n in unparsed.items()})
+        # Rounded up, as rows are rounded down: never 0 when there were some, never exact.
+        step = self.options.min_cell_size
+        facts.update({f"unparsed:{c}": -(-n // step) * step for c, n in unparsed.items()})
         return partial, facts
 
 

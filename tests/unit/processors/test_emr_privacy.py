@@ -126,3 +126,14 @@ def test_min_cell_sources_resists_padding(tmp_path: Path, padding_rows: int) -> 
     assert result["suppressed"].tolist().count("true") == 2  # kuru, and asthma with it
     opened, _ = publish(tmp_path, [victim, padding, other])
     assert "kuru" in opened["diagnosis"].tolist()  # the attack works without the option
+
+
+@pytest.mark.parametrize(("censored", "published"), [(1, 11), (10, 11), (11, 11), (12, 22)])
+def test_unparsed_counts_are_coarse_but_never_zero(
+    tmp_path: Path, censored: int, published: int
+) -> None:
+    """Censored values are reported (never silently dropped) but rounded up, so a file of one
+    small group does not say how many rows it had."""
+    text = "diagnosis,crp\n" + "kuru,<0.5\n" * censored + "kuru,3\n" * 20
+    _, (facts,) = publish(tmp_path, [text])
+    assert facts["unparsed:crp"] == published
