@@ -15,7 +15,7 @@ import io
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,13 +23,29 @@ import pyarrow.csv as pacsv
 
 from daemon.errors import ProcessorError
 from daemon.models import Facts
+from daemon.processors import emr_stats
+from daemon.processors.emr_fold import complete_rows, file_facts, plan_columns, to_number
+from daemon.processors.emr_scan import COMPRESSED, sniff_delimiter
+from daemon.processors.options import EmrOptions
+from daemon.processors.tables import is_numeric
 
-if TYPE_CHECKING:
-    from daemon.processors.emr import EmrProcessor
+
+class EmrProcessor(Protocol):
+    """What the batch path needs of the processor (a protocol: no import loop with emr.py)."""
+
+    options: EmrOptions
+    keep_values: bool
+
+    def read(self, path: Path, name: str) -> tuple[Any, Facts]: ...
+
 
 FILE_COLUMN = "__medbatch_file__"
 # Larger files gain nothing from joining, and may hold lines only the full scan can judge.
 MAX_JOIN_BYTES = 1 << 20
+# Tables that are never joined: other formats, and text only its own scan can decode.
+_ALONE_SUFFIXES = (".parquet", ".tsv", ".tab", ".xlsx", ".xlsm", *COMPRESSED)
+# One joined parse holds this much text at most (a few times that once parsed).
+MAX_SHARE_BYTES = 16 << 20
 
 Outcome = Facts | ProcessorError
 _Group = list[tuple[int, bytes]]  # (item index, body lines already suffixed with the index)
@@ -54,14 +70,29 @@ def read_batch(
             header, body = prepared
             groups[header].append((index, body))
     for header, members in groups.items():
-        if len(members) == 1 or not _read_group(
-            processor, items, header, members, partials, outcomes
-        ):
-            for index, _ in members:
-                _read_one(processor, items, index, partials, outcomes)
+        for share in _shares(members):
+            if len(share) == 1 or not _read_group(
+                processor, items, header, share, partials, outcomes
+            ):
+                for index, _ in share:
+                    _read_one(processor, items, index, partials, outcomes)
     assert all(o is not None for o in outcomes)
     partials.sort(key=lambda placed: placed[0])
     return [p for _, p in partials], [o for o in outcomes if o is not None]
+
+
+def _shares(members: _Group) -> list[_Group]:
+    """Members cut into joined parses of at most MAX_SHARE_BYTES: memory stays bounded
+    whatever the batch's size."""
+    shares: list[_Group] = [[]]
+    size = 0
+    for member in members:
+        if shares[-1] and size + len(member[1]) > MAX_SHARE_BYTES:
+            shares.append([])
+            size = 0
+        shares[-1].append(member)
+        size += len(member[1])
+    return shares
 
 
 def _read_one(
@@ -83,7 +114,13 @@ def _read_one(
 
 def _prepare(processor: EmrProcessor, path: Path, index: int) -> tuple[bytes, bytes] | None:
     """(header line, body with the item index appended to each row), or None: read it alone."""
-    if path.suffix in (".parquet", ".tsv", ".tab"):
+    options = processor.options
+    if (
+        path.name.lower().endswith(_ALONE_SUFFIXES)
+        or options.field_delimiter not in (None, ",")
+        or options.decimal != "."
+        or options.encoding not in ("utf-8", "auto")
+    ):
         return None
     try:
         if not 0 < path.stat().st_size <= min(MAX_JOIN_BYTES, processor.options.max_row_bytes):
@@ -100,7 +137,7 @@ def _prepare(processor: EmrProcessor, path: Path, index: int) -> tuple[bytes, by
             return None
     header, _, body = data.partition(b"\n")
     lines = [line for line in body.split(b"\n") if line]
-    if not header.strip() or len(lines) > processor.options.max_rows:
+    if not header.strip() or len(lines) > options.max_rows:
         return None
     suffix = b",%d\n" % index
     return header, suffix.join(lines) + suffix if lines else b""
@@ -116,6 +153,9 @@ def _read_group(
 ) -> bool:
     """Parse the group as one table; False when it must be read file by file instead."""
     options = processor.options
+    path = items[members[0][0]][0]
+    if sniff_delimiter(path, header.decode("utf-8")) != ",":
+        return False
     names = header.decode("utf-8").split(",")
     group = options.group_by
     if (
@@ -126,10 +166,10 @@ def _read_group(
         or group not in names
     ):
         return False  # the per-file path says precisely what is wrong with each file
-    required = set(options.required_columns or names) | {group}
-    if not required <= set(names):
+    plan = plan_columns(options, names)
+    if plan.required is not None and not plan.required <= set(names):
         return False
-    text_columns = [c for c in names if c == group or processor.is_identifier(c)]
+    text_columns = [c for c in names if c not in plan.values]
     buffer = b"".join([header, b",", FILE_COLUMN.encode(), b"\n", *(b for _, b in members)])
     try:
         table = pacsv.read_csv(
@@ -142,21 +182,32 @@ def _read_group(
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return False
-    numeric = [c for c in names if c not in text_columns and is_numeric(table[c].type)]
-    if any(
-        pa.types.is_string(table[c].type) or pa.types.is_large_string(table[c].type)
-        for c in names
-        if c not in text_columns
-    ):
+    if not all(_inferred_number(table[c].type) for c in plan.values):
         return False  # a file alone might have inferred a number there: stay exact
-    complete = table.filter(processor.complete_rows(table, required))
-    partials.append((members[0][0], processor.reduce(complete, numeric)))
-    _record_facts(table, complete, group, members, outcomes)
+    complete = table.filter(complete_rows(table, plan.required or {group}))
+    columns = {c: to_number(complete[c], ".")[0] for c in plan.values}
+    columns[group] = pc.cast(complete[group], pa.string())
+    columns[FILE_COLUMN] = complete[FILE_COLUMN]
+    partial = emr_stats.reduce(
+        pa.table(columns), group, plan.values, processor.keep_values, FILE_COLUMN
+    )
+    partials.append((members[0][0], partial))
+    _record_facts(processor, table, complete, group, members, outcomes, plan.withheld)
     return True
 
 
+def _inferred_number(kind: pa.DataType) -> bool:
+    return is_numeric(kind) or pa.types.is_null(kind)
+
+
 def _record_facts(
-    table: pa.Table, complete: pa.Table, group: str, members: _Group, outcomes: list[Outcome | None]
+    processor: EmrProcessor,
+    table: pa.Table,
+    complete: pa.Table,
+    group: str,
+    members: _Group,
+    outcomes: list[Outcome | None],
+    withheld: int,
 ) -> None:
     rows = _counts(table[FILE_COLUMN])
     kept = _counts(complete[FILE_COLUMN])
@@ -167,22 +218,17 @@ def _record_facts(
     )
     groups = _counts(pairs[FILE_COLUMN])
     for index, _ in members:
-        n = rows.get(index, 0)
-        outcomes[index] = {
-            "rows": n,
-            "rows_dropped": n - kept.get(index, 0),
-            "groups": groups.get(index, 0),
-        }
+        outcomes[index] = file_facts(
+            processor.options,
+            rows.get(index, 0),
+            kept.get(index, 0),
+            groups.get(index, 0),
+            withheld,
+        )
 
 
 def _counts(column: pa.ChunkedArray) -> dict[int, int]:
     counted = pc.value_counts(column)
     return dict(
         zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(), strict=True)
-    )
-
-
-def is_numeric(kind: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
     )

@@ -25,6 +25,7 @@ from skimage.util import montage
 from daemon.processors.base import Facts
 from daemon.processors.image_readers import Decoded, read_image
 from daemon.processors.options import ImagingOptions
+from daemon.processors.tables import neutralise
 
 Row = dict[str, str | int | float | None]
 
@@ -36,7 +37,6 @@ COLUMNS = (
 INT_COLUMNS = ("frame", "width", "height", "frames", "channels", "rows", "columns", "bits_stored")
 FLOAT_COLUMNS = ("mean", "std", "min", "max")
 TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in INT_COLUMNS + FLOAT_COLUMNS)
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 RESULT_NAME = "result.csv"
 SHEET_NAME = "contact_sheet.png"
 SHEET_PADDING_PX = 2
@@ -99,11 +99,6 @@ class _Moments:
             return {"mean": None, "std": None, "min": None, "max": None}
         return {"mean": self.mean, "std": math.sqrt(self.m2 / self.n), "min": self.low,
                 "max": self.high}  # fmt: skip
-
-
-def neutralise(value: str) -> str:
-    """OWASP CSV-injection rule: a text cell that a spreadsheet would run gets a leading quote."""
-    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
 
 
 def _sha256(path: Path) -> str:

@@ -3,6 +3,8 @@ without importing pandas, scikit-image or pydicom."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
@@ -12,83 +14,134 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DEFAULT_IDENTIFIER_COLUMNS = (
-    "id",
-    "patient_id",
-    "patientid",
-    "person_id",
-    "subject_id",
-    "mrn",
-    "medical_record_number",
-    "record_id",
-    "encounter_id",
-    "visit_id",
-    "accession_number",
-    "insurance_id",
-    "account_number",
-    "nhs_number",
-    "name",
-    "patient_name",
-    "first_name",
-    "given_name",
-    "last_name",
-    "family_name",
-    "surname",
-    "ssn",
-    "social_security_number",
-    "dob",
-    "birth_date",
-    "birthdate",
-    "date_of_birth",
-    "address",
-    "street",
-    "zip",
-    "zip_code",
-    "postcode",
-    "postal_code",
-    "phone",
-    "telephone",
-    "mobile",
-    "fax",
-    "email",
-    "e_mail",
-)
+# Person identifiers, matched inside the normalised name (`identifier_key`): "Patient MRN",
+# "PatientsName", "E-mail Address", "medicare_number" are all caught without being listed.
+PERSON_FRAGMENTS = (
+    "surname", "forename", "firstname", "lastname", "givenname", "familyname", "middlename",
+    "maidenname", "fullname", "patientname", "patientsname", "personname", "initials", "mrn",
+    "ssn", "socialsecurity", "nationalid", "nationalinsurance", "nhsnumber", "nhsno", "medicare",
+    "medicaid", "passport", "driverslicen", "driverlicen", "licensenumber", "licencenumber",
+    "phone", "telephone", "mobile", "cellular", "fax", "email", "address", "street", "zipcode",
+    "postcode", "postalcode", "dateofbirth", "birthdate", "birthday", "dob", "medicalrecord",
+    "healthcard", "healthnumber", "insurance", "accountnumber", "accession", "beneficiary",
+    "patientid", "patientnumber", "patientno", "patientkey", "patientidentifier", "personid",
+    "subjectid", "recordid", "recordnumber", "encounterid", "visitid", "memberid", "clientid",
+    "caseid", "casenumber", "admissionid", "episodeid", "hospitalnumber", "guarantor", "nextofkin",
+)  # fmt: skip
+# Whole words that identify a person on their own ("name", "zip", "id", "patient").
+PERSON_WORDS = frozenset({"name", "names", "zip", "mail", "url"})
+# Whole names that are a person's key ("ID" alone is a row's patient; "ward_id" is a code).
+PERSON_KEYS = frozenset({"id", "pid", "patient", "person", "subject", "client"})
+# "name" next to one of these names a thing, not a person ("drug_name", "Test Name").
+THING_WORDS = frozenset(
+    {"drug", "test", "ward", "hospital", "unit", "facility", "department", "medication",
+     "procedure", "lab", "site", "study", "file", "device", "diagnosis", "product", "brand",
+     "trial", "clinic", "organism", "gene", "specimen", "series", "protocol", "code", "group"}
+)  # fmt: skip
+# Codes: never averaged (a mean of ward codes means nothing), but they may be grouped by.
+CODE_WORDS = frozenset({"id", "ids", "uid", "uuid", "code", "codes", "number", "no", "num",
+                        "nr", "key", "identifier", "icd", "zip"})  # fmt: skip
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_STATISTIC = re.compile(r"^(n|mean|std|min|max|median|p([1-9]|[1-9][0-9]))$")
 
 
 def identifier_key(column: str) -> str:
-    """How column names are compared with `id_columns`: ignoring case, spaces, '_' and '-', so
-    that "Patient ID", "patient-id" and "PATIENT_ID" are one name."""
+    """How column names are compared: ignoring case, spaces, '_' and '-', so that "Patient ID",
+    "patient-id" and "PATIENT_ID" are one name."""
     return "".join(c for c in column.casefold() if c.isalnum())
+
+
+def name_words(column: str) -> list[str]:
+    """A column name's words: split at non-letters and at camelCase ("PatientsName")."""
+    spaced = _CAMEL.sub(" ", column)
+    return [w for w in re.split(r"[^0-9a-z]+", spaced.casefold()) if w]
+
+
+def is_person_identifier(column: str, declared: Iterable[str] = ()) -> bool:
+    """True for a name that identifies a person, by pattern or declared in `id_columns`."""
+    key = identifier_key(column)
+    if key in PERSON_KEYS or key in {identifier_key(d) for d in declared}:
+        return True
+    words = set(name_words(column))
+    if words & {"name", "names"} and words & THING_WORDS:
+        words -= {"name", "names"}
+        return bool(words & PERSON_WORDS) or _has_fragment(key.replace("name", ""))
+    return bool(words & PERSON_WORDS) or _has_fragment(key)
+
+
+def _has_fragment(key: str) -> bool:
+    return any(fragment in key for fragment in PERSON_FRAGMENTS)
+
+
+def is_code(column: str) -> bool:
+    """A code or key column ("ward_code", "ICD10", "visit no"): never averaged."""
+    words = name_words(column)
+    return bool(set(words) & CODE_WORDS) or any(w.startswith("icd") for w in words)
 
 
 class EmrOptions(_Options):
     group_by: str = Field(default="diagnosis", min_length=1)
-    # Rows with a missing value in any of these columns are dropped; None means every column.
+    # Which values are summarised; None means every numeric column except identifiers, codes
+    # and `category_columns`.
+    columns: tuple[str, ...] | None = None
+    category_columns: tuple[str, ...] = ()
+    # n (each column's own count, `n_<column>`), mean, std, min, max, median, p1..p99.
+    # mean/std/min/max are exact across files and batches; median and quantiles within a batch.
+    statistics: tuple[str, ...] = ("mean",)
+    # Median and quantiles hold the values (8 bytes each): an input with more is refused.
+    max_quantile_values: int = Field(default=20_000_000, gt=0)
+    # "row": a row missing any value of `required_columns` (default: every column) is dropped.
+    # "column": each column over its own values, with its own `n_<column>`.
+    missing: Literal["row", "column"] = "row"
     required_columns: tuple[str, ...] | None = None
-    # Identifiers: read as text, never averaged, never published, never logged (matched by
-    # `identifier_key`).
-    id_columns: tuple[str, ...] = DEFAULT_IDENTIFIER_COLUMNS
+    # More person identifiers, beyond the built-in patterns: read as text, never averaged,
+    # never published, never grouped by, never logged.
+    id_columns: tuple[str, ...] = ()
+    # Text exports: "auto" reads a BOM or tries UTF-8, then cp1252.
+    encoding: Literal["utf-8", "cp1252", "latin-1", "auto"] = "utf-8"
+    delimiter: Literal["auto", ",", ";", "\t", "|"] = "auto"
+    decimal: Literal[".", ","] = "."
+    sheet: str | None = None  # .xlsx: the first sheet unless named
+    # .xlsx is a zip whose shared strings openpyxl holds in memory: its declared decoded size.
+    max_xlsx_bytes: int = Field(default=256 << 20, gt=0)
+    # .gz, .bz2, .zst, .xz text: decompressed as a stream within these caps, or refused.
+    compressed: Literal["stream", "refuse"] = "stream"
+    max_decoded_bytes: int = Field(default=4 << 30, gt=0)
+    max_ratio: int = Field(default=200, gt=1)
     output_format: Literal["csv", "parquet"] = "csv"
     # Refused before parsing (quarantined with a reason): a header wider than max_columns, more
-    # than max_rows lines, or a line longer than max_row_bytes (which also bounds one field).
+    # than max_rows lines, or a line longer than max_row_bytes (which also bounds one field);
+    # a Parquet row group that decodes past max_row_group_bytes.
     max_columns: int = Field(default=2_000, gt=0)
-    max_rows: int = Field(default=5_000_000, gt=0)
+    max_rows: int = Field(default=50_000_000, gt=0)
     max_row_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
-    # Small-cell suppression: a group of fewer rows is published with `n` and every mean empty
-    # and `suppressed` true ("blank"), or folded into one `other` row ("merge"); a mean over
-    # fewer values is left empty. 1 turns it off.
+    max_row_group_bytes: int = Field(default=256 << 20, gt=0)
+    # Small-cell suppression: a group of fewer rows (or with rows from fewer than
+    # min_cell_sources distinct inputs) is published with its label and values withheld and
+    # `suppressed` true ("blank"), or folded into one `other` row ("merge"); a statistic over
+    # fewer values is left empty. 1 turns each off.
     min_cell_size: int = Field(default=11, ge=1)
+    min_cell_sources: int = Field(default=1, ge=1)
     small_cells: Literal["blank", "merge"] = "blank"
 
     @model_validator(mode="after")
-    def _group_is_not_an_identifier(self) -> EmrOptions:
-        ids = {identifier_key(c) for c in self.id_columns}
-        if identifier_key(self.group_by) in ids:
+    def _check(self) -> EmrOptions:
+        if is_person_identifier(self.group_by, self.id_columns):
             raise ValueError(
-                f"group_by: {self.group_by!r} is an identifier column (id_columns); its values "
-                "would be published"
+                f"group_by: {self.group_by!r} is an identifier column; its values would be "
+                "published"
             )
+        bad = [s for s in self.statistics if not _STATISTIC.match(s)]
+        if bad or not self.statistics:
+            raise ValueError(f"statistics: {bad} unknown (n, mean, std, min, max, median, p1..p99)")
+        for name in self.columns or ():
+            if is_person_identifier(name, self.id_columns):
+                raise ValueError(f"columns: {name!r} is an identifier column")
         return self
+
+    @property
+    def field_delimiter(self) -> str | None:
+        return None if self.delimiter == "auto" else self.delimiter
 
 
 class ImagingOptions(_Options):

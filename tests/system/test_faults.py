@@ -414,7 +414,7 @@ def test_slow_writer_is_not_taken_while_it_writes(
 ) -> None:
     """A writer adding a line every 0.3 s for 3 s straight into the inbox (settle_s = 1), the
     file held open or reopened for each line: it is taken only once complete, with every row."""
-    service = make_service([emr(max_files=1, settle_s=1.0)])
+    service = make_service([emr(max_files=1, settle_s=1.0, min_cell_size=1)])  # exact rows
     service.start()
     rng = random.Random(9)
     content = emr_csv(rng, rows=10)

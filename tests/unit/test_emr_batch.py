@@ -101,7 +101,7 @@ def test_batch_path_matches_the_per_file_path(tmp_path: Path, seed: int) -> None
 
 def test_clean_small_files_share_one_parse(tmp_path: Path) -> None:
     """Many clean files of one header come back as a single partial."""
-    processor = EmrProcessor(EmrOptions())
+    processor = EmrProcessor(EmrOptions(min_cell_size=1))
     rng = random.Random(4)
     items = []
     for i in range(50):
