@@ -101,9 +101,17 @@ class ImagingOptions(_Options):
     # (rows x columns x frames x samples per pixel). Pillow's own bomb guard (2 x 89,478,485
     # pixels, the default here) still stops PNG and JPEG files past it.
     max_pixels: int = Field(default=178_956_970, gt=0)
+    # Refuse, before decoding, an image whose decoding would hold more bytes than this at its
+    # peak: samples x bytes per sample (a 16-bit PNG takes twice an 8-bit one) x the copies its
+    # reader keeps (Pillow 3, DICOM 2, TIFF 1). Also caps a Deflated DICOM's inflated dataset.
+    max_image_bytes: int = Field(default=1 << 30, ge=1 << 20)
     # Frames (TIFF pages, DICOM frames) per file: thousands of tiny pages are a bomb too.
     max_frames: int = Field(default=1000, gt=0)
     thumbnail_px: int = Field(default=128, ge=16, le=1024)
+    # Thumbnails on the published contact sheet. "auto": not for DICOM with BurnedInAnnotation
+    # YES or of a modality that usually has burned-in text (US, SC, XC, OT, ES, GM), nor for
+    # photographs (JPEG, colour PNG or TIFF); every other image is shown.
+    contact_sheet: Literal["auto", "on", "off"] = "auto"
 
 
 class GenomicsOptions(_Options):
