@@ -120,3 +120,18 @@ class GenomicsOptions(_Options):
     # Long layout only: the other two columns (auto-detection looks for all three).
     sample_column: str = Field(default="sample", min_length=1)
     expression_column: str = Field(default="expression", min_length=1)
+    # Compressed input (gzip, bz2, xz, zstd, lz4; found by content, never by extension) is
+    # refused unless allowed; then decoded a chunk at a time and refused past max_decoded_bytes
+    # or max_compression_ratio x its size. Plain files over max_decoded_bytes are refused too.
+    compressed: bool = False
+    max_decoded_bytes: int = Field(default=1 << 30, ge=1 << 10)
+    max_compression_ratio: int = Field(default=100, ge=1)
+    # Refused before parsing: a header wider than max_columns, more than max_rows data lines.
+    max_columns: int = Field(default=20_000, gt=1)
+    max_rows: int = Field(default=20_000_000, gt=0)
+    # The same (gene, sample) in two files of one batch (repeats within one file are replicates
+    # and all count): "error" quarantines a file carrying a pair of an earlier file of the
+    # batch; "first" keeps the pair's values from the first file (batch order) and drops the
+    # later ones; "mean" makes the pair one value, the mean of all its values in the batch.
+    # Each file's `duplicate_pairs` fact counts its values of pairs an earlier file had.
+    duplicates: Literal["error", "first", "mean"] = "error"

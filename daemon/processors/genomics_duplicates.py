@@ -1,0 +1,105 @@
+"""Repeated (gene, sample) pairs within a batch: found by name across its files and resolved by the
+pipeline's `duplicates` rule ("error", "first" or "mean") before any statistic. Runs in workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from daemon.processors.base import ProcessorError
+from daemon.processors.genomics_table import Cells, Codes, Flags, Floats
+
+SAMPLE_BITS = 32  # a pair's code: gene number << 32 | sample number
+
+
+class PairLedger:
+    """Numbers every gene and sample name met in the batch, so that the same pair has the same
+    code in every file, and resolves repeats by the rule."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+        self._genes: dict[str, int] = {}
+        self._samples: dict[str, int] = {}
+
+    def _numbers(self, table: dict[str, int], names: Sequence[str]) -> Codes:
+        return np.array([table.setdefault(name, len(table)) for name in names], dtype=np.int64)
+
+    def codes(self, cells: Cells) -> Codes:
+        genes = self._numbers(self._genes, cells.gene_ids.to_pylist())
+        samples = self._numbers(self._samples, cells.sample_ids)
+        return (genes[cells.genes] << SAMPLE_BITS) | samples[cells.samples]
+
+    def resolve(
+        self, files: Sequence[tuple[Path, Cells]]
+    ) -> list[tuple[Cells, int] | ProcessorError]:
+        """Per file, in batch order: its cells with repeats resolved and how many of its values
+        were of a pair that an earlier file has (dropped, or folded into one mean), or the
+        error that quarantines it ("error" rule). Repeats within one file are replicates: kept."""
+        codes = [self.codes(cells) for _, cells in files]
+        if self.rule == "mean" and files:
+            return _fold_repeats(files, codes)
+        return _refuse_repeats(files, codes, is_error=self.rule == "error")
+
+
+def _subset(cells: Cells, keep: Flags, values: Floats) -> Cells:
+    return cells._replace(
+        values=values, genes=cells.genes[keep], samples=cells.samples[keep], rows=cells.rows[keep]
+    )
+
+
+def _refuse_repeats(
+    files: Sequence[tuple[Path, Cells]], codes: list[Codes], *, is_error: bool
+) -> list[tuple[Cells, int] | ProcessorError]:
+    """ "error": a file carrying a pair of an earlier (accepted) file is refused; "first": its
+    values of such pairs are dropped."""
+    seen = np.zeros(0, dtype=np.int64)
+    out: list[tuple[Cells, int] | ProcessorError] = []
+    for (path, cells), own in zip(files, codes, strict=True):
+        is_repeat = np.isin(own, seen)
+        repeats = int(np.count_nonzero(is_repeat))
+        if repeats and is_error:
+            out.append(
+                ProcessorError(
+                    path,
+                    "duplicate_pairs",
+                    f"{repeats} values of (gene, sample) pairs that an earlier file of the batch "
+                    'has (duplicates = "error"; "first" or "mean" resolve them)',
+                )
+            )
+            continue
+        seen = np.union1d(seen, own)
+        keep = ~is_repeat
+        out.append((_subset(cells, keep, cells.values[keep]), repeats))
+    return out
+
+
+def _fold_repeats(
+    files: Sequence[tuple[Path, Cells]], codes: list[Codes]
+) -> list[tuple[Cells, int] | ProcessorError]:
+    """ "mean": a pair found in two files or more becomes one value, the mean of all of its
+    values in the batch, kept at its first place; a pair of one file keeps its values."""
+    every = np.concatenate(codes)
+    values = np.concatenate([cells.values for _, cells in files])
+    file_of = np.repeat(np.arange(len(files)), [len(c) for c in codes])
+    _, first_at, pair = np.unique(every, return_index=True, return_inverse=True)
+    pair = pair.reshape(-1)
+    n_files = np.bincount(
+        np.unique(pair * len(files) + file_of) // len(files), minlength=len(first_at)
+    )
+    mean = np.bincount(pair, weights=values) / np.bincount(pair)
+    is_folded = n_files[pair] > 1
+    keep = ~is_folded
+    keep[first_at[n_files > 1]] = True
+    kept = np.where(is_folded, mean[pair], values)
+    out: list[tuple[Cells, int] | ProcessorError] = []
+    start = 0
+    for _, cells in files:
+        stop = start + len(cells.values)
+        mine = keep[start:stop]
+        folded = int(np.count_nonzero(is_folded[start:stop] & ~mine))
+        out.append((_subset(cells, mine, kept[start:stop][mine]), folded))
+        start = stop
+    return out
