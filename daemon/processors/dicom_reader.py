@@ -46,20 +46,20 @@ def _inflate(path: Path, offset: int, cap_bytes: int) -> bytes:
     inflate the whole dataset in one call, before any check (a few MB of zeros → gigabytes)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
-    with path.open("rb") as fh:
+    with path.open("rb") as fh, decoding(path, "the deflated dataset could not be inflated"):
         fh.seek(offset)
-        while chunk := fh.read(INFLATE_CHUNK_BYTES):
-            while chunk:
-                out += inflater.decompress(chunk, INFLATE_CHUNK_BYTES)
-                if len(out) > cap_bytes:
-                    raise ProcessorError(
-                        path,
-                        "decompression_bomb",
-                        f"the deflated dataset inflates past {cap_bytes} bytes",
-                    )
-                chunk = inflater.unconsumed_tail
-            if inflater.eof:
-                break
+        data = fh.read(INFLATE_CHUNK_BYTES)
+        while data and not inflater.eof:
+            out += inflater.decompress(data, INFLATE_CHUNK_BYTES)
+            if len(out) > cap_bytes:
+                raise ProcessorError(
+                    path,
+                    "decompression_bomb",
+                    f"the deflated dataset inflates past {cap_bytes} bytes",
+                )
+            data = inflater.unconsumed_tail or fh.read(INFLATE_CHUNK_BYTES)
+    if not inflater.eof:
+        raise ProcessorError(path, "unreadable_image", "the deflated dataset is truncated")
     return bytes(out)
 
 

@@ -53,7 +53,7 @@ class TableInput:
     """A checked table: its decoded bytes (if it was compressed), delimiter and column names."""
 
     path: Path
-    data: bytes | None
+    data: bytearray | None
     delimiter: str
     names: list[str]
     compression: str | None
@@ -68,7 +68,7 @@ def compression_of(head: bytes) -> str | None:
     return next((kind for kind, magics in MAGICS.items() if head.startswith(magics)), None)
 
 
-def _decode(path: Path, kind: str, options: GenomicsOptions) -> bytes:
+def _decode(path: Path, kind: str, options: GenomicsOptions) -> bytearray:
     """The whole decoded stream, a chunk at a time, refused as soon as it passes the size cap
     or `max_compression_ratio` times the compressed size."""
     if kind not in DECODERS:
@@ -91,7 +91,7 @@ def _decode(path: Path, kind: str, options: GenomicsOptions) -> bytes:
         raise ProcessorError(
             path, "bad_compression", f"{kind} stream could not be decoded ({type(exc).__name__})"
         ) from None
-    return bytes(out)
+    return out  # not bytes(out): that would be a second copy of it all
 
 
 def _parse_header(path: Path, first: bytes, max_columns: int) -> tuple[str, list[str]]:
@@ -114,7 +114,7 @@ def _parse_header(path: Path, first: bytes, max_columns: int) -> tuple[str, list
     return delimiter, names
 
 
-def _count_lines(path: Path, data: bytes | None) -> int:
+def _count_lines(path: Path, data: bytearray | None) -> int:
     """Newlines in the decoded bytes, or in the file a chunk at a time (C speed, no copy kept)."""
     if data is not None:
         return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
@@ -126,7 +126,7 @@ def _count_lines(path: Path, data: bytes | None) -> int:
     return lines + (last != b"\n")
 
 
-def _check_rows(path: Path, data: bytes | None, max_rows: int) -> None:
+def _check_rows(path: Path, data: bytearray | None, max_rows: int) -> None:
     if _count_lines(path, data) - 1 > max_rows:
         raise ProcessorError(path, "too_many_rows", f"more than max_rows ({max_rows})")
 
@@ -139,18 +139,15 @@ def open_table(path: Path, options: GenomicsOptions) -> TableInput:
     with path.open("rb") as fh:
         head = fh.readline(HEADER_MAX_BYTES)
     kind = compression_of(head)
-    data: bytes | None = None
+    data: bytearray | None = None
     if kind is not None:
         if not options.compressed:
             raise ProcessorError(
                 path, "compressed_input", f"{kind}-compressed (allow with compressed = true)"
             )
         data = _decode(path, kind, options)
-        head = data[:HEADER_MAX_BYTES]
-    elif size > options.max_decoded_bytes:
-        raise ProcessorError(
-            path, "too_large", f"over max_decoded_bytes ({options.max_decoded_bytes})"
-        )
+        end = data.find(b"\n", 0, HEADER_MAX_BYTES)
+        head = bytes(data[: HEADER_MAX_BYTES if end < 0 else end])
     delimiter, names = _parse_header(path, head.split(b"\n", 1)[0], options.max_columns)
     _check_rows(path, data, options.max_rows)
     return TableInput(path, data, delimiter, names, kind)

@@ -121,10 +121,11 @@ class GenomicsOptions(_Options):
     sample_column: str = Field(default="sample", min_length=1)
     expression_column: str = Field(default="expression", min_length=1)
     # Compressed input (gzip, bz2, xz, zstd, lz4; found by content, never by extension) is
-    # refused unless allowed; then decoded a chunk at a time and refused past max_decoded_bytes
-    # or max_compression_ratio x its size. Plain files over max_decoded_bytes are refused too.
+    # refused unless allowed; then decoded a chunk at a time, in memory, and refused past
+    # max_decoded_bytes or max_compression_ratio x its size. (Plain files are bounded by the
+    # service's max_file_bytes.)
     compressed: bool = False
-    max_decoded_bytes: int = Field(default=1 << 30, ge=1 << 10)
+    max_decoded_bytes: int = Field(default=256 << 20, ge=1 << 10)
     max_compression_ratio: int = Field(default=100, ge=1)
     # Refused before parsing: a header wider than max_columns, more than max_rows data lines.
     max_columns: int = Field(default=20_000, gt=1)
