@@ -175,7 +175,7 @@ class GenomicsProcessor:
         self, inputs: Sequence[tuple[Path, str]]
     ) -> tuple[list[GenomicsPartial], list[Facts | ProcessorError]]:
         """The batch's files together, so that a (gene, sample) pair repeated across them is
-        seen and resolved by the `duplicates` rule; one outcome per input, in order."""
+        seen and resolved by the `duplicate_pairs` rule; one outcome per input, in order."""
         read: list[tuple[Path, Cells]] = []
         parsed: list[tuple[Cells, Facts] | ProcessorError] = []
         for path, _ in inputs:
@@ -186,7 +186,7 @@ class GenomicsProcessor:
                 continue
             read.append((path, cells))
             parsed.append((cells, facts))
-        resolved = iter(PairLedger(self.options.duplicates).resolve(read))
+        resolved = iter(PairLedger(self.options.duplicate_pairs).resolve(read))
         partials: list[GenomicsPartial] = []
         outcomes: list[Facts | ProcessorError] = []
         for item in parsed:

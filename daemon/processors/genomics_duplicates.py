@@ -1,6 +1,6 @@
-"""Repeated (gene, sample) pairs within a batch: found by name across its files and resolved by the
-pipeline's `duplicates` rule ("error", "first" or "mean") before any statistic. Runs in workers.
-"""
+"""Repeated (gene, sample) pairs within a batch: found by name across its files and resolved by
+the pipeline's `duplicate_pairs` rule ("error", "first" or "mean") before any statistic.
+Runs in worker processes."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _refuse_repeats(
                     path,
                     "duplicate_pairs",
                     f"{repeats} values of (gene, sample) pairs that an earlier file of the batch "
-                    'has (duplicates = "error"; "first" or "mean" resolve them)',
+                    'has (duplicate_pairs = "error"; "first" or "mean" resolve them)',
                 )
             )
             continue

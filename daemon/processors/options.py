@@ -134,5 +134,6 @@ class GenomicsOptions(_Options):
     # and all count): "error" quarantines a file carrying a pair of an earlier file of the
     # batch; "first" keeps the pair's values from the first file (batch order) and drops the
     # later ones; "mean" makes the pair one value, the mean of all its values in the batch.
-    # Each file's `duplicate_pairs` fact counts its values of pairs an earlier file had.
-    duplicates: Literal["error", "first", "mean"] = "error"
+    # Each file's `duplicate_pairs` fact counts its values so dropped or folded into a mean.
+    # (Named so as not to clash with the pipeline's own `duplicates`, about whole files.)
+    duplicate_pairs: Literal["error", "first", "mean"] = "error"
