@@ -13,6 +13,7 @@ from daemon.processors.base import ProcessorError
 from daemon.processors.genomics_table import Cells, Codes, Flags, Floats
 
 SAMPLE_BITS = 32  # a pair's code: gene number << 32 | sample number
+SAMPLE_MASK = (1 << SAMPLE_BITS) - 1
 
 
 class PairLedger:
@@ -86,10 +87,10 @@ def _refuse_repeats(
 ) -> list[tuple[Cells, int] | ProcessorError]:
     """Under "error" a file carrying a pair of an earlier (accepted) file is refused; under
     "first" its values of such pairs are dropped."""
-    seen = np.zeros(0, dtype=np.int64)
+    seen = _SeenPairs()
     out: list[tuple[Cells, int] | ProcessorError] = []
     for (path, cells), own in zip(files, codes, strict=True):
-        is_repeat = _is_in(own, seen)
+        is_repeat = seen.contains(own)
         repeats = int(np.count_nonzero(is_repeat))
         if repeats and is_error:
             out.append(
@@ -101,10 +102,42 @@ def _refuse_repeats(
                 )
             )
             continue
-        seen = _sorted_unique(np.concatenate([seen, own]))
+        seen.add(own)
         keep = ~is_repeat
         out.append((_subset(cells, keep, cells.values[keep]), repeats))
     return out
+
+
+class _SeenPairs:
+    """The pair codes of the files accepted so far. Only a value whose sample an earlier file
+    had can repeat a pair, so the (sorted) set is built only when such a value comes: never
+    for the usual batch of files with samples of their own."""
+
+    def __init__(self) -> None:
+        self._chunks: list[Codes] = []
+        self._samples = np.zeros(0, dtype=np.bool_)
+
+    def contains(self, codes: Codes) -> Flags:
+        samples = codes & SAMPLE_MASK
+        known = samples < len(self._samples)
+        known[known] = self._samples[samples[known]]
+        if not known.any():
+            return known
+        ordered = _sorted_unique(np.concatenate(self._chunks))
+        self._chunks = [ordered]
+        found = np.zeros(len(codes), dtype=np.bool_)
+        found[known] = _is_in(codes[known], ordered)
+        return found
+
+    def add(self, codes: Codes) -> None:
+        self._chunks.append(codes)
+        samples = codes & SAMPLE_MASK
+        if len(samples):
+            size = max(len(self._samples), int(samples.max()) + 1)
+            grown = np.zeros(size, dtype=np.bool_)
+            grown[: len(self._samples)] = self._samples
+            grown[samples] = True
+            self._samples = grown
 
 
 def _fold_repeats(
