@@ -30,13 +30,18 @@ def thumbnail(frame: NDArray[Any], is_8bit: bool, size_px: int) -> NDArray[np.ui
     """A small uint8 picture of one frame; deeper data is windowed on its 1st-99th percentile."""
     if frame.ndim == 3:
         frame = frame[..., :3] if frame.shape[-1] >= 3 else frame[..., 0]
-    height, width = frame.shape[:2]
-    step = max(1, max(height, width) // (4 * size_px))
-    frame = frame[::step, ::step]  # cheap decimation first: resize copies to float64
+    factor = max(frame.shape[:2]) // size_px
+    if factor >= 2:
+        # Area averaging over factor x factor blocks: the anti-aliasing a Gaussian would give,
+        # for a fraction of its cost (the Gaussian was a third of an image's time).
+        height, width = (frame.shape[0] // factor) or 1, (frame.shape[1] // factor) or 1
+        fy, fx = min(factor, frame.shape[0]), min(factor, frame.shape[1])
+        blocks = frame[: height * fy, : width * fx].reshape(height, fy, width, fx, *frame.shape[2:])
+        frame = blocks.mean(axis=(1, 3), dtype=np.float64)
     scale = size_px / max(frame.shape[:2])
     if scale < 1:
         shape = (max(1, round(frame.shape[0] * scale)), max(1, round(frame.shape[1] * scale)))
-        frame = resize(frame, shape, preserve_range=True, anti_aliasing=True)  # type: ignore[no-untyped-call]
+        frame = resize(frame, shape, preserve_range=True, anti_aliasing=False)  # type: ignore[no-untyped-call]
     small = np.nan_to_num(frame.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if not is_8bit:
         low, high = (float(v) for v in np.percentile(small, (1, 99)))

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
+from PIL import Image
 from skimage.color import rgb2gray
-from skimage.io import imsave
 from skimage.transform import resize, rotate
 
 from daemon.processors.base import Facts
@@ -189,7 +189,8 @@ class ImagingProcessor:
         if not merged.thumbnails:
             return [RESULT_NAME]
         sheet = contact_sheet([t.pixels for t in merged.thumbnails])
-        imsave(str(folder / SHEET_NAME), sheet, check_contrast=False)
+        # Fast zlib: a contact sheet is looked at, not archived.
+        Image.fromarray(sheet).save(folder / SHEET_NAME, format="PNG", compress_level=1)
         return [RESULT_NAME, SHEET_NAME]
 
 
