@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
+from pathlib import PurePath
 from typing import TextIO
 
 import structlog
@@ -64,3 +66,30 @@ def _renderer(stream: TextIO) -> list[structlog.typing.Processor]:
         # ConsoleRenderer formats exc_info itself (and warns if format_exc_info ran before it).
         return [structlog.dev.ConsoleRenderer(colors=True)]
     return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+
+
+def contain_library_logs() -> None:
+    """Worker side: a log record that is not one of ours (structlog's) leaves the process only
+    as `library.record` with its logger, level and a code (module:line); its message, arguments,
+    traceback and stack are dropped, for libraries quote what they read (tifffile logs a tag's
+    value, pydicom an element's). Call after `configure_logging`, in every worker."""
+
+    def redact(record: logging.LogRecord) -> bool:
+        if hasattr(record, "_logger"):  # ours, through structlog's wrap_for_formatter
+            return True
+        record.msg = {
+            "event": "library.record",
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "code": f"{PurePath(record.pathname).stem}:{record.lineno}",
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(),
+        }
+        record.args = ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        # Rendered as a structlog event dict: ProcessorFormatter checks these two attributes.
+        record._logger = None
+        record._name = record.levelname.lower()
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)

@@ -18,7 +18,7 @@ from functools import cache
 from typing import Any, cast
 
 from daemon.errors import BatchFailedError, ProcessorError
-from daemon.logs import configure_logging
+from daemon.logs import configure_logging, contain_library_logs
 from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile, Reason
 from daemon.outbox import (
     build_manifest,
@@ -37,6 +37,7 @@ def init_worker(kinds: Iterable[str] = ()) -> None:
     format; preload the processors."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
+    contain_library_logs()
     for kind in kinds:
         load_processor(kind)
 

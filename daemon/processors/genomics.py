@@ -11,28 +11,30 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from daemon.processors.base import Facts, ProcessorError
+from daemon.processors.genomics_duplicates import PairLedger
+from daemon.processors.genomics_input import open_table
+from daemon.processors.genomics_table import (
+    Cells,
+    Codes,
+    Floats,
+    arrow_codes,
+    dictionary_codes,
+    load_table,
+    long_cells,
+    sorted_unique,
+    wide_cells,
+)
 from daemon.processors.options import GenomicsOptions
 
 RESULT_NAME = "result.csv"
 RESULT_HEADER = ("gene", "n", "mean", "std", "samples")
-HEADER_MAX_BYTES = 16 << 20  # a wide header: one name per sample
 STATS_COLUMNS = ("gene", "n", "mean", "m2")
-# Cells that pandas' `to_numeric` (the reference parser, see `_floats`) does not take for numbers
-# either: read as missing, so that a file using them keeps the fast path.
-NOT_NUMBERS = ("-", ".", "?", "None", "none", "<NA>", "#VALUE!", "#DIV/0!", "#NUM!", "#NAME?")
-
-Codes = npt.NDArray[np.int64]
-Floats = npt.NDArray[np.float64]
-Flags = npt.NDArray[np.bool_]
 
 
 def _no_codes() -> Codes:
@@ -81,155 +83,6 @@ class GenomicsPartial:
     pairs: Codes = field(default_factory=_no_codes)
 
 
-class Cells(NamedTuple):
-    """One table's sorted gene IDs and sample names, how many values it has, and the usable
-    values, with the gene, sample and row each one comes from."""
-
-    gene_ids: pa.Array
-    sample_ids: tuple[str, ...]
-    n_values: int
-    values: Floats
-    genes: Codes  # index into gene_ids
-    samples: Codes  # index into sample_ids
-    rows: Codes
-
-
-def _header(path: Path) -> tuple[str, list[str]]:
-    """The delimiter (tab if the first line has one, else comma) and the column names."""
-    with path.open("rb") as fh:
-        first = fh.readline(HEADER_MAX_BYTES)
-    if not first.strip():
-        raise ProcessorError(path, "empty", "no header line")
-    if b"\x00" in first:
-        raise ProcessorError(path, "bad_table", "binary content, not a text table")
-    try:
-        line = first.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ProcessorError(path, "bad_table", "the header is not UTF-8 text") from None
-    delimiter = "\t" if "\t" in line else ","
-    names = next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter))
-    if len(set(names)) != len(names):
-        raise ProcessorError(path, "bad_table", "duplicate column names")
-    return delimiter, names
-
-
-def _read(path: Path, delimiter: str, names: list[str], types: dict[str, Any]) -> pa.Table:
-    nulls = [*pacsv.ConvertOptions().null_values, *NOT_NUMBERS]
-    table: pa.Table = pacsv.read_csv(
-        path,
-        # The pool already runs one batch per CPU: no extra reader threads.
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter),
-        # Text columns never become null: "NA" or "null" can be a gene ID.
-        convert_options=pacsv.ConvertOptions(
-            column_types=types, null_values=nulls, strings_can_be_null=False
-        ),
-    )
-    return table
-
-
-def _load(path: Path, delimiter: str, names: list[str], numeric: set[str]) -> pa.Table:
-    """ID columns as text, so gene IDs stay byte-exact (`SEPT2`, `1-Mar`, `000123` are no dates or
-    numbers); `numeric` columns as float64 when Arrow parses every cell of them (a missing cell is
-    null). Else every column as text, and `_floats` drops a bad value rather than fail the file."""
-    text = dict.fromkeys(names, pa.string())
-    try:
-        return _read(path, delimiter, names, text | dict.fromkeys(numeric, pa.float64()))
-    except pa.ArrowInvalid:
-        pass  # a value that is no number, or no table at all: the text read tells which
-    try:
-        return _read(path, delimiter, names, text)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        # Arrow's messages can quote a row: keep only the kind of failure.
-        raise ProcessorError(
-            path, "bad_table", f"not a readable table ({type(exc).__name__})"
-        ) from None
-
-
-def _floats(column: pa.ChunkedArray) -> Floats:
-    """Expression values; missing or non-numeric ones are NaN (dropped later, like infinities).
-
-    A float column is Arrow's parse: the same double as pandas' for every number (checked on
-    hostile and random text; only an integer "-0" differs, in a sign no sum keeps). A text column
-    (its file had a cell Arrow could not parse) goes through pandas' more lenient `to_numeric`,
-    the reference for what counts as a number."""
-    if pa.types.is_floating(column.type):
-        array = column.combine_chunks()
-        values: Floats = _view(array, np.float64).copy()
-        if array.null_count:
-            bits = np.frombuffer(array.buffers()[0], dtype=np.uint8)
-            valid = np.unpackbits(bits, count=array.offset + len(array), bitorder="little")
-            values[valid[array.offset :] == 0] = np.nan
-        return values
-    # Imported here: most files never need it, and it adds ~0.3 s to a worker's first batch.
-    import pandas as pd
-
-    parsed = pd.to_numeric(column.to_pandas(), errors="coerce").astype("float64")
-    return np.asarray(parsed, dtype=np.float64)
-
-
-# Arrow to NumPy and back through buffers: `pa.array`, `pa.scalar`, `to_numpy` and `np.asarray`
-# all import pandas on first use, which would cost every fresh worker ~0.3 s of CPU.
-
-
-def _view(array: pa.Array, dtype: type[Any]) -> npt.NDArray[Any]:
-    """The values of a fixed-width Arrow array (under a null: whatever is there), read-only."""
-    offset = array.offset * np.dtype(dtype).itemsize
-    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array), offset=offset)
-
-
-def _arrow_codes(codes: Codes) -> pa.Array:
-    data = pa.py_buffer(np.ascontiguousarray(codes, dtype=np.int64))
-    return pa.Array.from_buffers(pa.int64(), len(codes), [None, data])
-
-
-def _codes(column: pa.ChunkedArray) -> tuple[pa.Array, Codes, Flags]:
-    """The distinct values of a text column, sorted; each cell's index among them; which of
-    them are not "" (a cell without an ID)."""
-    encoded = column.combine_chunks().dictionary_encode()  # int32 indices, no nulls
-    order = pc.array_sort_indices(encoded.dictionary)
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[_view(order, np.uint64)] = np.arange(len(order))
-    ids = encoded.dictionary.take(order)
-    named = np.ones(len(ids), dtype=np.bool_)
-    named[:1] = ids[:1].to_pylist() != [""]  # "" sorts first
-    return ids, rank[_view(encoded.indices, np.int32)], named
-
-
-def _long_cells(table: pa.Table, gene: str, sample: str, expression: str) -> Cells:
-    gene_ids, genes, named_genes = _codes(table[gene])
-    sample_ids, samples, named_samples = _codes(table[sample])
-    values = _floats(table[expression])
-    usable = np.isfinite(values) & named_genes[genes] & named_samples[samples]
-    rows = np.flatnonzero(usable)
-    return Cells(
-        gene_ids,
-        tuple(sample_ids.to_pylist()),
-        len(values),
-        values[rows],
-        genes[rows],
-        samples[rows],
-        rows,
-    )
-
-
-def _wide_cells(table: pa.Table, gene: str) -> Cells:
-    gene_ids, genes, named_genes = _codes(table[gene])
-    names = [c for c in table.column_names if c != gene]
-    sample_ids = tuple(sorted(names))  # code point order, as Arrow sorts the gene IDs
-    rank = {name: i for i, name in enumerate(sample_ids)}
-    samples = np.array([rank[name] for name in names], dtype=np.int64)
-    matrix = np.empty((len(names), table.num_rows), dtype=np.float64)
-    for i, name in enumerate(names):
-        matrix[i] = _floats(table[name])
-    named = np.array([name != "" for name in names], dtype=np.bool_)
-    usable = np.isfinite(matrix) & named[:, None] & named_genes[genes][None, :]
-    columns, rows = np.nonzero(usable)
-    return Cells(
-        gene_ids, sample_ids, matrix.size, matrix[usable], genes[rows], samples[columns], rows
-    )
-
-
 def _reduce(cells: Cells) -> GenomicsPartial:
     """Per-gene mean, refined by the mean deviation from it (about as exact as a compensated
     sum), and M2 as the sum of squared deviations from it, never as a difference of sums."""
@@ -243,8 +96,8 @@ def _reduce(cells: Cells) -> GenomicsPartial:
     has = n > 0
     row = np.cumsum(has) - 1  # a gene's row among the genes that have a value
     width = len(cells.sample_ids)
-    pairs = _sorted_unique(row[genes] * width + cells.samples, int(has.sum()) * width)
-    genes_kept = cells.gene_ids.take(_arrow_codes(np.flatnonzero(has)))
+    pairs = sorted_unique(row[genes] * width + cells.samples, int(has.sum()) * width)
+    genes_kept = cells.gene_ids.take(arrow_codes(np.flatnonzero(has)))
     stats = GeneStats(genes_kept, n[has], mean[has], m2[has])
     return GenomicsPartial(stats, cells.sample_ids, pairs)
 
@@ -287,31 +140,68 @@ class GenomicsProcessor:
             return set(names) - {options.gene_column}
         return {options.expression_column} - {options.gene_column, options.sample_column}
 
-    def read(self, path: Path, name: str) -> tuple[GenomicsPartial, Facts]:
-        if path.stat().st_size == 0:
-            raise ProcessorError(path, "empty", "the file has no bytes")
-        delimiter, names = _header(path)
-        layout = self._layout(path, names)
-        table = _load(path, delimiter, names, self._numeric(names, layout))
+    def _cells(self, path: Path) -> tuple[Cells, Facts]:
+        """One file's usable values, with the facts of its parse (before repeats are resolved)."""
+        source = open_table(path, self.options)
+        layout = self._layout(path, source.names)
+        table = load_table(source, self._numeric(source.names, layout))
         if table.num_rows == 0:
             raise ProcessorError(path, "empty", "no data rows")
         options = self.options
         if layout == "long":
-            cells = _long_cells(
+            cells = long_cells(
                 table, options.gene_column, options.sample_column, options.expression_column
             )
         else:
-            cells = _wide_cells(table, options.gene_column)
-        partial = _reduce(cells)
+            cells = wide_cells(table, options.gene_column)
         facts: Facts = {
             "rows": table.num_rows,
             # A row is dropped when none of its values could be used.
-            "rows_dropped": table.num_rows - len(_sorted_unique(cells.rows, table.num_rows)),
+            "rows_dropped": table.num_rows - len(sorted_unique(cells.rows, table.num_rows)),
             "values_dropped": cells.n_values - len(cells.values),
-            "genes": len(partial.stats),
-            "samples": len(_sorted_unique(cells.samples, len(cells.sample_ids))),
         }
-        return partial, facts
+        if source.compression is not None:
+            facts["compression"] = source.compression
+        return cells, facts
+
+    def read(self, path: Path, name: str) -> tuple[GenomicsPartial, Facts]:
+        partials, outcomes = self.read_many([(path, name)])
+        outcome = outcomes[0]
+        if isinstance(outcome, ProcessorError):
+            raise outcome
+        return partials[0], outcome
+
+    def read_many(
+        self, inputs: Sequence[tuple[Path, str]]
+    ) -> tuple[list[GenomicsPartial], list[Facts | ProcessorError]]:
+        """The batch's files together, so that a (gene, sample) pair repeated across them is
+        seen and resolved by the `duplicate_pairs` rule; one outcome per input, in order."""
+        read: list[tuple[Path, Cells]] = []
+        parsed: list[tuple[Cells, Facts] | ProcessorError] = []
+        for path, _ in inputs:
+            try:
+                cells, facts = self._cells(path)
+            except ProcessorError as exc:
+                parsed.append(exc)
+                continue
+            read.append((path, cells))
+            parsed.append((cells, facts))
+        resolved = iter(PairLedger(self.options.duplicate_pairs).resolve(read))
+        partials: list[GenomicsPartial] = []
+        outcomes: list[Facts | ProcessorError] = []
+        for item in parsed:
+            outcome = item if isinstance(item, ProcessorError) else next(resolved)
+            if isinstance(outcome, ProcessorError):
+                outcomes.append(outcome)
+                continue
+            assert not isinstance(item, ProcessorError)  # resolved only if read
+            cells, repeats = outcome
+            partial = _reduce(cells)
+            partials.append(partial)
+            n_samples = len(sorted_unique(cells.samples, len(cells.sample_ids)))
+            outcomes.append({**item[1], "duplicate_pairs": repeats, "genes": len(partial.stats),
+                             "samples": n_samples})  # fmt: skip
+        return partials, outcomes
 
     def merge(self, partials: Sequence[GenomicsPartial]) -> GenomicsPartial:
         """Chan et al. for k groups: N = sum n, mean = sum(n mean) / N,
@@ -321,7 +211,7 @@ class GenomicsProcessor:
         if not parts:
             # Only files without a usable value (and so without pairs either).
             return GenomicsPartial()
-        gene_ids, genes, _ = _codes(pa.chunked_array([p.stats.gene for p in parts]))
+        gene_ids, genes, _ = dictionary_codes(pa.chunked_array([p.stats.gene for p in parts]))
         n_in = np.concatenate([p.stats.n for p in parts]).astype(np.float64)
         mean_in = np.concatenate([p.stats.mean for p in parts])
         m2_in = np.concatenate([p.stats.m2 for p in parts])
@@ -372,18 +262,4 @@ def _merge_pairs(
         width = len(part.samples)  # not 0: a part with genes has samples
         sample_map = np.array([index[s] for s in part.samples], dtype=np.int64)
         chunks.append(rows[part.pairs // width] * len(names) + sample_map[part.pairs % width])
-    return tuple(names), _sorted_unique(np.concatenate(chunks), n_genes * len(names))
-
-
-def _sorted_unique(codes: Codes, size: int) -> Codes:
-    """`np.unique(codes)` for codes in range(size), in time linear in the larger of the two:
-    marks in a bitmap when that is small, else a stable sort (a merge of the sorted runs that
-    concatenated partials are) and a mask. NumPy's own hashes, then sorts: 30x slower here."""
-    if size <= 8 * len(codes) + 4096:
-        seen = np.zeros(size, dtype=np.bool_)
-        seen[codes] = True
-        return np.flatnonzero(seen).astype(np.int64)
-    ordered = np.sort(codes, kind="stable")
-    first = np.ones(len(ordered), dtype=np.bool_)
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    return ordered[first]
+    return tuple(names), sorted_unique(np.concatenate(chunks), n_genes * len(names))

@@ -154,9 +154,17 @@ class ImagingOptions(_Options):
     # (rows x columns x frames x samples per pixel). Pillow's own bomb guard (2 x 89,478,485
     # pixels, the default here) still stops PNG and JPEG files past it.
     max_pixels: int = Field(default=178_956_970, gt=0)
+    # Refuse, before decoding, an image whose decoding would hold more bytes than this at its
+    # peak: samples x bytes per sample (a 16-bit PNG takes twice an 8-bit one) x the copies its
+    # reader keeps (Pillow 3, DICOM 2, TIFF 1). Also caps a Deflated DICOM's inflated dataset.
+    max_image_bytes: int = Field(default=1 << 30, ge=1 << 20)
     # Frames (TIFF pages, DICOM frames) per file: thousands of tiny pages are a bomb too.
     max_frames: int = Field(default=1000, gt=0)
     thumbnail_px: int = Field(default=128, ge=16, le=1024)
+    # Thumbnails on the published contact sheet. "auto": not for DICOM with BurnedInAnnotation
+    # YES or of a modality that usually has burned-in text (US, SC, XC, OT, ES, GM), nor for
+    # photographs (JPEG, colour PNG or TIFF); every other image is shown.
+    contact_sheet: Literal["auto", "on", "off"] = "auto"
 
 
 class GenomicsOptions(_Options):
@@ -165,3 +173,20 @@ class GenomicsOptions(_Options):
     # Long layout only: the other two columns (auto-detection looks for all three).
     sample_column: str = Field(default="sample", min_length=1)
     expression_column: str = Field(default="expression", min_length=1)
+    # Compressed input (gzip, bz2, xz, zstd, lz4; found by content, never by extension) is
+    # refused unless allowed; then decoded a chunk at a time, in memory, and refused past
+    # max_decoded_bytes or max_compression_ratio x its size. (Plain files are bounded by the
+    # service's max_file_bytes.)
+    compressed: bool = False
+    max_decoded_bytes: int = Field(default=256 << 20, ge=1 << 10)
+    max_compression_ratio: int = Field(default=100, ge=1)
+    # Refused before parsing: a header wider than max_columns, more than max_rows data lines.
+    max_columns: int = Field(default=20_000, gt=1)
+    max_rows: int = Field(default=20_000_000, gt=0)
+    # The same (gene, sample) in two files of one batch (repeats within one file are replicates
+    # and all count): "error" quarantines a file carrying a pair of an earlier file of the
+    # batch; "first" keeps the pair's values from the first file (batch order) and drops the
+    # later ones; "mean" makes the pair one value, the mean of all its values in the batch.
+    # Each file's `duplicate_pairs` fact counts its values so dropped or folded into a mean.
+    # (Named so as not to clash with the pipeline's own `duplicates`, about whole files.)
+    duplicate_pairs: Literal["error", "first", "mean"] = "error"

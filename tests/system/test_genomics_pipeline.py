@@ -79,13 +79,13 @@ def test_long_and_wide_tables_give_pandas_statistics(make_service: MakeService) 
     long_csv = long_table(["S1", "S2", "S3"], 200)
     long_tsv = pd.concat(
         [
-            long_table(["S3", "S4"], 150),
+            long_table(["S4", "S5"], 150),
             pd.DataFrame([["SOLO1", "S9", 7.25]], columns=["gene", "sample", "expression"]),
         ],
         ignore_index=True,
     )
     wide_csv = wide_table(["W1", "W2", "W3", "W4"])
-    wide_tsv = wide_table(["S1", "T2", "T3"])
+    wide_tsv = wide_table(["T1", "T2", "T3"])  # no (gene, sample) pair in two files
     files = {
         "long.csv": encoded(long_csv, ","),
         "long.tsv": encoded(long_tsv, "\t"),
@@ -175,4 +175,52 @@ def test_tables_without_a_usable_value_publish_an_empty_result(make_service: Mak
     path = service.outbox / "genomics" / manifest["batch_id"] / "result.csv"
     assert path.read_text() == '"gene","n","mean","std","samples"\n'
     assert not any(a["event"] == "batch.retried" for a in service.audit())
+    check_accounting(service, dropped)
+
+
+def test_repeated_pairs_across_files_are_reported_and_resolved(make_service: MakeService) -> None:
+    """Two files carrying the same (gene, sample) pairs, through three pipelines: "error"
+    quarantines the second with its reason, "first" keeps the first file's values, "mean" one
+    mean value per pair; each manifest counts the repeats, and the numbers are pandas'."""
+    first = pd.DataFrame({"gene": ["TP53", "TP53", "BRCA1"], "sample": ["S1", "S2", "S1"],
+                          "expression": [1.0, 2.0, 3.0]})  # fmt: skip
+    second = pd.DataFrame({"gene": ["TP53", "BRCA1", "BRCA1"], "sample": ["S2", "S1", "S9"],
+                           "expression": [4.0, 5.0, 6.0]})  # fmt: skip
+    rules = ("error", "first", "mean")
+    service = make_service(
+        [genomics(name=rule, max_files=2, duplicate_pairs=rule) for rule in rules]
+    )
+    service.start()
+    dropped: dict[str, str] = {}
+    for rule in rules:  # names unique across pipelines, for the accounting
+        dropped[f"{rule}-a.csv"] = service.drop(rule, f"{rule}-a.csv", encoded(first, ","))
+        dropped[f"{rule}-b.csv"] = service.drop(rule, f"{rule}-b.csv", encoded(second, ","))
+    wait_until(lambda: service.accounted() == 6, 45, message="all accounted")
+    assert service.stop() == 0
+
+    def result(rule: str) -> pd.DataFrame:
+        (manifest,) = service.manifests(rule)
+        path = service.outbox / rule / manifest["batch_id"] / "result.csv"
+        return pd.read_csv(path, dtype={"gene": str}).set_index("gene")
+
+    # The batch order (a then b) decides which file is "first"
+    inputs = {rule: {i["name"][len(rule) + 1 :]: i for i in service.manifests(rule)[0]["inputs"]}
+              for rule in rules}  # fmt: skip
+    assert {q["name"]: q["reason"] for q in service.quarantined("error")} == {
+        "error-b.csv": "duplicate_pairs"
+    }
+    assert inputs["error"]["a.csv"]["duplicate_pairs"] == 0
+    assert inputs["first"]["b.csv"]["duplicate_pairs"] == 2
+    assert inputs["mean"]["b.csv"]["duplicate_pairs"] == 2
+
+    kept_first = pd.concat([first, second[second["sample"] == "S9"]])
+    folded = pd.DataFrame({"gene": ["TP53", "TP53", "BRCA1", "BRCA1"],
+                           "sample": ["S1", "S2", "S1", "S9"],
+                           "expression": [1.0, 3.0, 4.0, 6.0]})  # fmt: skip
+    for rule, long in (("error", first), ("first", kept_first), ("mean", folded)):
+        want = expected_stats(long)
+        got = result(rule)
+        assert got["n"].tolist() == want["n"].tolist(), rule
+        np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-12)
+        assert got["samples"].tolist() == want["samples"].tolist()
     check_accounting(service, dropped)

@@ -18,6 +18,7 @@ import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.pixels.processing import apply_modality_lut
 
 from tests.support.accounting import check_accounting
 from tests.support.service import Service
@@ -110,12 +111,39 @@ def rows_of(service: Service, manifest: dict[str, Any]) -> dict[str, dict[str, A
     return {str(row["source"]): row for row in records}
 
 
-def assert_stats(row: dict[str, Any], pixels: NDArray[Any]) -> None:
-    values = pixels.astype(np.float64)
-    assert row["mean"] == pytest.approx(values.mean(), rel=1e-9)
-    assert row["std"] == pytest.approx(values.std(), rel=1e-9, abs=1e-12)
-    assert row["min"] == values.min()
-    assert row["max"] == values.max()
+def assert_stats(
+    row: dict[str, Any], pixels: NDArray[Any], modality: NDArray[Any] | None = None
+) -> None:
+    """`raw_*` are numpy's statistics of the stored pixels; the plain ones of `modality` (the
+    modality LUT applied, Hounsfield units for CT), the stored pixels when there is none."""
+    for prefix, array in (("raw_", pixels), ("", pixels if modality is None else modality)):
+        values = array.astype(np.float64)
+        assert row[f"{prefix}mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert row[f"{prefix}std"] == pytest.approx(values.std(), rel=1e-9, abs=1e-12)
+        assert row[f"{prefix}min"] == pytest.approx(values.min(), rel=1e-12)
+        assert row[f"{prefix}max"] == pytest.approx(values.max(), rel=1e-12)
+
+
+def optional(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def assert_geometry(row: dict[str, Any], ds: pydicom.Dataset) -> None:
+    """Pixel spacing, slice thickness, series and instance number as pydicom reads them."""
+    spacing = ds.get("PixelSpacing")
+    want_spacing = (None, None) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    got = (optional(row["pixel_spacing_row_mm"]), optional(row["pixel_spacing_col_mm"]))
+    assert got == want_spacing
+    thickness = ds.get("SliceThickness")
+    assert optional(row["slice_thickness_mm"]) == (
+        None if thickness in (None, "") else float(thickness)
+    )
+    for column, keyword in (
+        ("series_number", "SeriesNumber"),
+        ("instance_number", "InstanceNumber"),
+    ):
+        value = ds.get(keyword)
+        assert optional(row[column]) == (None if value in (None, "") else int(value))
 
 
 def image_libraries_in(service: Service) -> list[str]:
@@ -174,7 +202,8 @@ def test_real_images_publish_numpy_statistics_and_a_contact_sheet(
         pixels = ds.pixel_array
         frames = int(ds.get("NumberOfFrames") or 1)
         row = rows[name]
-        assert_stats(row, pixels)
+        assert_stats(row, pixels, apply_modality_lut(pixels, ds))
+        assert_geometry(row, ds)
         assert (row["height"], row["width"]) == (ds.Rows, ds.Columns)
         assert (row["frames"], row["channels"]) == (frames, ds.SamplesPerPixel)
         assert row["dtype"] == pixels.dtype.name
@@ -202,12 +231,29 @@ def test_real_images_publish_numpy_statistics_and_a_contact_sheet(
             rows["mr.dcm"]["std"],
         )
 
+    # Rows in clinical order: DICOM by series then instance number, then the rest by name
+    order = list(rows)
+    dicom_rows = [rows[n] for n in order if isinstance(rows[n]["transfer_syntax"], str)]
+    keys = [(optional(r["series_number"]) or 2**31, optional(r["instance_number"]) or 2**31)
+            for r in dicom_rows]  # fmt: skip
+    assert keys == sorted(keys)
+    assert order[len(dicom_rows) :] == sorted(GENERATED)
+    # Thumbnails ("auto"): none for the ultrasound (burned-in text) nor the colour photograph;
+    # the others numbered 1..n in row order, the number in the row's `tile`
+    withheld = {"us_rgb.dcm", "rgb.png"}
+    shown = [n for n in order if n not in withheld]
+    assert [int(rows[n]["tile"]) for n in shown] == list(range(1, len(shown) + 1))
+    assert all(pd.isna(rows[n]["tile"]) for n in withheld)
+    facts = {i["name"]: i for i in manifest["inputs"]}
+    assert facts["us_rgb.dcm"]["thumbnail"] == "withheld_dicom_burned_in"
+    assert facts["rgb.png"]["thumbnail"] == "withheld_photograph"
+
     # And the contact sheet opens as a PNG of the expected size
     sheet_path = service.outbox / "imaging" / manifest["batch_id"] / "contact_sheet.png"
     with Image.open(sheet_path) as sheet:
         assert sheet.format == "PNG"
-        assert sheet.size == expected_sheet_size(len(good))
-        assert sheet.mode == "RGB"  # the batch holds colour images
+        assert sheet.size == expected_sheet_size(len(shown))
+        assert sheet.mode == "L"  # the colour images are not on it
         sheet.load()
     assert sorted(o["name"] for o in manifest["outputs"]) == ["contact_sheet.png", "result.csv"]
     check_accounting(service, dropped)

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from daemon.errors import ProcessorError
-from daemon.processors.genomics import NOT_NUMBERS, GenomicsPartial, GenomicsProcessor
+from daemon.processors.genomics import GenomicsPartial, GenomicsProcessor
+from daemon.processors.genomics_table import NOT_NUMBERS
 from daemon.processors.options import GenomicsOptions
 
 # IDs that spreadsheets and type inference love to mangle.
@@ -146,7 +147,8 @@ def test_bad_values_are_dropped_and_counted(tmp_path: Path) -> None:
     )
     proc = processor()
     partial, facts = proc.read(tmp_path / "x.csv", "x.csv")
-    assert facts == {"rows": 8, "rows_dropped": 5, "values_dropped": 5, "genes": 2, "samples": 2}
+    assert facts == {"rows": 8, "rows_dropped": 5, "values_dropped": 5, "genes": 2, "samples": 2,
+                     "duplicate_pairs": 0}  # fmt: skip
     result = published(proc, [partial], tmp_path / "out")
     assert result.loc["A", "n"] == 2 and result.loc["A", "mean"] == 2.0
     assert result.loc["C", "n"] == 1 and np.isnan(result.loc["C", "std"])  # n < 2: empty
@@ -156,7 +158,8 @@ def test_wide_facts_count_cells(tmp_path: Path) -> None:
     """In wide form a row is dropped only when none of its cells is usable."""
     (tmp_path / "w.tsv").write_text("gene\tS1\tS2\nA\t1\tx\nB\t\t\nC\t2\t3\n")
     _, facts = processor().read(tmp_path / "w.tsv", "w.tsv")
-    assert facts == {"rows": 3, "rows_dropped": 1, "values_dropped": 3, "genes": 2, "samples": 2}
+    assert facts == {"rows": 3, "rows_dropped": 1, "values_dropped": 3, "genes": 2, "samples": 2,
+                     "duplicate_pairs": 0}  # fmt: skip
 
 
 def test_merge_is_associative(tmp_path: Path) -> None:
@@ -275,7 +278,8 @@ def test_wide_rows_of_one_gene_and_shared_samples(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("gene,S1,S3\nTP53,4,6\nBRCA1,7,\n")
     proc = processor()
     (a, facts), (b, _) = (proc.read(tmp_path / n, n) for n in ("a.tsv", "b.csv"))
-    assert facts == {"rows": 3, "rows_dropped": 0, "values_dropped": 2, "genes": 2, "samples": 2}
+    assert facts == {"rows": 3, "rows_dropped": 0, "values_dropped": 2, "genes": 2, "samples": 2,
+                     "duplicate_pairs": 0}  # fmt: skip
     result = published(proc, [a, b], tmp_path / "out")
     assert result.loc["TP53", "n"] == 5 and result.loc["TP53", "samples"] == 3
     assert result.loc["BRCA1", "n"] == 2 and result.loc["BRCA1", "samples"] == 1

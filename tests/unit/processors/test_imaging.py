@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.processing import apply_color_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.uid import UID, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless
 from skimage.color import rgb2gray
 from skimage.io import imsave
@@ -59,12 +59,17 @@ def dicom_pixels(path: Path) -> NDArray[Any]:
     return pixels
 
 
-def assert_stats(row: dict[str, Any], pixels: NDArray[Any]) -> None:
-    expected = pixels.astype(np.float64)
-    assert row["mean"] == pytest.approx(expected.mean(), rel=1e-9)
-    assert row["std"] == pytest.approx(expected.std(), rel=1e-9, abs=1e-9)
-    assert row["min"] == expected.min()
-    assert row["max"] == expected.max()
+def assert_stats(
+    row: dict[str, Any], pixels: NDArray[Any], modality: NDArray[Any] | None = None
+) -> None:
+    """`raw_*` are numpy's statistics of the stored pixels; the plain ones of `modality` (the
+    modality LUT applied), which is the stored pixels when there is no LUT."""
+    for prefix, values in (("raw_", pixels), ("", pixels if modality is None else modality)):
+        expected = values.astype(np.float64)
+        assert row[f"{prefix}mean"] == pytest.approx(expected.mean(), rel=1e-9, abs=1e-9)
+        assert row[f"{prefix}std"] == pytest.approx(expected.std(), rel=1e-9, abs=1e-9)
+        assert row[f"{prefix}min"] == pytest.approx(expected.min(), rel=1e-12)
+        assert row[f"{prefix}max"] == pytest.approx(expected.max(), rel=1e-12)
 
 
 def read_one(proc: ImagingProcessor, path: Path) -> tuple[dict[str, Any], ImagingPartial]:
@@ -111,11 +116,12 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
 def test_dicom_stats_equal_numpy(
     tmp_path: Path, name: str, shape: tuple[int, ...], frames: int
 ) -> None:
-    """Each supported DICOM encoding gives numpy's statistics of its stored pixels."""
+    """Each supported DICOM encoding gives numpy's statistics of its stored pixels (`raw_*`) and
+    of pydicom's modality LUT applied to them."""
     path = dicom(tmp_path, name)
-    row, partial = read_one(processor(), path)
+    row, partial = read_one(processor(contact_sheet="on"), path)
     pixels = dicom_pixels(path)
-    assert_stats(row, pixels)
+    assert_stats(row, pixels, apply_modality_lut(pixels, pydicom.dcmread(path)))
     assert (row["height"], row["width"]) == shape[:2]
     assert row["channels"] == (shape[2] if len(shape) == 3 else 1)
     assert row["frames"] == frames
@@ -149,7 +155,7 @@ def test_dicom_per_frame(tmp_path: Path) -> None:
     path = dicom(tmp_path, "rtdose.dcm")
     partial, facts = processor(per_frame=True).read(path, path.name)
     pixels = dicom_pixels(path)
-    assert facts == {"images": 15, "frames": 15}
+    assert facts == {"images": 15, "frames": 15, "thumbnail": "shown"}
     assert [row["frame"] for row in partial.rows] == list(range(15))
     for row, frame in zip(partial.rows, pixels, strict=True):
         assert_stats(dict(row), frame)
@@ -343,7 +349,7 @@ def test_rotation_grows_the_canvas(tmp_path: Path) -> None:
 
 
 def three_partials(tmp_path: Path) -> tuple[ImagingProcessor, list[ImagingPartial]]:
-    proc = processor(thumbnail_px=32)
+    proc = processor(thumbnail_px=32, contact_sheet="on")
     imsave(tmp_path / "grey.png", RNG.integers(0, 256, (20, 30), dtype=np.uint8))
     imsave(tmp_path / "rgb.png", RNG.integers(0, 256, (64, 48, 3), dtype=np.uint8))
     paths = [tmp_path / "grey.png", tmp_path / "rgb.png", dicom(tmp_path, "MR_small.dcm")]
@@ -356,10 +362,9 @@ def test_merge_is_associative_and_ordered(tmp_path: Path) -> None:
     at_once = proc.merge([a, b, c])
     for other in (proc.merge([proc.merge([a, b]), c]), proc.merge([c, proc.merge([b, a])])):
         assert other.rows == at_once.rows
-        assert [t.sha256 for t in other.thumbnails] == [t.sha256 for t in at_once.thumbnails]
-    assert [row["sha256"] for row in at_once.rows] == sorted(
-        str(row["sha256"]) for row in at_once.rows
-    )
+        assert [t.key for t in other.thumbnails] == [t.key for t in at_once.thumbnails]
+    # DICOM first (by series and instance number), then the other images by name.
+    assert [row["source"] for row in at_once.rows] == ["MR_small.dcm", "grey.png", "rgb.png"]
     assert proc.merge([]) == ImagingPartial()
     copy = pickle.loads(pickle.dumps(a))
     assert copy.rows == a.rows
@@ -374,7 +379,7 @@ def test_write_result_and_contact_sheet(tmp_path: Path) -> None:
     assert proc.write(proc.merge(partials), out) == ["result.csv", "contact_sheet.png"]
     lines = (out / "result.csv").read_text().splitlines()
     assert lines[0].startswith(
-        '"source","sha256","frame","width","height","frames","channels","dtype","mean"'
+        '"source","sha256","tile","frame","width","height","frames","channels","dtype","mean"'
     )
     assert len(lines) == 4
     # Thumbnails: 20x30 stays (no upscaling), 64x48 becomes 32x24, 64x64 becomes 32x32. Tiles
