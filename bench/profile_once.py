@@ -20,6 +20,7 @@ from bench.options import RESULTS, BenchOptions
 from bench.profiling import py_spy_command, summarise_profile
 from bench.service import ServiceTree, run_once, temp_root
 
+_SQL = "<method '{}' of 'sqlite3.Connection' objects>"
 # (step, cProfile function-name suffixes that make it up); cumulative time, so steps nest.
 STEPS = (
     ("start-up (journal, pool, watches)", ("supervisor.py:_start",)),
@@ -37,9 +38,12 @@ STEPS = (
     ("audit lines (all)", ("audit.py:append",)),
     ("  audit fsync", ("audit.py:sync",)),
     ("journal transactions (all)", ("journal.py:transaction",)),
-    ("sqlite commit (all)", ("{method 'commit' of 'sqlite3.Connection' objects}",)),
-    ("os.rename (all)", ("{built-in method posix.rename}",)),
-    ("os.fsync (all)", ("{built-in method posix.fsync}",)),
+    ("sqlite execute/executemany (all)", (_SQL.format("execute"), _SQL.format("executemany"))),
+    ("os.rename (all)", ("<built-in method posix.rename>",)),
+    ("os.fsync (all)", ("<built-in method posix.fsync>",)),
+    ("os.lstat (all)", ("<built-in method posix.lstat>",)),
+    ("pathlib Path / name (all)", ("pathlib.py:__truediv__",)),
+    ("json encode (all)", ("encoder.py:encode",)),
     ("waiting for messages", ("supervisor.py:_wait_and_handle",)),
     ("shutdown (drain, pool)", ("supervisor.py:_stop",)),
 )
