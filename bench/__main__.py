@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.bigfiles import run_bigfiles
 from bench.emr import run_emr
 from bench.genomics import run_genomics
 from bench.idle import run_idle
@@ -22,10 +23,13 @@ from bench.imaging import run_imaging
 from bench.latency import run_latency
 from bench.options import RESULTS, BenchOptions
 from bench.report import MachineLoad, render_table, write_json
+from bench.scale import run_scale
 from bench.section import SectionResult
 
 SECTIONS: dict[str, Callable[[BenchOptions], SectionResult]] = {
     "emr": run_emr,
+    "bigfiles": run_bigfiles,
+    "scale": run_scale,
     "latency": run_latency,
     "idle": run_idle,
     "imaging": run_imaging,

@@ -3,10 +3,13 @@ process start to exit, as the service is; and the comparison of their results.""
 
 from __future__ import annotations
 
-import resource
+import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +18,45 @@ import pandas as pd
 from bench.options import BENCH
 
 
+@dataclass(frozen=True)
+class ScriptRun:
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float  # the script's own VmHWM (ru_maxrss of exactly that child)
+
+
+def run_script(script: str, *args: str | Path, timeout_s: float = 900) -> ScriptRun:
+    """Run `bench/<script>` with this interpreter; its wall-clock and CPU seconds and peak RSS."""
+    started = time.perf_counter()
+    # stderr to a file, not a pipe: nothing reads a pipe while we wait.
+    with (
+        tempfile.TemporaryFile() as errors,
+        subprocess.Popen(
+            [sys.executable, str(BENCH / script), *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        ) as process,
+    ):
+        timer = threading.Timer(timeout_s, process.kill)
+        timer.start()
+        try:
+            # wait4: the rusage of this child alone, not of every child this bench reaped.
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            timer.cancel()
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"{script} exited {process.returncode}: {stderr.strip()[-500:]}")
+    return ScriptRun(seconds, usage.ru_utime + usage.ru_stime, round(usage.ru_maxrss / 1024, 1))
+
+
 def run_baseline(script: str, *args: str | Path, timeout_s: float = 900) -> tuple[float, float]:
     """Run `bench/<script>` with this interpreter; return its (wall-clock, CPU) seconds."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(BENCH / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    seconds = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise RuntimeError(f"{script} exited {done.returncode}: {done.stderr.strip()[-500:]}")
-    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return seconds, cpu_s
+    run = run_script(script, *args, timeout_s=timeout_s)
+    return run.wall_s, run.cpu_s
 
 
 def max_relative_error(ours: pd.Series, theirs: pd.Series) -> float:

@@ -20,10 +20,15 @@ class BenchOptions:
     profile: bool = False
     repeat: int = 1  # throughput sections: best of N runs of each side
     # Sizes (full run / --quick).
-    emr_files: int = 5000
+    emr_files: int = 20000
     emr_rows: int = 50
     emr_max_files: int = 500
     latency_drops: int = 200
+    big_files: int = 8
+    big_file_mib: int = 250
+    big_max_bytes_mib: int = 64
+    scale_backlog: int = 100_000
+    scale_growth: tuple[int, ...] = (1000, 10_000, 100_000)
     idle_s: float = 30.0
     images: int = 200
     genomics_files: int = 20
@@ -39,6 +44,11 @@ class BenchOptions:
             emr_files=1000,
             emr_max_files=100,
             latency_drops=30,
+            big_files=4,
+            big_file_mib=16,
+            big_max_bytes_mib=8,
+            scale_backlog=2000,
+            scale_growth=(200, 2000),
             idle_s=5.0,
             images=40,
             genomics_files=4,

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from bench.cpu import CpuSampler
+from bench.procstats import ProcessSampler, ProcStat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,6 +240,20 @@ class OnceRun:
     first_received_at: float | None = None
     last_published_at: float | None = None
     batch_seconds: tuple[float, float] | None = None  # ServiceTree.batch_seconds
+    processes: tuple[ProcStat, ...] = ()  # peak RSS and CPU of the service and each child
+
+    @property
+    def main_peak_rss_mib(self) -> float | None:
+        return next((p.peak_rss_mib for p in self.processes if p.role == "main"), None)
+
+    @property
+    def workers(self) -> list[ProcStat]:
+        return [p for p in self.processes if p.role == "worker"]
+
+    @property
+    def first_claim_s(self) -> float | None:
+        """Launch → first `file.received` audit line: start-up to the first claim."""
+        return _between(self.launched_at, self.first_received_at)
 
     @property
     def cpu_s(self) -> tuple[float, float]:
@@ -282,10 +297,12 @@ def run_once(
     """
     with ServiceProcess(tree, "--once", wrapper=wrapper) as service:
         samplers = [CpuSampler(pid) for pid in (service.pid, *remote_workers)]
+        memory = ProcessSampler(service.pid)
         try:
             code, wall_s = service.wait(timeout_s)
         finally:
             readings = [sampler.stop() for sampler in samplers]
+            processes = tuple(memory.stop())
         main_cpu_s, workers_cpu_s = readings[0]
         workers_cpu_s += sum(own + children for own, children in readings[1:])
         if code != 0:
@@ -302,4 +319,5 @@ def run_once(
         first,
         last,
         tree.batch_seconds(),
+        processes,
     )

@@ -4,6 +4,7 @@ the ratio."""
 
 from __future__ import annotations
 
+from bench.baseline import ScriptRun
 from bench.section import SectionResult
 from bench.service import OnceRun
 
@@ -40,14 +41,42 @@ def record_naive(result: SectionResult, wall_s: float, cpu_s: float, count: int,
     result.add("naive_cpu_s", round(cpu_s, 2), "s")
 
 
-def record_speedup(result: SectionResult, prefix: str, target: float | None = None) -> None:
-    """medbatch's wall-clock rate over the plain script's (both end to end)."""
-    ours, theirs = result.figures.get(f"{prefix}_wall_s"), result.figures.get("naive_wall_s")
-    if not isinstance(ours, float) or not isinstance(theirs, float):
-        return
-    result.add(f"{prefix}_speedup", round(theirs / ours, 2), "x")
-    if target is not None:
-        result.target(f"{prefix}_speedup", ">=", target)
+def record_polars(result: SectionResult, run: ScriptRun, count: int, unit: str) -> None:
+    result.add("polars_wall_s", round(run.wall_s, 3), "s")
+    result.add(f"polars_{unit}_per_s", _rate(count, run.wall_s), f"{unit}/s")
+    result.add("polars_cpu_s", round(run.cpu_s, 2), "s")
+    result.add("polars_peak_rss_mib", run.peak_rss_mib, "MiB")
+
+
+def record_memory(result: SectionResult, prefix: str, run: OnceRun) -> None:
+    """Peak RSS (VmHWM) of the main process and of the largest worker, and each worker's CPU."""
+    if run.main_peak_rss_mib is not None:
+        result.add(f"{prefix}main_peak_rss_mib", run.main_peak_rss_mib, "MiB")
+    workers = run.workers
+    if workers:
+        result.add(f"{prefix}worker_peak_rss_mib", max(w.peak_rss_mib for w in workers), "MiB")
+        result.add(f"{prefix}worker_cpu_s", " / ".join(f"{w.cpu_s:.1f}" for w in workers), "s")
+
+
+def record_speedup(
+    result: SectionResult,
+    prefix: str,
+    target: float | None = None,
+    vs_polars_target: float | None = None,
+) -> None:
+    """medbatch's wall-clock rate over the plain script's, and over polars' if it ran (all end
+    to end, whole processes)."""
+    ours = result.figures.get(f"{prefix}_wall_s")
+    for baseline, goal, name in (
+        ("naive", target, f"{prefix}_speedup"),
+        ("polars", vs_polars_target, f"{prefix}_vs_polars"),
+    ):
+        theirs = result.figures.get(f"{baseline}_wall_s")
+        if not isinstance(ours, float) or not isinstance(theirs, float):
+            continue
+        result.add(name, round(theirs / ours, 2), "x")
+        if goal is not None:
+            result.target(name, ">=", goal)
 
 
 def _rate(count: int, seconds: float) -> float:
