@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from daemon.intake import claim, reasons, recovery
 from daemon.intake.claim import Lease, Opened, Refusal, Taken
 from daemon.intake.memory import RefusalMemory
 from daemon.intake.recovery import Refused
-from daemon.intake.refusal import is_ignored, recorded_name, spool_suffix
+from daemon.intake.refusal import is_ignored, kind_of, recorded_name, spool_suffix
 from daemon.intake.settle import Candidate, Candidates, Signature
 from daemon.journal import Journal
 from daemon.models import IncomingFile
@@ -175,6 +176,9 @@ class Intake:
         except OSError:
             return
         self._refused.forget(pipeline.name, entry.name)  # new or changed: examined afresh
+        if not stat.S_ISREG(st.st_mode):  # waiting cannot make it a file: report it now
+            self._refuse_in_inbox(pipeline.name, entry.name, Refusal(kind_of(st.st_mode), st=st))
+            return
         if len(self._candidates) >= MAX_PENDING:
             self._is_scan_capped = True
             return
