@@ -32,9 +32,9 @@ from tests.support.service import Service
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 
-N_EMR = 12_000 if SOAK else 2_000
-N_IMAGES = 150 if SOAK else 30
-KILLS = 200 if SOAK else 20
+N_EMR = 12_000 if SOAK else 600
+N_IMAGES = 150 if SOAK else 12
+KILLS = 200 if SOAK else 8
 # Files per second: the producer keeps dropping for roughly the whole kill loop.
 RATE_PER_S = 40.0 if SOAK else 30.0
 TIMEOUT_S = 7200 if SOAK else 300
