@@ -58,6 +58,18 @@ from daemon.wiring import wire
 log = structlog.get_logger()
 
 
+def _log_starting(settings: Settings, once: bool) -> None:
+    log.info(
+        "daemon.starting",
+        version=__version__,
+        config=str(settings.config_path),
+        pipelines=[p.name for p in settings.pipeline],
+        workers=settings.workers.count,
+        executor=settings.workers.executor,
+        once=once,
+    )
+
+
 class _StopDuringStart(Exception):
     """SIGTERM arrived during start-up: skip the remaining steps and stop in order."""
 
@@ -101,7 +113,7 @@ class Service:
                     console.report()
             if self.once and self.journal is not None:
                 unfinished = self.journal.unfinished_count()
-                left = int(getattr(self.intake, "left_in_inbox", 0))
+                left = self.intake.left_in_inbox
         finally:
             try:
                 self._stop()
@@ -113,15 +125,7 @@ class Service:
 
     def _start(self) -> None:
         workers = self.settings.workers
-        log.info(
-            "daemon.starting",
-            version=__version__,
-            config=str(self.settings.config_path),
-            pipelines=[p.name for p in self.settings.pipeline],
-            workers=workers.count,
-            executor=workers.executor,
-            once=self.once,
-        )
+        _log_starting(self.settings, self.once)
         prepare_folders(self.settings)
         # Even a start stopped at once leaves its daemon.started / daemon.stopped pair.
         self._open_records()

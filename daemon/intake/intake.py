@@ -27,7 +27,7 @@ from daemon.intake.claim import Lease, Opened, Refusal, Taken
 from daemon.intake.memory import RefusalMemory
 from daemon.intake.recovery import Refused
 from daemon.intake.refusal import is_ignored, kind_of, recorded_name, spool_suffix
-from daemon.intake.settle import Candidate, Candidates, Signature
+from daemon.intake.settle import Candidate, Candidates, settled, signature_of
 from daemon.journal import Journal
 from daemon.models import IncomingFile
 
@@ -122,7 +122,7 @@ class Intake:
             if self._refused.is_unchanged(pipeline, path.name, st):
                 return
             self._refused.forget(pipeline, path.name)  # changed: examined afresh
-            candidate = Candidate(pipeline, path, _signature(st), now, now + settle_s)
+            candidate = Candidate(pipeline, path, signature_of(st), now, now + settle_s)
             candidate.is_closed_hint = is_writing is False
             self._candidates.add(candidate)
         candidate.is_urgent = True
@@ -183,40 +183,11 @@ class Intake:
             self._is_scan_capped = True
             return
         due = now + pipeline.settle_s
-        self._candidates.add(Candidate(pipeline.name, path, _signature(st), now, due))
+        self._candidates.add(Candidate(pipeline.name, path, signature_of(st), now, due))
 
     def next_due(self) -> float | None:
         """Monotonic time at which the next candidate may be complete."""
         return self._candidates.next_due()
-
-    def _settled(self, limit: int) -> list[tuple[Candidate, bool]]:
-        """Due candidates worth a claim attempt, each with whether it passed the settle rule
-        (needed when no lease can tell whether a writer still holds it)."""
-        now = self._monotonic()
-        ready: list[tuple[Candidate, bool]] = []
-        for c in self._candidates.pop_due(now, limit):
-            pipeline = self._pipelines[c.pipeline]
-            try:
-                st = os.lstat(c.path)
-            except OSError:
-                self._candidates.remove(c.path)
-                continue
-            signature = _signature(st)
-            if signature != c.signature:
-                c.signature, c.stable_since = signature, now
-                if not c.is_closed_hint:
-                    self._candidates.schedule(c, now + pipeline.settle_s)
-                    continue
-            is_settled = now >= c.stable_since + pipeline.settle_s
-            timed_out = now - c.stable_since >= max(pipeline.max_incomplete_s, pipeline.settle_s)
-            if c.is_closed_hint or (is_settled and (not c.is_writing or timed_out)):
-                # A lost close event (inotify overflow) must not hold a file forever either.
-                ready.append((c, is_settled and (not c.is_writing or timed_out)))
-            else:
-                self._candidates.schedule(
-                    c, c.stable_since + max(pipeline.max_incomplete_s, pipeline.settle_s)
-                )
-        return ready
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -226,7 +197,7 @@ class Intake:
         now in the spool and journal."""
         if self._is_scan_capped and len(self._candidates) < MAX_PENDING // 2:
             self.scan()  # the capped rescan's remainder, now that the backlog drained
-        ready = self._settled(limit)
+        ready = settled(self._candidates, self._pipelines, self._monotonic(), limit)
         if not ready:
             return []
         taken: list[IncomingFile] = []
@@ -346,7 +317,7 @@ class Intake:
             self._refuse_in_inbox(plan.pipeline.name, plan.candidate.path.name, moved)
             return None
         if moved is not None:
-            self._log_refusal("file.swapped", plan.pipeline.name, moved, st.st_ino)
+            _log_refusal("file.swapped", plan.pipeline.name, moved, st.st_ino)
             return moved.reason
         outcome = claim.take_bytes(plan.opened.fd, st, target, plan.pipeline, self._service_uid)
         return outcome.reason if isinstance(outcome, Refusal) else outcome
@@ -370,14 +341,7 @@ class Intake:
             self._audit.record(
                 FileRejected(pipeline=pipeline, file=name, reason=refused.reason, size=size)
             )
-            self._log_refusal("file.rejected", pipeline, refused, inode)
-
-    @staticmethod
-    def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:
-        # Never the name: only the reason code, the errno's name and the inode.
-        log.warning(
-            event, pipeline=pipeline, reason=refused.reason, errno=refused.errno_name, inode=inode
-        )
+            _log_refusal("file.rejected", pipeline, refused, inode)
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -392,5 +356,8 @@ class Intake:
         )
 
 
-def _signature(st: os.stat_result) -> Signature:
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:
+    # Never the name: only the reason code, the errno's name and the inode.
+    log.warning(
+        event, pipeline=pipeline, reason=refused.reason, errno=refused.errno_name, inode=inode
+    )

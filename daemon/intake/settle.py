@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from daemon.config import Pipeline
 
 Signature = tuple[int, int, int]  # (inode, size, mtime_ns)
 
@@ -91,3 +95,38 @@ class Candidates:
                 return due
             heapq.heappop(heap)
         return None
+
+
+def signature_of(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def settled(
+    candidates: Candidates, pipelines: Mapping[str, Pipeline], now: float, limit: int
+) -> list[tuple[Candidate, bool]]:
+    """Due candidates worth a claim attempt, each with whether it passed the settle rule
+    (needed when no lease can tell whether a writer still holds it)."""
+    ready: list[tuple[Candidate, bool]] = []
+    for c in candidates.pop_due(now, limit):
+        pipeline = pipelines[c.pipeline]
+        try:
+            st = os.lstat(c.path)
+        except OSError:
+            candidates.remove(c.path)
+            continue
+        signature = signature_of(st)
+        if signature != c.signature:
+            c.signature, c.stable_since = signature, now
+            if not c.is_closed_hint:
+                candidates.schedule(c, now + pipeline.settle_s)
+                continue
+        is_settled = now >= c.stable_since + pipeline.settle_s
+        timed_out = now - c.stable_since >= max(pipeline.max_incomplete_s, pipeline.settle_s)
+        if c.is_closed_hint or (is_settled and (not c.is_writing or timed_out)):
+            # A lost close event (inotify overflow) must not hold a file forever either.
+            ready.append((c, is_settled and (not c.is_writing or timed_out)))
+        else:
+            candidates.schedule(
+                c, c.stable_since + max(pipeline.max_incomplete_s, pipeline.settle_s)
+            )
+    return ready
