@@ -37,8 +37,9 @@ run: $(RUN_STAMP)
 once: $(RUN_STAMP)
 	$(BIN)/medbatch run --once --config $(CONFIG)
 
+# Two processes (the machine's two cores); the acceptance tier's tests stay in one of them.
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

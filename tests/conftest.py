@@ -48,3 +48,11 @@ def no_leaks() -> Iterator[None]:
         time.sleep(0.05)
     assert not threads, f"test leaked threads: {threads}"
     assert not children, f"test leaked child processes: {children}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), the acceptance tier's tests share one fresh
+    clone and venv: they run in one worker."""
+    for item in items:
+        if "tests/acceptance/" in str(item.path).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.xdist_group("acceptance"))
