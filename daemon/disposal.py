@@ -20,9 +20,12 @@ from daemon.config import PathsConfig, Pipeline
 from daemon.fsutil import atomic_write, iso_utc, utc_day
 from daemon.journal import FileRow, Journal
 from daemon.models import Facts, FileState
-from daemon.outbox import FILE_MODE, make_folder
+from daemon.outbox import make_folder
 
 SIDECAR_SUFFIX = ".error.json"
+# Kept inputs are raw patient data, and a sidecar names its input: both private to the service
+# (operators read them as the service's user); the folders stay listable by the group.
+PRIVATE_MODE = 0o600
 # NAME_MAX is 255 bytes: room for ".error.json" and a ".NNN" collision counter.
 SAFE_NAME_MAX_BYTES = 200
 
@@ -54,7 +57,7 @@ def safe_name(name: str) -> str:
 
 
 def _restrict(path: Path) -> None:
-    """Make a moved input FILE_MODE without following a link or opening a FIFO or device, and
+    """Make a moved input PRIVATE_MODE without following a link or opening a FIFO or device, and
     without touching a file that has another name elsewhere (its mode is that file's mode).
     Not ours to change when owned by another user: the folder's mode protects it then."""
     st = os.lstat(path)
@@ -64,13 +67,13 @@ def _restrict(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_ino == st.st_ino:
-                os.fchmod(fd, FILE_MODE)
+                os.fchmod(fd, PRIVATE_MODE)
         finally:
             os.close(fd)
 
 
 def move_aside(source: Path, folder: Path, name: str) -> Path:
-    """Rename `source` into `folder` as `safe_name(name)` (never overwriting), FILE_MODE;
+    """Rename `source` into `folder` as `safe_name(name)` (never overwriting), PRIVATE_MODE;
     return where it went."""
     make_folder(folder)
     base = safe_name(name)
@@ -92,7 +95,7 @@ def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -
     target = move_aside(source, folder, name)
     data = (json.dumps(sidecar, indent=2, ensure_ascii=True) + "\n").encode("ascii")
     # Written aside and renamed: whoever reads the quarantine never sees half a sidecar.
-    atomic_write(target.with_name(target.name + SIDECAR_SUFFIX), data, FILE_MODE)
+    atomic_write(target.with_name(target.name + SIDECAR_SUFFIX), data, PRIVATE_MODE)
     return target
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.security.corpus import emr_pipeline, good_emr, published_names, rejected
-from tests.support.users import SERVICE_USER, ensure_user, owned_tree
+from tests.support.service import REPO
+from tests.support.users import SERVICE_USER, ensure_user, owned_tree, reachable
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 
@@ -25,6 +26,19 @@ OTHER_UID = 4242  # a user whose private files the service must not read
 UNREADABLE = {"private.csv": 0o600, "no-bits.csv": 0o000, "write-only.csv": 0o200}
 KEPT_ON_TRUNCATE = len(b"".join(good_emr(2).splitlines(keepends=True)[:4]))
 APPENDED = b"000001,copd,50,120.0\n" * 5
+
+
+# Every test that makes the checkout reachable for another user runs in one xdist worker, so
+# that one test's restoring of folder modes never pulls the ground from under another's.
+pytestmark = pytest.mark.xdist_group("service-user")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def checkout_reachable() -> Iterator[None]:
+    """The service account must read the code under test, wherever the checkout lies (a CI
+    clone may sit in a 0700 temp folder)."""
+    with reachable([REPO]):
+        yield
 
 
 @pytest.fixture(scope="session")

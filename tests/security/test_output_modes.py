@@ -1,6 +1,6 @@
 """Item 4: output confidentiality. Whatever the umask and the input's mode, published files are
-0640 and folders 0750, quarantined inputs 0640, archived inputs (intake's private copy) and the
-journal 0600."""
+0640 and folders 0750; every kept input (archived: intake's private copy; quarantined, with its
+sidecar, which names it), the journal and the lock 0600."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from tests.system.conftest import MakeService
 
 def test_modes_never_follow_the_umask_or_the_input(make_service: MakeService) -> None:
     """With umask 0 and world-writable 0666 inputs: every folder the service makes is 0750,
-    every file it publishes or quarantines 0640, archived inputs and the journal (and its WAL)
-    0600."""
+    every file it publishes 0640, kept inputs, sidecars and the journal (and its WAL) 0600."""
     service = make_service([emr_pipeline()])
     inbox = service.inbox / "emr"
     old_umask = os.umask(0)
@@ -44,8 +43,13 @@ def test_modes_never_follow_the_umask_or_the_input(make_service: MakeService) ->
                 files[os.path.join(dirpath, name)] = mode_of(Path(dirpath, name))
     journal, lock = str(state / "journal.db"), str(state / "medbatch.lock")
     assert {d: m for d, m in folders.items() if m != 0o750} == {}
-    archived = {f for f in files if Path(f).is_relative_to(state / "archive")}
-    private = {journal, lock, *archived}
+    kept = {
+        f
+        for f in files
+        if Path(f).is_relative_to(state / "archive")
+        or Path(f).is_relative_to(service.root / "quarantine")
+    }
+    private = {journal, lock, *kept}
     assert {f: m for f, m in files.items() if m != 0o640 and f not in private} == {}
     assert {files[f] for f in private} == {0o600}
     # what was checked: a published folder, a quarantined input and its sidecar, an archive

@@ -10,6 +10,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.data import emr_csv
 from tests.support.service import REPO, Service
 from tests.support.users import interpreter_paths, reachable, run_as_unprivileged
@@ -97,6 +99,7 @@ def test_status_into_a_closed_pipe_says_nothing_and_exits_141(make_service: Make
     assert "crashed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.xdist_group("service-user")  # see tests/security/test_intake_owners.py
 def test_a_journal_the_caller_cannot_read_gets_one_clear_line(make_service: MakeService) -> None:
     """A group member without access to the 0600 journal gets exit 77 and what to do, not a
     PermissionError crash."""
