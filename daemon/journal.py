@@ -25,12 +25,7 @@ SCHEMA_VERSION = 1
 
 
 class Journal(JournalQueries):
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        if readonly:
-            # Kept for callers that have not moved to JournalQueries.open_readonly yet.
-            ro = JournalQueries.open_readonly(path)
-            super().__init__(path, ro._db)
-            return
+    def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             # Created private, never for a moment with the umask's mode.
