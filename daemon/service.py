@@ -49,6 +49,8 @@ from daemon.outcome_listeners import Progress
 from daemon.periodic import Periodic
 from daemon.recovery import Recovery
 from daemon.reload import name_key_for, reloaded_settings
+from daemon.requeue import Requeues
+from daemon.retention import Pruner, Retention
 from daemon.signals import SignalHandlers
 from daemon.startup import by_name, hashed_pipelines, inbox_folders, kinds, prepare_folders
 from daemon.watcher import InboxWatcher
@@ -164,6 +166,8 @@ class Service:
         audit.add_listener(self.metrics.on_audit)
         audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=self.once or None))
         self.monitor = HeartbeatMonitor(self._notifier, audit, journal)
+        self.pruner = Pruner(Retention(lambda: self.settings, journal), audit.record)
+        self.requeues = Requeues(paths.state, journal, audit.record)
 
     def _start_watching(self) -> int:
         self.watcher = InboxWatcher(self._messages)
@@ -329,6 +333,10 @@ class Service:
             log.error("watcher.dead_restarting")
             self.watcher.restart(inbox_folders(self.settings))
             self.intake.scan()
+        self.requeues.link()
+        if not self.once:
+            quiet = not (self.flow.inflight or len(self.dispatcher) or self.intake.pending)
+            self.pruner.maybe_step(self.settings, is_idle=quiet and not self.gate.paused)
         # Watches set, scheduler ticking: otherwise stop pinging systemd's watchdog. A paused
         # intake or an unreachable cluster is degraded, not hung: `status` says so.
         is_watching = self.once or (self.watcher is not None and self.watcher.is_alive())
