@@ -101,6 +101,7 @@ class Retention:
         settings = self._settings()
         now = self._clock()
         tallies: list[Tally] = []
+        self._going: set[int] = set()  # rows whose copies go in this pass (for a dry run)
         for p in settings.pipeline:
             for kind, days, states in (
                 (PruneKind.ARCHIVE, p.archive_days, (FileState.PUBLISHED, FileState.DUPLICATE)),
@@ -142,6 +143,7 @@ class Retention:
                 break
             budget.take()
             due.append(row.id)
+            self._going.add(row.id)
             for _, path in copies_of(settings.paths, by_name, row, facts):
                 targets = [path]
                 if row.state == FileState.QUARANTINED:
@@ -171,7 +173,8 @@ class Retention:
             if budget.is_spent:
                 break
             # A row outlives the copy it describes: `trace` must still explain a kept file.
-            if any(os.path.lexists(p) for _, p in copies_of(settings.paths, by_name, row, facts)):
+            copies = copies_of(settings.paths, by_name, row, facts)
+            if row.id not in self._going and any(os.path.lexists(p) for _, p in copies):
                 continue
             budget.take()
             due.append(row.id)
