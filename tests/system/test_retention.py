@@ -97,21 +97,21 @@ def test_retention_prunes_every_kind_and_the_audit_chain_still_verifies(
 def test_requeue_publishes_a_transient_failure_and_refuses_a_deterministic_one(
     make_service: MakeService, tmp_path: Path
 ) -> None:
-    """An input quarantined as `timeout` (a worker given 10 ms) is requeued while the service
+    """An input quarantined as `timeout` (3 s of work, 1 s allowed) is requeued while the service
     runs and published, `trace` showing quarantined → requeued → published; a `not_utf8` one
     is refused (exit 1) without --force and its copy stays in quarantine."""
-    rng = random.Random(4)
-    good = emr_csv(rng, rows=5)
+    notes = {"name": "notes", "kind": "faulty", "max_files": 1, "max_wait": 0.5, "settle_s": 0.1}
+    slow = b"note 1\nMEDBATCH-TEST-SLEEP-3\n"  # slow beyond 1 s on the first run only
     service = make_service(
-        [emr()], workers={"count": 1, "batch_timeout_s": 0.01, "max_attempts": 1}
+        [notes, emr()], workers={"count": 1, "batch_timeout_s": 1, "max_attempts": 1}
     )
     service.start()
-    sha = service.drop("emr", "visit.csv", good)
-    wait_until(lambda: service.accounted() == 1, 60, message="visit.csv quarantined")
+    sha = service.drop("notes", "visit.txt", slow)
+    wait_until(lambda: service.accounted() == 1, 60, message="visit.txt quarantined")
     assert service.stop() == 0
     assert [q["reason"] for q in service.quarantined()] == ["timeout"]
 
-    service = make_service([emr()], workers={"count": 1})
+    service = make_service([notes, emr()], workers={"count": 1, "batch_timeout_s": 30})
     service.start()
     service.drop("emr", "latin.csv", BAD_BYTES)
     wait_until(lambda: service.accounted() == 2, 60, message="latin.csv quarantined")
@@ -121,8 +121,8 @@ def test_requeue_publishes_a_transient_failure_and_refuses_a_deterministic_one(
 
     done = service.run("requeue", sha)
     assert done.returncode == 0, (done.stdout, done.stderr)
-    assert not (tmp_path / "quarantine" / "emr" / "visit.csv").exists()
-    assert not (tmp_path / "quarantine" / "emr" / "visit.csv.error.json").exists()
+    assert not (tmp_path / "quarantine" / "notes" / "visit.txt").exists()
+    assert not (tmp_path / "quarantine" / "notes" / "visit.txt.error.json").exists()
     wait_until(
         lambda: any(i.get("sha256") == sha for i in service.published_inputs()),
         60,
