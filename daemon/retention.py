@@ -196,16 +196,22 @@ class Retention:
             tally.bytes += size
             if apply:
                 seq, digest = _last_line(path)
-                # The checkpoint first: a crash before the unlink leaves a chain that still
-                # starts at seq 1 and passes through the checkpoint, which verify accepts.
-                data = {"seq": seq, "hash": digest, "day": match[1]}
-                atomic_write(
-                    folder / CHECKPOINT_NAME,
-                    (json.dumps(data, sort_keys=True) + "\n").encode("ascii"),
-                    CHECKPOINT_MODE,
-                )
+                # The checkpoint first, added to the earlier ones: a crash before the unlink
+                # leaves the day in place, whose chain starts at the previous checkpoint.
+                _add_checkpoint(folder, {"seq": seq, "hash": digest, "day": match[1]})
                 path.unlink()
                 tally.checkpoint_seq = seq
+
+
+def _add_checkpoint(folder: Path, entry: dict[str, object]) -> None:
+    path = folder / CHECKPOINT_NAME
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        data = {"checkpoints": []}
+    data["checkpoints"].append(entry)
+    text = json.dumps(data, sort_keys=True, indent=1) + "\n"
+    atomic_write(path, text.encode("ascii"), CHECKPOINT_MODE)
 
 
 def _last_line(path: Path) -> tuple[int, str]:

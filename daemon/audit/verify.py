@@ -29,16 +29,22 @@ class VerifyReport:
     from_checkpoint: int | None = None
 
 
-def read_checkpoint(folder: Path) -> tuple[int, str] | None:
-    """(seq, hash) of the last line retention pruned, or None when nothing was pruned."""
+def read_checkpoints(folder: Path) -> dict[int, str]:
+    """seq → hash of the last line of each day retention pruned (empty when none was)."""
     try:
         data = json.loads((folder / CHECKPOINT_NAME).read_bytes())
     except FileNotFoundError:
-        return None
-    seq, digest = data.get("seq"), data.get("hash")
-    if not (isinstance(seq, int) and isinstance(digest, str)):
-        raise ValueError(f"{CHECKPOINT_NAME}: missing or invalid seq or hash")
-    return seq, digest
+        return {}
+    entries = data.get("checkpoints") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{CHECKPOINT_NAME}: no list of checkpoints")
+    out: dict[int, str] = {}
+    for entry in entries:
+        seq, digest = (entry.get(k) for k in ("seq", "hash")) if isinstance(entry, dict) else (0, 0)
+        if not (isinstance(seq, int) and isinstance(digest, str)):
+            raise ValueError(f"{CHECKPOINT_NAME}: missing or invalid seq or hash")
+        out[seq] = digest
+    return out
 
 
 def verify(folder: Path, expected_head: tuple[int, str] | None = None) -> VerifyReport:
@@ -46,10 +52,10 @@ def verify(folder: Path, expected_head: tuple[int, str] | None = None) -> Verify
     whose older days were pruned starts at the recorded checkpoint."""
     files = sorted(folder.glob("audit-*.jsonl")) if folder.is_dir() else []
     try:
-        checkpoint = read_checkpoint(folder)
+        checkpoints = read_checkpoints(folder)
     except ValueError as exc:
         return VerifyReport(False, 0, len(files), str(exc))
-    checker = _ChainChecker(expected_head, checkpoint)
+    checker = _ChainChecker(expected_head, checkpoints)
     try:
         for index, path in enumerate(files):
             checker.check_file(path, is_last=index == len(files) - 1)
@@ -83,11 +89,11 @@ class _ChainError(Exception):
 
 class _ChainChecker:
     def __init__(
-        self, expected_head: tuple[int, str] | None, checkpoint: tuple[int, str] | None = None
+        self, expected_head: tuple[int, str] | None, checkpoints: dict[int, str] | None = None
     ) -> None:
         self.lines = 0
         self.started_at_checkpoint: int | None = None
-        self._checkpoint = checkpoint
+        self._checkpoints = checkpoints or {}
         self.torn_tail = False
         self._seq = 0
         self._hash = GENESIS_HASH
@@ -124,9 +130,9 @@ class _ChainChecker:
         seq, prev, digest, ts = (line.get(key) for key in ("seq", "prev", "hash", "ts"))
         if not (isinstance(seq, int) and isinstance(prev, str) and isinstance(digest, str)):
             raise _ChainError(f"{where}: missing or invalid seq, prev or hash")
-        if self.lines == 0 and seq != 1 and self._checkpoint and seq == self._checkpoint[0] + 1:
+        if self.lines == 0 and seq != 1 and isinstance(seq, int) and seq - 1 in self._checkpoints:
             # Older days pruned: the chain continues from the checkpoint they left.
-            self._seq, self._hash = self._checkpoint
+            self._seq, self._hash = seq - 1, self._checkpoints[seq - 1]
             self.started_at_checkpoint = self._seq
         if seq != self._seq + 1:
             raise _ChainError(f"{where}: seq {seq} expected {self._seq + 1}")
@@ -140,7 +146,7 @@ class _ChainChecker:
         head = self._expected_head
         if head is not None and head[0] == seq and head[1] != digest:
             raise _ChainError(f"{where}: hash of seq {seq} differs from the journal's")
-        if self._checkpoint and self._checkpoint[0] == seq and self._checkpoint[1] != digest:
+        if self._checkpoints.get(seq, digest) != digest:
             raise _ChainError(f"{where}: hash of seq {seq} differs from the pruning checkpoint")
         self._seq, self._hash = seq, digest
         self.lines += 1
