@@ -108,8 +108,14 @@ class Requeues:
                 ticket = Ticket(**json.loads(path.read_bytes()))
             except (OSError, ValueError, TypeError):
                 continue  # being written (atomic_write makes that rare) or foreign: left alone
-            new_id = self._journal.requeued_incarnation(
-                ticket.pipeline, ticket.sha256, ticket.file_id
+            # Linked before a crash that left the ticket: finish with the same row.
+            linked_to = self._journal.file_facts(ticket.file_id).get("requeued_to")
+            new_id = (
+                int(linked_to)
+                if linked_to is not None
+                else self._journal.requeued_incarnation(
+                    ticket.pipeline, ticket.sha256, ticket.file_id
+                )
             )
             if new_id is None:
                 continue  # not taken by intake yet
