@@ -55,7 +55,8 @@ def test_retention_prunes_every_kind_and_the_audit_chain_still_verifies(
     archived_bytes = sum(p.stat().st_size for p in before[0])
 
     zero = {"archive_days": 0, "quarantine_days": 0, "journal_days": 0}
-    service = make_service([emr(**zero)], retention={"audit_days": 1, "every_s": "1s"})
+    waiting = {**emr(**zero), "name": "waiting", "max_wait": 600}  # its batch stays open
+    service = make_service([emr(**zero), waiting], retention={"audit_days": 1, "every_s": "1s"})
     dry = service.run("prune", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "archive: 3 files" in dry.stdout and "quarantine: 1 files" in dry.stdout
@@ -65,16 +66,19 @@ def test_retention_prunes_every_kind_and_the_audit_chain_still_verifies(
     assert service.journal("SELECT count(*) FROM files")[0][0] == 4
 
     service.start()
+    service.drop("waiting", "unfinished.csv", emr_csv(rng, rows=5))
+    wait_until(lambda: files_under(service.spool), 30, message="unfinished.csv spooled")
     wait_until(
         lambda: (
             not files_under(archive)
             and not files_under(quarantine)
-            and service.journal("SELECT count(*) FROM files")[0][0] == 0
+            and service.journal("SELECT pipeline FROM files") == [("waiting",)]
             and len(list(audit_folder.glob("audit-*.jsonl"))) == 1
         ),
         60,
         message="everything past its retention pruned by the idle service",
     )
+    assert len(files_under(service.spool)) == 1, "an unfinished input is never pruned"
     locked = service.run("prune")
     assert locked.returncode == 75, (locked.stdout, locked.stderr)
     assert service.stop() == 0
@@ -141,3 +145,17 @@ def test_requeue_publishes_a_transient_failure_and_refuses_a_deterministic_one(
     assert "state quarantined (timeout)" in trace.stdout
     assert "state published" in trace.stdout and "file.requeued" in trace.stdout
     assert trace.stdout.index("quarantined") < trace.stdout.index("state published")
+
+    # --force sends even a deterministic refusal back (it is quarantined again, linked).
+    service.start()
+    forced = service.run("requeue", "--all", "--reason", "not_utf8", "--force")
+    assert forced.returncode == 0, (forced.stdout, forced.stderr)
+    wait_until(
+        lambda: len([a for a in service.audit() if a["event"] == "file.requeued"]) == 2,
+        60,
+        message="the forced requeue linked",
+    )
+    assert service.stop() == 0
+    last = [a for a in service.audit() if a["event"] == "file.requeued"][-1]
+    assert last["reason"] == "not_utf8" and last["forced"] is True
+    assert service.journal("SELECT count(*) FROM files WHERE reason='not_utf8'") == [(2,)]
