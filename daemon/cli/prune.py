@@ -23,6 +23,9 @@ def prune(settings: Settings, *, dry_run: bool) -> int:
         return EX_OK
     # Refused (75) while the service runs: it is the only writer of the journal and the log.
     with InstanceLock(settings.paths.state):
+        if not settings.paths.journal.exists():
+            _print([], "pruned")  # the service never ran here
+            return EX_OK
         journal = Journal(settings.paths.journal)
         try:
             tallies = _apply(settings, journal)

@@ -12,6 +12,7 @@ from daemon.audit import AuditEvent, AuditLog, verify
 from daemon.audit.verify import CHECKPOINT_NAME, log_files
 from daemon.config import Settings
 from daemon.journal import Journal
+from daemon.requeue import is_transient
 from daemon.retention import Retention
 
 
@@ -111,3 +112,53 @@ def test_tampering_around_a_checkpoint_is_caught(chain: Settings, tamper: str) -
         path.unlink()
     report = verify(folder)
     assert not report.ok
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, (90.0, None, None)),
+        ({"archive_days": 0, "quarantine_days": 30, "journal_days": 1.5}, (0.0, 30.0, 1.5)),
+    ],
+)
+def test_retention_keys_and_their_defaults(
+    tmp_path: Path, values: dict[str, float], expected: tuple[float | None, ...]
+) -> None:
+    config = Settings.model_validate(
+        {
+            "paths": {key: tmp_path / key for key in ("inbox", "outbox", "state", "quarantine")},
+            "pipeline": [{"name": "emr", "kind": "emr", **values}],
+        }
+    )
+    p = config.pipeline[0]
+    assert (p.archive_days, p.quarantine_days, p.journal_days) == expected
+    assert config.retention.audit_days is None
+
+
+@pytest.mark.parametrize("key", ["archive_days", "quarantine_days", "journal_days"])
+def test_negative_retention_is_refused(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        Settings.model_validate(
+            {
+                "paths": {k: tmp_path / k for k in ("inbox", "outbox", "state", "quarantine")},
+                "pipeline": [{"name": "emr", "kind": "emr", key: -1}],
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("reason", "transient"),
+    [
+        ("worker_crash", True),
+        ("timeout", True),
+        ("disk_full", True),
+        ("executor_unavailable", True),
+        ("not_utf8", False),
+        ("too_large", False),
+        ("symlink", False),
+        ("not_cp1252", False),
+        (None, False),
+    ],
+)
+def test_only_transient_reasons_requeue_without_force(reason: str | None, transient: bool) -> None:
+    assert is_transient(reason) is transient
