@@ -17,11 +17,12 @@ from typing import Any
 
 from daemon.errors import JournalCorruptError
 from daemon.journal_queries import BatchRow, FileRow, JournalQueries
-from daemon.models import Batch, BatchResult, BatchState, FileState, Reason
+from daemon.models import TERMINAL_FILE_STATES, Batch, BatchResult, BatchState, FileState, Reason
 
 __all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
 SCHEMA_VERSION = 1
+_TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 
 
 class Journal(JournalQueries):
@@ -270,6 +271,43 @@ class Journal(JournalQueries):
     def mark_disposed(self, file_ids: Iterable[int]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
+
+    def mark_pruned(self, file_ids: Iterable[int], at: float) -> None:
+        """Retention deleted these files' kept copies (archive or quarantine)."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.pruned_at', ?) "
+                "WHERE id=?",
+                [(at, fid) for fid in file_ids],
+            )
+
+    def forget_files(self, file_ids: Iterable[int]) -> None:
+        """Retention drops finished rows, then the finished batches left with no file."""
+        with self.transaction() as db:
+            db.executemany(
+                f"DELETE FROM files WHERE id=? AND disposed=1 AND state IN ({_TERMINAL})",
+                [(fid,) for fid in file_ids],
+            )
+            db.execute(
+                "DELETE FROM batches WHERE state IN "
+                f"('{BatchState.PUBLISHED}', '{BatchState.QUARANTINED}', '{BatchState.FAILED}', "
+                f"'{BatchState.SPLIT}') AND NOT EXISTS "
+                "(SELECT 1 FROM files f WHERE f.batch_id=batches.id)"
+            )
+
+    def link_requeue(self, old_id: int, new_id: int) -> None:
+        """A quarantined input came back through the inbox as row `new_id`: link both ways."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.requeued_to', ?) "
+                "WHERE id=?",
+                (new_id, old_id),
+            )
+            db.execute(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.requeue_of', ?) "
+                "WHERE id=?",
+                (old_id, new_id),
+            )
 
     def set_meta(self, **values: Any) -> None:
         with self.transaction() as db:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 GENESIS_HASH = "0" * 64
 FILE_NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl")
+# Left by retention when it prunes old days: the last pruned line's seq and hash, where the
+# remaining chain starts.
+CHECKPOINT_NAME = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -23,19 +26,45 @@ class VerifyReport:
     files: int
     error: str | None = None
     torn_tail: bool = False
+    from_checkpoint: int | None = None
+
+
+def read_checkpoints(folder: Path) -> dict[int, str]:
+    """seq → hash of the last line of each day retention pruned (empty when none was)."""
+    try:
+        data = json.loads((folder / CHECKPOINT_NAME).read_bytes())
+    except FileNotFoundError:
+        return {}
+    entries = data.get("checkpoints") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{CHECKPOINT_NAME}: no list of checkpoints")
+    out: dict[int, str] = {}
+    for entry in entries:
+        seq, digest = (entry.get(k) for k in ("seq", "hash")) if isinstance(entry, dict) else (0, 0)
+        if not (isinstance(seq, int) and isinstance(digest, str)):
+            raise ValueError(f"{CHECKPOINT_NAME}: missing or invalid seq or hash")
+        out[seq] = digest
+    return out
 
 
 def verify(folder: Path, expected_head: tuple[int, str] | None = None) -> VerifyReport:
-    """Check seq continuity, the hash chain across files, each hash and each line's day."""
+    """Check seq continuity, the hash chain across files, each hash and each line's day; a chain
+    whose older days were pruned starts at the recorded checkpoint."""
     files = sorted(folder.glob("audit-*.jsonl")) if folder.is_dir() else []
-    checker = _ChainChecker(expected_head)
+    try:
+        checkpoints = read_checkpoints(folder)
+    except ValueError as exc:
+        return VerifyReport(False, 0, len(files), str(exc))
+    checker = _ChainChecker(expected_head, checkpoints)
     try:
         for index, path in enumerate(files):
             checker.check_file(path, is_last=index == len(files) - 1)
         checker.check_end(files[-1].name if files else folder.name)
     except _ChainError as exc:
         return VerifyReport(False, checker.lines, len(files), str(exc), checker.torn_tail)
-    return VerifyReport(True, checker.lines, len(files), None, checker.torn_tail)
+    return VerifyReport(
+        True, checker.lines, len(files), None, checker.torn_tail, checker.started_at_checkpoint
+    )
 
 
 def read_lines(folder: Path, since_day: str = "") -> Iterator[dict[str, object]]:
@@ -59,8 +88,12 @@ class _ChainError(Exception):
 
 
 class _ChainChecker:
-    def __init__(self, expected_head: tuple[int, str] | None) -> None:
+    def __init__(
+        self, expected_head: tuple[int, str] | None, checkpoints: dict[int, str] | None = None
+    ) -> None:
         self.lines = 0
+        self.started_at_checkpoint: int | None = None
+        self._checkpoints = checkpoints or {}
         self.torn_tail = False
         self._seq = 0
         self._hash = GENESIS_HASH
@@ -97,6 +130,10 @@ class _ChainChecker:
         seq, prev, digest, ts = (line.get(key) for key in ("seq", "prev", "hash", "ts"))
         if not (isinstance(seq, int) and isinstance(prev, str) and isinstance(digest, str)):
             raise _ChainError(f"{where}: missing or invalid seq, prev or hash")
+        if self.lines == 0 and seq != 1 and isinstance(seq, int) and seq - 1 in self._checkpoints:
+            # Older days pruned: the chain continues from the checkpoint they left.
+            self._seq, self._hash = seq - 1, self._checkpoints[seq - 1]
+            self.started_at_checkpoint = self._seq
         if seq != self._seq + 1:
             raise _ChainError(f"{where}: seq {seq} expected {self._seq + 1}")
         if prev != self._hash:
@@ -109,6 +146,8 @@ class _ChainChecker:
         head = self._expected_head
         if head is not None and head[0] == seq and head[1] != digest:
             raise _ChainError(f"{where}: hash of seq {seq} differs from the journal's")
+        if self._checkpoints.get(seq, digest) != digest:
+            raise _ChainError(f"{where}: hash of seq {seq} differs from the pruning checkpoint")
         self._seq, self._hash = seq, digest
         self.lines += 1
 

@@ -98,6 +98,9 @@ def _events(
     rejected: list[AuditLine] = []
     for line in _audit_lines(settings):
         file_id, batch_id = line.get("file_id"), line.get("batch_id")
+        new_id = line.get("new_file_id")
+        if isinstance(new_id, int) and new_id in by_file:
+            by_file[new_id].append(line)  # requeued: the new incarnation shows where it came from
         if isinstance(file_id, int) and file_id in by_file:
             by_file[file_id].append(line)
         elif file_id is None and isinstance(batch_id, str) and batch_id in by_batch:
@@ -128,7 +131,9 @@ def _print_row(
         print(f"  {what} {printable(where)}{_exists(where)}")
     for line in lines:
         said = ", ".join(
-            f"{k}={printable(line[k])}" for k in ("attempt", "reason", "batch_id") if k in line
+            f"{k}={printable(line[k])}"
+            for k in ("attempt", "reason", "batch_id", "file_id", "new_file_id")
+            if k in line
         )
         print(f"  {line['ts']} {line['event']}" + (f" ({said})" if said else ""))
 
