@@ -27,6 +27,8 @@ from daemon.worker import init_worker, run_batch, warm_up
 
 log = structlog.get_logger()
 
+WARM_UP_TIMEOUT_S = 30.0
+
 
 class ProcessExecutor:
     def __init__(
@@ -43,11 +45,22 @@ class ProcessExecutor:
         self._rebuilder: threading.Thread | None = None
 
     def start(self) -> None:
-        pool = self._new_pool()
+        """Spawn the workers and return at once: they import the processors while the start-up
+        scan and the first claims run, and the first batch queues behind their warm-up."""
+        pool, warming = self._spawn_pool()
         with self._lock:
             self._pool = pool
+        threading.Thread(
+            target=self._watch_warm_up, args=(pool, warming), name="medbatch-pool-warm-up",
+            daemon=True,
+        ).start()  # fmt: skip
 
     def _new_pool(self) -> ProcessPool:
+        pool, warming = self._spawn_pool()
+        self._watch_warm_up(pool, warming)
+        return pool
+
+    def _spawn_pool(self) -> tuple[ProcessPool, list[Future[int]]]:
         # spawn, not fork: the main process runs watchdog and scheduler threads.
         pool = ProcessPool(
             max_workers=self._workers,
@@ -55,14 +68,20 @@ class ProcessExecutor:
             initargs=(self._kinds,),
             context=multiprocessing.get_context("spawn"),
         )
-        # Start every worker now, so the first batch does not pay for the imports.
+        # One warm-up per worker starts every worker now, so the first batch does not pay for
+        # the imports (init_worker loads the processors).
+        return pool, [pool.schedule(warm_up) for _ in range(self._workers)]
+
+    def _watch_warm_up(self, pool: ProcessPool, warming: list[Future[int]]) -> None:
         # Bounded: a pool that breaks while warming up never fails its queued tasks (pebble's
-        # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever.
-        _, late = wait([pool.schedule(warm_up) for _ in range(self._workers)], timeout=30)
+        # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever;
+        # a late pool is marked failed, so the batches queued in it are reclaimed (has_lost_work).
+        _, late = wait(warming, timeout=WARM_UP_TIMEOUT_S)
         if late:
             log.warning("pool.warm_up_late", workers=len(late))
-            self._pool_failed = True  # the next submit builds another
-        return pool
+            with self._lock:
+                if self._pool is pool or self._pool is None:
+                    self._pool_failed = True  # the next submit or reclaim builds another
 
     def submit(self, task: BatchTask) -> None:
         batch_id = task.batch.batch_id
@@ -143,8 +162,8 @@ class ProcessExecutor:
         return self._pool is not None and bool(self._pool.active)
 
     def has_lost_work(self) -> bool:
-        # Futures queued in a pool that broke never complete (pebble).
-        return not self.is_healthy()
+        # Futures queued in a pool that broke (or never finished warming up) never complete.
+        return not self.is_healthy() or self._pool_failed
 
     def worker_pids(self) -> list[int]:
         manager = getattr(self._pool, "_pool_manager", None)
