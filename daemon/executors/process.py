@@ -13,21 +13,42 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import structlog
 from pebble import ProcessExpired, ProcessPool
 
 from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
-from daemon.models import BatchResult, BatchTask
-from daemon.worker import init_worker, run_batch, warm_up
+from daemon.models import BatchResult, BatchTask, IncomingFile
+from daemon.worker import finish_batch, init_worker, read_part, run_batch, warm_up
 
 log = structlog.get_logger()
 
 WARM_UP_TIMEOUT_S = 30.0
+# A batch this big is read on every idle worker, in shares of about equal bytes (issue 13.3):
+# below it, the extra tasks and the partials' trip through this process cost more than they save.
+SPLIT_MIN_BYTES = 32 << 20
+
+Relay = Callable[["Future[Any]"], None]
+
+
+def shares(files: Sequence[IncomingFile], parts: int) -> list[tuple[int, ...]]:
+    """File ids in at most `parts` contiguous shares of about equal bytes. Contiguous, so the
+    shares' partials put end to end are in the order one worker reading them all gives."""
+    parts = min(parts, len(files))
+    total = sum(f.size for f in files)
+    if parts < 2 or total <= 0:
+        return [tuple(f.file_id for f in files)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    before = 0
+    for f in files:
+        out[min(parts - 1, before * parts // total)].append(f.file_id)
+        before += f.size
+    return [tuple(share) for share in out if share]
 
 
 class ProcessExecutor:
@@ -43,6 +64,7 @@ class ProcessExecutor:
         self._pool_failed = False
         self._lock = threading.Lock()
         self._rebuilder: threading.Thread | None = None
+        self._running = 0  # batches submitted and not yet reported
 
     def start(self) -> None:
         """Spawn the workers and return at once: they import the processors while the start-up
@@ -89,9 +111,13 @@ class ProcessExecutor:
         try:
             with self._lock:
                 pool = self._pool if self._is_usable() else None
+                idle = self._workers - self._running
             if pool is None:
                 raise RuntimeError("pool rebuilding")
-            inner = pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
+            is_big = task.batch.n_bytes >= SPLIT_MIN_BYTES
+            parts = shares(task.batch.files, idle) if is_big else []
+            if len(parts) < 2:
+                inner = pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
         except (RuntimeError, OSError) as exc:
             # A pool that cannot take work now (broken, or being rebuilt) must not stop the
             # service: the attempt fails as unavailable and is retried later, uncounted.
@@ -102,6 +128,8 @@ class ProcessExecutor:
             return
 
         def relay(done: Future[BatchResult]) -> None:
+            with self._lock:
+                self._running -= 1
             error = CancelledError() if done.cancelled() else done.exception()
             if error is None:
                 outer.set_result(done.result())
@@ -117,7 +145,52 @@ class ProcessExecutor:
                 outer.set_exception(error)
             self._on_done(batch_id, outer)
 
-        inner.add_done_callback(relay)
+        with self._lock:
+            self._running += 1
+        if len(parts) < 2:
+            inner.add_done_callback(relay)
+        else:
+            log.debug("batch.split", batch_id=batch_id, shares=len(parts))
+            self._run_split(pool, task, parts, relay)
+
+    def _run_split(
+        self, pool: ProcessPool, task: BatchTask, parts: list[tuple[int, ...]], relay: Relay
+    ) -> None:
+        """Each share read on its own worker; when all are read, one task merges and publishes.
+        The first share to fail (a dead worker, a timeout) is the attempt's outcome."""
+        reads: list[Future[tuple[list[Any], list[Any]]]] = [
+            pool.schedule(read_part, args=(task, ids), timeout=self._timeout_s) for ids in parts
+        ]
+        left = [len(reads)]
+        count_lock = threading.Lock()
+
+        def on_read(_: Future[Any]) -> None:
+            with count_lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            failed = next((r for r in reads if r.cancelled() or r.exception() is not None), None)
+            if failed is not None:
+                relay(failed)
+                return
+            partials: list[Any] = []
+            outcomes: list[Any] = []
+            for r in reads:
+                read, told = r.result()
+                partials += read
+                outcomes += told
+            final: Future[BatchResult]
+            try:
+                final = pool.schedule(
+                    finish_batch, args=(task, partials, outcomes), timeout=self._timeout_s
+                )
+            except (RuntimeError, OSError):
+                final = Future()
+                final.set_exception(BrokenProcessPool("pool stopped between the shares"))
+            final.add_done_callback(relay)
+
+        for r in reads:
+            r.add_done_callback(on_read)
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         if isinstance(exc, ProcessExpired):
