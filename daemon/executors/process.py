@@ -64,7 +64,9 @@ class ProcessExecutor:
         self._pool_failed = False
         self._lock = threading.Lock()
         self._rebuilder: threading.Thread | None = None
-        self._running = 0  # batches submitted and not yet reported
+        # Batches submitted and not yet reported (only to know the idle workers a split may use);
+        # cleared with a broken pool, whose futures may never report.
+        self._running: set[str] = set()
 
     def start(self) -> None:
         """Spawn the workers and return at once: they import the processors while the start-up
@@ -111,7 +113,7 @@ class ProcessExecutor:
         try:
             with self._lock:
                 pool = self._pool if self._is_usable() else None
-                idle = self._workers - self._running
+                idle = self._workers - len(self._running)
             if pool is None:
                 raise RuntimeError("pool rebuilding")
             is_big = task.batch.n_bytes >= SPLIT_MIN_BYTES
@@ -129,7 +131,7 @@ class ProcessExecutor:
 
         def relay(done: Future[BatchResult]) -> None:
             with self._lock:
-                self._running -= 1
+                self._running.discard(batch_id)
             error = CancelledError() if done.cancelled() else done.exception()
             if error is None:
                 outer.set_result(done.result())
@@ -146,7 +148,7 @@ class ProcessExecutor:
             self._on_done(batch_id, outer)
 
         with self._lock:
-            self._running += 1
+            self._running.add(batch_id)
         if len(parts) < 2:
             inner.add_done_callback(relay)
         else:
@@ -219,6 +221,7 @@ class ProcessExecutor:
         log.warning("pool.rebuilding")
         with self._lock:
             old, self._pool, self._pool_failed = self._pool, None, False
+            self._running.clear()
         if old is not None:
             old.stop()  # type: ignore[no-untyped-call]
             old.join(timeout=10)
