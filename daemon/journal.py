@@ -77,17 +77,21 @@ class Journal(JournalQueries):
         self._db.execute("COMMIT")
 
     def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
-        """Record intent to move (pipeline, name, spool_name, received_at) into the spool."""
-        ids = []
+        """Record intent to move (pipeline, name, spool_name, received_at) into the spool; the
+        new rows' ids in the order given (one statement: the rows are read back by their
+        spool name, unique and written only here under the write lock)."""
+        rows = [(p, n, s, r) for p, n, s, r in claims]
+        if not rows:
+            return []
         with self.transaction() as db:
-            for pipeline, name, spool_name, received_at in claims:
-                cur = db.execute(
-                    "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
-                    f"VALUES (?, ?, ?, ?, '{FileState.CLAIMING}')",
-                    (pipeline, name, spool_name, received_at),
-                )
-                ids.append(int(cur.lastrowid or 0))
-        return ids
+            (last,) = db.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()
+            db.executemany(
+                "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
+                f"VALUES (?, ?, ?, ?, '{FileState.CLAIMING}')",
+                rows,
+            )
+            ids = dict(db.execute("SELECT spool_name, id FROM files WHERE id > ?", (last,)))
+        return [int(ids[spool_name]) for _, _, spool_name, _ in rows]
 
     def finish_claims(
         self,
