@@ -44,6 +44,9 @@ LOST_AFTER_TIMEOUT_S = 30.0
 class InFlight:
     task: BatchTask
     started: float
+    # The future the executor reports this attempt with; an earlier attempt of the same batch
+    # (reclaimed as lost, then retried) may still report with its own, which is not this one.
+    future: Future[BatchResult] | None = None
 
 
 class BatchFlow:
@@ -106,8 +109,8 @@ class BatchFlow:
             attempt = self._journal.mark_running(task.batch.batch_id, self._wall())
             task = replace(task, batch=replace(task.batch, attempt=attempt))
             self._listeners.emit(Started(task.batch))
-            self.inflight[task.batch.batch_id] = InFlight(task, self._mono())
-            self.executor.submit(task)
+            self.inflight[task.batch.batch_id] = flight = InFlight(task, self._mono())
+            flight.future = self.executor.submit(task)
 
     def release_delayed(self) -> None:
         now = self._mono()
@@ -119,7 +122,10 @@ class BatchFlow:
     # -- outcomes -------------------------------------------------------------------------
 
     def on_done(self, batch_id: str, future: Future[BatchResult]) -> None:
-        flight = self.inflight.pop(batch_id, None)
+        flight = self.inflight.get(batch_id)
+        if flight is not None and flight.future is not None and flight.future is not future:
+            return  # a reclaimed attempt's late report: the batch already runs again
+        self.inflight.pop(batch_id, None)
         self._dispatcher.done(batch_id)
         if flight is None:
             return  # reclaimed as lost earlier: its retry is already on its way

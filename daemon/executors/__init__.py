@@ -19,8 +19,9 @@ class Executor(Protocol):
     def start(self) -> None:
         """Connect or spawn workers; raise MedbatchError when that is impossible."""
 
-    def submit(self, task: BatchTask) -> None:
-        """Run one attempt; its outcome arrives through the done callback."""
+    def submit(self, task: BatchTask) -> Future[BatchResult]:
+        """Run one attempt; its outcome arrives through the done callback, once, with the
+        future returned here (a report with another future is an earlier submission's)."""
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         """Did this attempt fail because its worker died (not because of its batch's code)?"""

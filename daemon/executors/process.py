@@ -7,12 +7,18 @@ with its exit code, kills a worker whose task outlives its timeout, and starts a
 The dispatcher never submits more batches than there are workers, so no queue inside the pool
 ever decides the order. A broken pool is rebuilt on a thread of its own: the main loop never
 waits for it (systemd's WatchdogSec), attempts submitted meanwhile fail as unavailable.
+
+A worker killed while it holds pebble's channel lock (taking a task, or sending a result) leaves
+the lock taken for good: no worker can take a task again, and pebble never calls the pool broken
+(pebble#163). A watch thread sees a task no free worker took for `stall_s`, fails the pool's
+attempts as unavailable (uncounted) and rebuilds it.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +38,9 @@ WARM_UP_TIMEOUT_S = 30.0
 # A batch this big is read on every idle worker, in shares of about equal bytes (issue 13.3):
 # below it, the extra tasks and the partials' trip through this process cost more than they save.
 SPLIT_MIN_BYTES = 32 << 20
+# A queued task that no free worker took for this long means a wedged pool; as long as a worker's
+# start-up (spawn, imports) may take under load, like the warm-up's bound.
+STALL_S = 30.0
 
 Relay = Callable[["Future[Any]"], None]
 
@@ -53,7 +62,12 @@ def shares(files: Sequence[IncomingFile], parts: int) -> list[tuple[int, ...]]:
 
 class ProcessExecutor:
     def __init__(
-        self, workers: int, kinds: Iterable[str], on_done: DoneCallback, timeout_s: float
+        self,
+        workers: int,
+        kinds: Iterable[str],
+        on_done: DoneCallback,
+        timeout_s: float,
+        stall_s: float = STALL_S,
     ) -> None:
         self._workers = workers
         self._kinds = tuple(sorted(set(kinds)))
@@ -67,6 +81,14 @@ class ProcessExecutor:
         # Batches submitted and not yet reported (only to know the idle workers a split may use);
         # cleared with a broken pool, whose futures may never report.
         self._running: set[str] = set()
+        # The outer future of each batch not reported yet: each is reported once, by its relay
+        # or, for a wedged pool, by the stall watch.
+        self._outstanding: dict[str, Future[BatchResult]] = {}
+        # pebble tasks of batches not done yet → when they were queued (the stall watch).
+        self._queued: dict[Future[Any], float] = {}
+        self._stall_s = stall_s
+        self._stopping = threading.Event()
+        self._stall_watch: threading.Thread | None = None
 
     def start(self) -> None:
         """Spawn the workers and return at once: they import the processors while the start-up
@@ -78,6 +100,11 @@ class ProcessExecutor:
             target=self._watch_warm_up, args=(pool, warming), name="medbatch-pool-warm-up",
             daemon=True,
         ).start()  # fmt: skip
+        if self._stall_watch is None:
+            self._stall_watch = threading.Thread(
+                target=self._watch_stalls, name="medbatch-pool-stall-watch", daemon=True
+            )
+            self._stall_watch.start()
 
     def _new_pool(self) -> ProcessPool:
         pool, warming = self._spawn_pool()
@@ -107,7 +134,7 @@ class ProcessExecutor:
                 if self._pool is pool or self._pool is None:
                     self._pool_failed = True  # the next submit or reclaim builds another
 
-    def submit(self, task: BatchTask) -> None:
+    def submit(self, task: BatchTask) -> Future[BatchResult]:
         batch_id = task.batch.batch_id
         outer: Future[BatchResult] = Future()
         try:
@@ -119,7 +146,7 @@ class ProcessExecutor:
             is_big = task.batch.n_bytes >= SPLIT_MIN_BYTES
             parts = shares(task.batch.files, idle) if is_big else []
             if len(parts) < 2:
-                inner = pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
+                inner = self._schedule(pool, run_batch, task)
         except (RuntimeError, OSError) as exc:
             # A pool that cannot take work now (broken, or being rebuilt) must not stop the
             # service: the attempt fails as unavailable and is retried later, uncounted.
@@ -127,11 +154,14 @@ class ProcessExecutor:
             self.recover()
             outer.set_exception(ExecutorUnavailableError(f"worker pool: {type(exc).__name__}"))
             self._on_done(batch_id, outer)
-            return
+            return outer
 
         def relay(done: Future[BatchResult]) -> None:
             with self._lock:
                 self._running.discard(batch_id)
+                if self._outstanding.get(batch_id) is not outer:
+                    return  # already reported as stalled
+                del self._outstanding[batch_id]
             error = CancelledError() if done.cancelled() else done.exception()
             if error is None:
                 outer.set_result(done.result())
@@ -149,11 +179,51 @@ class ProcessExecutor:
 
         with self._lock:
             self._running.add(batch_id)
+            self._outstanding[batch_id] = outer
         if len(parts) < 2:
             inner.add_done_callback(relay)
         else:
             log.debug("batch.split", batch_id=batch_id, shares=len(parts))
             self._run_split(pool, task, parts, relay)
+        return outer
+
+    def _schedule(self, pool: ProcessPool, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        inner = pool.schedule(function, args=args, timeout=self._timeout_s)
+        with self._lock:
+            self._queued[inner] = time.monotonic()
+        inner.add_done_callback(self._forget)
+        return inner
+
+    def _forget(self, inner: Future[Any]) -> None:
+        with self._lock:
+            self._queued.pop(inner, None)
+
+    def _watch_stalls(self) -> None:
+        while not self._stopping.wait(min(1.0, self._stall_s / 4)):
+            self.check_stalled(time.monotonic())
+
+    def check_stalled(self, now: float) -> bool:
+        """A queued task no free worker took for `stall_s`: fail every outstanding attempt as
+        unavailable (uncounted) and rebuild the pool. True if it was found stalled."""
+        with self._lock:
+            if self._pool is None or self._pool_failed:
+                return False
+            waiting = [t for f, t in self._queued.items() if not (f.running() or f.done())]
+            busy = sum(1 for f in self._queued if f.running())
+            if not waiting or busy >= self._workers or now - min(waiting) < self._stall_s:
+                return False
+            self._pool_failed = True
+            abandoned, self._outstanding = self._outstanding, {}
+            self._queued.clear()
+            self._running.clear()
+        log.error(
+            "pool.stalled", waiting=len(waiting), busy=busy, waited_s=round(now - min(waiting), 1)
+        )
+        for batch_id, outer in abandoned.items():
+            outer.set_exception(ExecutorUnavailableError("worker pool: stalled"))
+            self._on_done(batch_id, outer)
+        self.recover()
+        return True
 
     def _run_split(
         self, pool: ProcessPool, task: BatchTask, parts: list[tuple[int, ...]], relay: Relay
@@ -161,7 +231,7 @@ class ProcessExecutor:
         """Each share read on its own worker; when all are read, one task merges and publishes.
         The first share to fail (a dead worker, a timeout) is the attempt's outcome."""
         reads: list[Future[tuple[list[Any], list[Any]]]] = [
-            pool.schedule(read_part, args=(task, ids), timeout=self._timeout_s) for ids in parts
+            self._schedule(pool, read_part, task, ids) for ids in parts
         ]
         left = [len(reads)]
         count_lock = threading.Lock()
@@ -183,9 +253,7 @@ class ProcessExecutor:
                 outcomes += told
             final: Future[BatchResult]
             try:
-                final = pool.schedule(
-                    finish_batch, args=(task, partials, outcomes), timeout=self._timeout_s
-                )
+                final = self._schedule(pool, finish_batch, task, partials, outcomes)
             except (RuntimeError, OSError):
                 final = Future()
                 final.set_exception(BrokenProcessPool("pool stopped between the shares"))
@@ -222,6 +290,7 @@ class ProcessExecutor:
         with self._lock:
             old, self._pool, self._pool_failed = self._pool, None, False
             self._running.clear()
+            self._queued.clear()
         if old is not None:
             old.stop()  # type: ignore[no-untyped-call]
             old.join(timeout=10)
@@ -260,6 +329,7 @@ class ProcessExecutor:
 
     def shutdown(self, *, wait: bool) -> None:
         """`wait`: let running batches finish; else stop the workers now."""
+        self._stopping.set()
         if self._rebuilder is not None:
             self._rebuilder.join()
             self._rebuilder = None

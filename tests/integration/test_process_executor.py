@@ -112,6 +112,44 @@ def test_an_idle_worker_killed_does_not_stop_the_pool(tmp_path: Path, pool) -> N
     assert outcomes(done, 1)["last"].result().is_published
 
 
+@pytest.mark.parametrize("held", ["taking a task", "sending a result"])
+def test_a_pool_wedged_by_a_lock_a_killed_worker_held_is_rebuilt(tmp_path: Path, held: str) -> None:
+    """A worker killed inside pebble's task transaction (or while sending its result) leaves
+    the pool's channel lock taken for good, and pebble never calls the pool broken (pebble#163).
+    The lock is taken here as such a worker leaves it: the waiting attempt is reported
+    unavailable within the stall bound, once, and the rebuilt pool runs its retry."""
+    done: queue.SimpleQueue[tuple[str, Future[BatchResult]]] = queue.SimpleQueue()
+    executor = ProcessExecutor(
+        2, ["faulty"], lambda b, f: done.put((b, f)), timeout_s=30.0, stall_s=2.0
+    )
+    executor.start()
+    try:
+        executor.submit(make_task(tmp_path, "warm", b"a\n"))
+        assert outcomes(done, 1)["warm"].result().is_published
+        assert executor._pool is not None
+        channel = executor._pool._pool_manager.worker_manager.workers_channel
+        mutex = (
+            channel.mutex.reader_mutex if held == "taking a task" else channel.mutex.writer_mutex
+        )
+        assert mutex.acquire(timeout=5)
+        started = time.monotonic()
+        submitted = executor.submit(make_task(tmp_path, "stuck", b"b\n"))
+        batch_id, future = done.get(timeout=30)
+        assert batch_id == "stuck" and future is submitted
+        assert isinstance(future.exception(), ExecutorUnavailableError)
+        assert time.monotonic() - started < 15
+        wait_until(
+            lambda: executor.is_healthy() and not executor.has_lost_work(), 60,
+            message="the pool rebuilt",
+        )  # fmt: skip
+        executor.submit(make_task(tmp_path, "stuck", b"b\n"))
+        assert outcomes(done, 1)["stuck"].result().is_published
+        executor.shutdown(wait=False)  # joins every pool: a late report would be in by now
+        assert done.empty(), "the stalled attempt was reported twice"
+    finally:
+        executor.shutdown(wait=False)
+
+
 def make_split_task(tmp_path: Path, batch_id: str, contents: list[bytes]) -> BatchTask:
     files = []
     for i, content in enumerate(contents, start=1):

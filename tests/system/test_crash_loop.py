@@ -74,12 +74,17 @@ def assert_alive(service: Service, what: str) -> None:
 def drain(service: Service, sessions: Sessions, producer: Producer) -> dict[str, str]:
     """Let the producer finish; run until every file is accounted for; stop with SIGTERM."""
     dropped = producer.join()
-    wait_until(
-        lambda: service.accounted() >= len(dropped) or service.process.poll() is not None,
-        120,
-        interval_s=0.2,
-        message=f"all {len(dropped)} files accounted",
-    )
+    try:
+        wait_until(
+            lambda: service.accounted() >= len(dropped) or service.process.poll() is not None,
+            120,
+            interval_s=0.2,
+            message=f"all {len(dropped)} files accounted",
+        )
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc} ({service.accounted()} were):\n{stderr_tail(service)}"
+        ) from None
     assert_alive(service, "final drain")
     assert service.stop(timeout_s=60) == 0, stderr_tail(service)
     # Orphaned workers of a service killed alone must exit by themselves, and not linger.

@@ -40,11 +40,18 @@ class FakeExecutor:
 
     def __init__(self) -> None:
         self.submitted: list[BatchTask] = []
+        self.futures: list[Future[BatchResult]] = []
         self.recovered = 0
+        self.is_lost = False
 
     def start(self) -> None: ...
-    def submit(self, task: BatchTask) -> None:
+    def submit(self, task: BatchTask) -> Future[BatchResult]:
         self.submitted.append(task)
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def future_of(self, task: BatchTask) -> Future[BatchResult]:
+        return next(f for t, f in zip(self.submitted, self.futures, strict=True) if t is task)
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         return isinstance(exc, ChildProcessError)
@@ -56,7 +63,7 @@ class FakeExecutor:
         return True
 
     def has_lost_work(self) -> bool:
-        return False
+        return self.is_lost
 
     def worker_pids(self) -> list[int]:
         return []
@@ -122,7 +129,7 @@ class World:
         self.flow.dispatch()
 
     def finish(self, task: BatchTask, outcome: BatchResult | BaseException) -> None:
-        future: Future[BatchResult] = Future()
+        future = self.executor.future_of(task)
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
         else:
@@ -227,6 +234,33 @@ def test_a_full_disk_pauses_intake_and_costs_no_attempt(world: World) -> None:
     assert world.gate.paused is None
     events = [line["event"] for line in world.events()]
     assert events.index("intake.paused") < events.index("intake.resumed")
+
+
+@pytest.mark.parametrize("late", ["published", "failed"])
+def test_a_reclaimed_attempts_late_report_does_not_stand_for_its_retry(
+    world: World, late: str
+) -> None:
+    """A pool loses an attempt (reclaimed, retried uncounted); the lost attempt reports after
+    all: the retry's outcome alone decides, and the batch is published once."""
+    world.take(4)
+    (lost,) = world.executor.submitted
+    world.executor.is_lost = True
+    world.flow.reclaim_lost()
+    world.executor.is_lost = False
+    world.later(1.0)
+    retry = world.executor.submitted[-1]
+    assert retry is not lost and retry.batch.batch_id == lost.batch.batch_id
+    assert retry.batch.attempt == lost.batch.attempt, "a lost attempt does not count"
+
+    world.finish(lost, published(lost) if late == "published" else ChildProcessError())
+    assert retry.batch.batch_id in world.flow.inflight, "the retry is still in flight"
+    assert "batch.published" not in [line["event"] for line in world.events()]
+    world.finish(retry, published(retry))
+
+    assert world.file_states() == [("published", None)] * 4
+    events = [line["event"] for line in world.events()]
+    assert events.count("batch.published") == 1
+    assert world.flow.is_idle
 
 
 def test_recovery_reruns_an_interrupted_batch_uncounted(world: World) -> None:

@@ -117,7 +117,7 @@ class DaskExecutor:
         self._monitor.start()
         log.info("dask.connected", scheduler=self._address, workers=self._n_workers)
 
-    def submit(self, task: BatchTask) -> None:
+    def submit(self, task: BatchTask) -> Future[BatchResult]:
         assert self._loop is not None, "start() first"
         future: Future[BatchResult] = Future()
         future.set_running_or_notify_cancel()
@@ -132,6 +132,7 @@ class DaskExecutor:
             if client is not None and client.status == "running":
                 self._send(client, key, attempt)
         # Otherwise the monitor sends it once the scheduler is back.
+        return future
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         return isinstance(exc, self._loss_types)
