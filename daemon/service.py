@@ -19,7 +19,7 @@ from typing import assert_never
 import structlog
 
 from daemon import __version__
-from daemon.audit import TolerantAuditLog
+from daemon.audit import TolerantAuditLog, load_chain_key
 from daemon.audit.events import (
     ConfigReloaded,
     DaemonDraining,
@@ -159,7 +159,7 @@ class Service:
         """The journal, then the audit log (its first line: daemon.started)."""
         paths = self.settings.paths
         self.journal = journal = Journal(paths.journal)
-        self.audit = audit = TolerantAuditLog(paths.audit)
+        self.audit = audit = TolerantAuditLog(paths.audit, chain_key=load_chain_key(paths.state))
         audit.set_hashed_pipelines(hashed_pipelines(self.settings), name_key_for(self.settings))
         audit.add_listener(self.metrics.on_audit)
         audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=self.once or None))

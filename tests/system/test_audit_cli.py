@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from daemon.audit import AuditEvent, AuditLog, hash_name
+from daemon.audit.verify import canonical
 from tests.support.data import emr_csv
 from tests.support.service import Service
 from tests.support.waiting import wait_until
@@ -239,3 +241,59 @@ def test_trace_on_a_damaged_log_shows_what_it_can(copy: Service) -> None:
     assert done.returncode == 0, done.stderr
     assert f"{LAB_NAMES[0]} in pipeline labs" in done.stdout and "file.received" in done.stdout
     assert "audit log unreadable" in done.stderr and "medbatch audit verify" in done.stderr
+
+
+def test_service_lines_are_keyed_after_the_unkeyed_history(copy: Service) -> None:
+    """Yesterday's lines (written before keys) are unkeyed; the service's own are HMAC-chained
+    with a 0600 key in the state folder, and verify reads across the switch."""
+    files = sorted((copy.outbox / "_audit").glob("audit-*.jsonl"))
+    old, new = ([json.loads(raw) for raw in lines_of(f)] for f in files)
+    assert not any("chain" in line for line in old)
+    assert {line.get("chain") for line in new} == {"hmac-sha256"}
+    assert ((copy.root / "state" / "audit-chain.key").stat().st_mode & 0o777) == 0o600
+    done = verify(copy)
+    assert done.returncode == 0 and "2 older lines chained without a key" in done.stdout
+
+
+def forged_after(last: bytes, digest: str, **fields: Any) -> bytes:
+    """A line appended by someone who can write the folder but not read the chain key."""
+    prev = json.loads(last)
+    line = {"ts": prev["ts"], "seq": prev["seq"] + 1, "event": "file.published", **fields}
+    line["prev"] = prev["hash"]
+    data = (prev["hash"] + canonical(line)).encode("ascii")
+    line["hash"] = hashlib.sha256(data).hexdigest() if digest == "sha256" else digest
+    return (canonical(line) + "\n").encode("ascii")
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({}, "unkeyed line after the keyed chain began (forged)"),
+        ({"chain": "hmac-sha256"}, "hash mismatch (line altered)"),
+    ],
+    ids=["unmarked", "marked"],
+)
+def test_line_appended_without_the_key_is_named(
+    copy: Service, fields: dict[str, Any], why: str
+) -> None:
+    """Appending a correctly re-chained (plain SHA-256) line: exit 1, naming that line."""
+    path = today_file(copy)
+    lines = lines_of(path)
+    path.write_bytes(b"".join([*lines, forged_after(lines[-1], "sha256", file="x.csv", **fields)]))
+    done = verify(copy)
+    assert done.returncode == 1
+    assert f"{path.name} line {len(lines) + 1}: {why}" in done.stdout
+
+
+def test_chain_head_is_logged_for_journald(copy: Service) -> None:
+    """`audit.head` (seq and hash) reaches the log, so a copy of the head exists off the folder;
+    the last one logged (at the stop) is the journal's head."""
+    heads = [
+        json.loads(line)
+        for log in sorted(copy.root.glob("stderr-*.log"))
+        for line in log.read_text().splitlines()
+        if '"audit.head"' in line
+    ]
+    assert heads, "no audit.head log line"
+    last = json.loads(lines_of(today_file(copy))[-1])
+    assert (heads[-1]["seq"], heads[-1]["hash"]) == (last["seq"], last["hash"])
