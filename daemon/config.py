@@ -171,8 +171,9 @@ class Pipeline(_Model):
     memory_factor: float | None = Field(default=None, gt=0)
     duplicates: Literal["skip", "process"] = "skip"
     after_publish: Literal["archive", "delete"] = "archive"
-    # File names may carry patient names or MRNs: audit lines get a keyed hash instead.
-    hash_names: bool = False
+    # File names may carry patient names or MRNs: every published name is a keyed hash
+    # (manifests, result `source`, quarantine, audit); false publishes real names.
+    hash_names: bool = True
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

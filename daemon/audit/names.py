@@ -1,6 +1,5 @@
-"""Name hashing: pipelines whose file names may carry patient identity get a keyed hash instead.
-
-The key lives in `<state>/audit-name.key` (32 random bytes, mode 0600), created on first use.
+"""Name hashing: in a `hash_names` pipeline (the default) every name that leaves the service is a
+keyed hash; the real name stays in the 0600 journal. Key: `<state>/audit-name.key` (0600).
 """
 
 from __future__ import annotations
@@ -97,3 +96,49 @@ def read_key(state: Path, file_name: str) -> bytes | None:
             "(a new key would make earlier hashed names untraceable)"
         )
     return key
+
+
+# Only known data extensions are kept: any other (`Doe.John`) could itself be a name.
+_KNOWN_SUFFIXES = frozenset(
+    [
+        ".csv",
+        ".tsv",
+        ".txt",
+        ".parquet",
+        ".pq",
+        ".json",
+        ".jsonl",
+        ".dcm",
+        ".dicom",
+        ".nii",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".tif",
+        ".tiff",
+        ".vcf",
+        ".bed",
+        ".maf",
+        ".xlsx",
+        ".h5",
+        ".npy",
+        ".zip",
+    ]
+)
+_COMPRESSED = frozenset({".gz", ".bz2", ".xz", ".zst", ".zstd"})
+
+
+def safe_suffix(name: str) -> str:
+    """The name's extension (`.csv`, `.nii.gz`) if a known data one, else ''; never identity."""
+    parts = ["." + p.lower() for p in name.rsplit("/", 1)[-1].lstrip(".").split(".")[1:]]
+    kept = ""
+    if parts and parts[-1] in _COMPRESSED:
+        kept = parts.pop()
+    if parts and parts[-1] in _KNOWN_SUFFIXES:
+        return parts[-1] + kept
+    return kept
+
+
+def hashed_file_name(key: bytes, name: str) -> str:
+    """A file name carrying no identity: the hex of `hash_name` plus a safe extension."""
+    return hash_name(key, name).removeprefix(NAME_HASH_PREFIX) + safe_suffix(name)
