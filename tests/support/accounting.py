@@ -11,6 +11,7 @@ chain intact up to the head the journal recorded.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from collections import Counter
@@ -93,8 +94,13 @@ def check_no_raw_names(service: Service) -> None:
 
 
 def _spellings(name: str) -> set[bytes]:
-    """The name as bytes and as JSON writes it (escaped)."""
-    return {name.encode("utf-8", "surrogateescape"), json.dumps(name)[1:-1].encode("ascii")}
+    """The name as bytes, as JSON writes it, and (journaled with `\\xNN` escapes for bytes that
+    are not UTF-8) as the original bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    found = {raw, json.dumps(name)[1:-1].encode("ascii")}
+    if b"\\x" in raw:
+        found.add(codecs.escape_decode(raw)[0])
+    return found
 
 
 def _check_folder(service: Service, manifest: dict[str, Any]) -> None:
