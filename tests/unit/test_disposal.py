@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.audit.names import hash_name, hashed_file_name, read_name_key
 from daemon.config import Settings
 from daemon.disposal import Disposal, copies_of
 from daemon.journal import Journal
@@ -53,13 +54,17 @@ def test_trace_finds_each_quarantined_input_where_it_went(tmp_path: Path, journa
     assert Disposal(s.paths, journal, lambda: pipelines).dispose() == len(NAMES)
 
     rows = [journal._files("id=?", (i,))[0] for i in ids]
+    key = read_name_key(s.paths.state)
+    assert key is not None
     paths = []
     for row in rows:
         ((what, where),) = copies_of(s.paths, pipelines, row, journal.file_facts(row.id))
         assert what == "quarantined copy"
         assert where.is_file(), where
+        # Hashed by default: the file is named by the keyed hash, the sidecar holds the hash.
+        assert where.name.startswith(hashed_file_name(key, row.name))  # `.1` if taken
         sidecar = json.loads(where.with_name(where.name + ".error.json").read_text())
-        assert sidecar["name"] == row.name
+        assert sidecar["name"] == hash_name(key, row.name)
         paths.append(where)
     assert len(set(paths)) == len(NAMES)
 
