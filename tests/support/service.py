@@ -242,9 +242,10 @@ class Service:
             return line
         name = line["file"]
         if line["pipeline"] not in getattr(self, "raw_names", set()):
-            # Refused entries (links, FIFOs) have no files row: their hash stays as written.
+            # Refused entries (links, FIFOs) have no files row, and a broken journal none at all:
+            # the hash then stays as written.
             assert name.startswith("hmac-sha256:"), f"a real name in an audit line: {line}"
-            with contextlib.suppress(AssertionError):
+            with contextlib.suppress(AssertionError, sqlite3.Error, OSError):
                 name = self.real_name(name)
         return {**line, "file": name, "published_name": line["file"]}
 
