@@ -78,6 +78,9 @@ def move_aside(source: Path, folder: Path, name: str) -> Path:
     return where it went."""
     make_folder(folder)
     base = safe_name(name)
+    if base.endswith(SIDECAR_SUFFIX):
+        # A producer's `x.error.json` must never pass for a sidecar (trace, page, retention).
+        base += ".input"
     target = folder / base
     n = 1
     while os.path.lexists(target) or os.path.lexists(f"{target}{SIDECAR_SUFFIX}"):
