@@ -170,11 +170,16 @@ class Disposal:
         return len(rows)
 
     def _published(self, row: FileRow, pipeline: Pipeline | None) -> tuple[str, str]:
-        """(file name, name in the sidecar): the keyed hash unless the pipeline opts out."""
-        if pipeline is not None and not pipeline.hash_names:
-            return row.name, row.name
-        key = load_name_key(self._paths.state)
-        return hashed_file_name(key, row.name), hash_name(key, row.name)
+        return published_names(self._paths.state, pipeline, row.name)
+
+
+def published_names(state: Path, pipeline: Pipeline | None, name: str) -> tuple[str, str]:
+    """(quarantine file name, name in the sidecar): the keyed hash unless the pipeline opts
+    out with `hash_names = false`."""
+    if pipeline is not None and not pipeline.hash_names:
+        return name, name
+    key = load_name_key(state)
+    return hashed_file_name(key, name), hash_name(key, name)
 
 
 def copies_of(

@@ -224,7 +224,12 @@ class Service:
     def _named(self, pipeline: str, item: dict[str, Any]) -> dict[str, Any]:
         # A pipeline that hashes names must never publish a real one: the mapping fails.
         if pipeline in getattr(self, "raw_names", set()):
-            return {**item, "published_name": item["name"]}
+            # Real names allowed (hash_names = false); a reload may have turned hashing on.
+            name = item["name"]
+            if name.startswith("hmac-sha256:"):
+                with contextlib.suppress(AssertionError):
+                    name = self.real_name(name)
+            return {**item, "published_name": item["name"], "name": name}
         return {**item, "published_name": item["name"], "name": self.real_name(item["name"])}
 
     def audit(self) -> list[dict[str, Any]]:
