@@ -216,8 +216,10 @@ class Service:
 
     def real_name(self, published: str) -> str:
         """The journaled name whose keyed hash is `published` (AssertionError if none is)."""
-        key = (self.root / "state" / "audit-name.key").read_bytes()
-        names = {hash_name(key, n): n for (n,) in self.journal("SELECT name FROM files")}
+        names: dict[str, str] = self.__dict__.setdefault("_real_names", {})
+        if published not in names:  # a new input since the last look: read the journal again
+            key = (self.root / "state" / "audit-name.key").read_bytes()
+            names.update((hash_name(key, n), n) for (n,) in self.journal("SELECT name FROM files"))
         assert published in names, f"{published!r} is no hashed name of an input"
         return names[published]
 
