@@ -8,6 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
 # -qq: no progress bars or notices; errors are still printed (and fail the target).
 PIP := $(BIN)/python -m pip --quiet --quiet
 CONFIG ?= config/medbatch.toml
@@ -25,6 +26,11 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 
 $(DEV_STAMP): $(RUN_STAMP) pyproject.toml tests/plugins/example_processor/pyproject.toml
 	$(PIP) install -e '.[dev]' -e tests/plugins/example_processor
+	touch $@
+
+# polars, the side-by-side baseline of the benchmarks: only `make bench` needs it.
+$(BENCH_STAMP): $(DEV_STAMP)
+	$(PIP) install -e '.[bench]'
 	touch $@
 
 install: $(RUN_STAMP)
@@ -60,7 +66,7 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff format daemon tests bench
 	$(BIN)/ruff check --fix daemon tests bench
 
-bench: $(DEV_STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 clean:

@@ -150,6 +150,18 @@ class ServiceConfig(_Model):
     metrics_address: Address | None = None
 
 
+RetentionDays = Annotated[float, Field(ge=0)]
+
+
+class RetentionConfig(_Model):
+    # The audit log is the compliance record: kept forever unless an operator says otherwise.
+    audit_days: RetentionDays | None = None
+    # How often the service looks for something to prune (it prunes only when idle).
+    every_s: PositiveSeconds = 3600.0
+    # Deletions per step, so that the main loop is never held long.
+    step_files: int = Field(default=200, ge=1)
+
+
 class Pipeline(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -174,6 +186,12 @@ class Pipeline(_Model):
     # File names may carry patient names or MRNs: every published name is a keyed hash
     # (manifests, result `source`, quarantine, audit); false publishes real names.
     hash_names: bool = True
+    # Retention of finished inputs and rows, in days (None: kept forever). The archive is a
+    # re-run safety net of raw patient data, so it goes after 90 days by default; quarantine
+    # waits for a person, and journal rows remember what was published (duplicate detection).
+    archive_days: RetentionDays | None = 90.0
+    quarantine_days: RetentionDays | None = None
+    journal_days: RetentionDays | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -209,6 +227,7 @@ class Settings(_Model):
     workers: WorkersConfig = WorkersConfig()
     dispatch: DispatchConfig = DispatchConfig()
     service: ServiceConfig = ServiceConfig()
+    retention: RetentionConfig = RetentionConfig()
     pipeline: list[Pipeline] = Field(min_length=1)
     config_path: Path | None = None
 

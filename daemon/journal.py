@@ -17,20 +17,16 @@ from typing import Any
 
 from daemon.errors import JournalCorruptError
 from daemon.journal_queries import BatchRow, FileRow, JournalQueries
-from daemon.models import Batch, BatchResult, BatchState, FileState, Reason
+from daemon.models import TERMINAL_FILE_STATES, Batch, BatchResult, BatchState, FileState, Reason
 
 __all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
 SCHEMA_VERSION = 1
+_TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 
 
 class Journal(JournalQueries):
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        if readonly:
-            # Kept for callers that have not moved to JournalQueries.open_readonly yet.
-            ro = JournalQueries.open_readonly(path)
-            super().__init__(path, ro._db)
-            return
+    def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             # Created private, never for a moment with the umask's mode.
@@ -81,17 +77,21 @@ class Journal(JournalQueries):
         self._db.execute("COMMIT")
 
     def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
-        """Record intent to move (pipeline, name, spool_name, received_at) into the spool."""
-        ids = []
+        """Record intent to move (pipeline, name, spool_name, received_at) into the spool; the
+        new rows' ids in the order given (one statement: the rows are read back by their
+        spool name, unique and written only here under the write lock)."""
+        rows = [(p, n, s, r) for p, n, s, r in claims]
+        if not rows:
+            return []
         with self.transaction() as db:
-            for pipeline, name, spool_name, received_at in claims:
-                cur = db.execute(
-                    "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
-                    f"VALUES (?, ?, ?, ?, '{FileState.CLAIMING}')",
-                    (pipeline, name, spool_name, received_at),
-                )
-                ids.append(int(cur.lastrowid or 0))
-        return ids
+            (last,) = db.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()
+            db.executemany(
+                "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
+                f"VALUES (?, ?, ?, ?, '{FileState.CLAIMING}')",
+                rows,
+            )
+            ids = dict(db.execute("SELECT spool_name, id FROM files WHERE id > ?", (last,)))
+        return [int(ids[spool_name]) for _, _, spool_name, _ in rows]
 
     def finish_claims(
         self,
@@ -275,6 +275,43 @@ class Journal(JournalQueries):
     def mark_disposed(self, file_ids: Iterable[int]) -> None:
         with self.transaction() as db:
             db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
+
+    def mark_pruned(self, file_ids: Iterable[int], at: float) -> None:
+        """Retention deleted these files' kept copies (archive or quarantine)."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.pruned_at', ?) "
+                "WHERE id=?",
+                [(at, fid) for fid in file_ids],
+            )
+
+    def forget_files(self, file_ids: Iterable[int]) -> None:
+        """Retention drops finished rows, then the finished batches left with no file."""
+        with self.transaction() as db:
+            db.executemany(
+                f"DELETE FROM files WHERE id=? AND disposed=1 AND state IN ({_TERMINAL})",
+                [(fid,) for fid in file_ids],
+            )
+            db.execute(
+                "DELETE FROM batches WHERE state IN "
+                f"('{BatchState.PUBLISHED}', '{BatchState.QUARANTINED}', '{BatchState.FAILED}', "
+                f"'{BatchState.SPLIT}') AND NOT EXISTS "
+                "(SELECT 1 FROM files f WHERE f.batch_id=batches.id)"
+            )
+
+    def link_requeue(self, old_id: int, new_id: int) -> None:
+        """A quarantined input came back through the inbox as row `new_id`: link both ways."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.requeued_to', ?) "
+                "WHERE id=?",
+                (new_id, old_id),
+            )
+            db.execute(
+                "UPDATE files SET facts=json_set(coalesce(facts, '{}'), '$.requeue_of', ?) "
+                "WHERE id=?",
+                (old_id, new_id),
+            )
 
     def set_meta(self, **values: Any) -> None:
         with self.transaction() as db:

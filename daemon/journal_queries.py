@@ -196,6 +196,48 @@ class JournalQueries:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    def finished_before(
+        self,
+        pipeline: str,
+        states: tuple[str, ...],
+        before: float,
+        *,
+        copy_kept: bool,
+        limit: int | None = None,
+    ) -> list[tuple[FileRow, Facts]]:
+        """Disposed terminal files of `pipeline` in `states` finished before `before`, oldest
+        first, with their facts; `copy_kept`: only those whose kept copy was not pruned yet."""
+        marks = ",".join("?" for _ in states)
+        kept = "AND json_extract(facts, '$.pruned_at') IS NULL " if copy_kept else ""
+        cursor = self._db.execute(
+            "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
+            f"reason, facts FROM files WHERE pipeline=? AND state IN ({marks}) AND disposed=1 "
+            f"AND done_at < ? {kept}AND state IN ({_TERMINAL}) ORDER BY done_at, id LIMIT ?",
+            (pipeline, *states, before, -1 if limit is None else limit),
+        )
+        return [
+            (FileRow(*row[:10]), {} if row[10] is None else dict(json.loads(row[10])))
+            for row in cursor.fetchall()
+        ]
+
+    def requeued_incarnation(self, pipeline: str, sha256: str, after_id: int) -> int | None:
+        """The first row after `after_id` with this content not yet linked to a requeue."""
+        row = self._db.execute(
+            "SELECT id FROM files WHERE pipeline=? AND sha256=? AND id>? "
+            "AND json_extract(facts, '$.requeue_of') IS NULL ORDER BY id LIMIT 1",
+            (pipeline, sha256, after_id),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def quarantined_files(self) -> list[tuple[FileRow, Facts]]:
+        """Every quarantined input not requeued yet, with its facts."""
+        rows = self._db.execute(
+            "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
+            f"reason, facts FROM files WHERE state='{FileState.QUARANTINED}' AND disposed=1 "
+            "AND json_extract(facts, '$.requeued_to') IS NULL ORDER BY id"
+        ).fetchall()
+        return [(FileRow(*r[:10]), {} if r[10] is None else dict(json.loads(r[10]))) for r in rows]
+
     def file_facts(self, file_id: int) -> Facts:
         row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()
         return {} if row is None or row[0] is None else dict(json.loads(row[0]))

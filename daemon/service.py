@@ -27,7 +27,7 @@ from daemon.audit.events import (
     DaemonStopped,
 )
 from daemon.batcher import Sealed
-from daemon.config import Pipeline, Settings
+from daemon.config import Settings
 from daemon.console import OnceConsole
 from daemon.executors import Executor, make_executor
 from daemon.heartbeat import HeartbeatMonitor
@@ -49,6 +49,8 @@ from daemon.outcome_listeners import Progress
 from daemon.periodic import Periodic
 from daemon.recovery import Recovery
 from daemon.reload import name_key_for, reloaded_settings
+from daemon.requeue import Requeues
+from daemon.retention import Pruner, Retention
 from daemon.signals import SignalHandlers
 from daemon.startup import by_name, hashed_pipelines, inbox_folders, kinds, prepare_folders
 from daemon.watcher import InboxWatcher
@@ -56,6 +58,15 @@ from daemon.web.server import StatusServer
 from daemon.wiring import wire
 
 log = structlog.get_logger()
+
+
+def _records(settings: Settings, metrics: Metrics, once: bool) -> tuple[Journal, TolerantAuditLog]:
+    journal = Journal(settings.paths.journal)
+    audit = TolerantAuditLog(settings.paths.audit, chain_key=load_chain_key(settings.paths.state))
+    audit.set_hashed_pipelines(hashed_pipelines(settings), name_key_for(settings))
+    audit.add_listener(metrics.on_audit)
+    audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=once or None))
+    return journal, audit
 
 
 def _log_starting(settings: Settings, once: bool) -> None:
@@ -91,9 +102,6 @@ class Service:
         self.executor: Executor | None = None
         self.watcher: InboxWatcher | None = None
         self.periodic: Periodic | None = None
-
-    def _by_name(self) -> dict[str, Pipeline]:
-        return by_name(self.settings)  # after a reload too
 
     def run(self) -> int:
         """Run until stopped (or, with --once, until the inboxes are drained); exit status."""
@@ -131,7 +139,7 @@ class Service:
         self._open_records()
         assert self.journal is not None and self.audit is not None
         parts = wire(self.settings, self.journal, self.audit, self.metrics, self.progress,
-                      self._notifier, self._by_name)  # fmt: skip
+                      self._notifier, lambda: by_name(self.settings))  # fmt: skip
         self.intake, self.batcher, self.dispatcher, self.gate = parts[:4]
         self.disposal, self.flow, self.admission = parts[4:]
         self._checkpoint()
@@ -157,13 +165,11 @@ class Service:
 
     def _open_records(self) -> None:
         """The journal, then the audit log (its first line: daemon.started)."""
-        paths = self.settings.paths
-        self.journal = journal = Journal(paths.journal)
-        self.audit = audit = TolerantAuditLog(paths.audit, chain_key=load_chain_key(paths.state))
-        audit.set_hashed_pipelines(hashed_pipelines(self.settings), name_key_for(self.settings))
-        audit.add_listener(self.metrics.on_audit)
-        audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=self.once or None))
+        self.journal, self.audit = journal, audit = _records(self.settings, self.metrics, self.once)
         self.monitor = HeartbeatMonitor(self._notifier, audit, journal)
+        paths = self.settings.paths
+        self.pruner = Pruner(Retention(lambda: self.settings, journal), audit.record)
+        self.requeues = Requeues(paths.state, journal, audit.record)
 
     def _start_watching(self) -> int:
         self.watcher = InboxWatcher(self._messages)
@@ -329,6 +335,9 @@ class Service:
             log.error("watcher.dead_restarting")
             self.watcher.restart(inbox_folders(self.settings))
             self.intake.scan()
+        self.requeues.link()
+        if not self.once:
+            self.pruner.maybe_step(self.settings, is_idle=self._is_quiet())
         # Watches set, scheduler ticking: otherwise stop pinging systemd's watchdog. A paused
         # intake or an unreachable cluster is degraded, not hung: `status` says so.
         is_watching = self.once or (self.watcher is not None and self.watcher.is_alive())
@@ -343,6 +352,11 @@ class Service:
             status=f"{self.intake.pending} settling, {len(self.dispatcher)} waiting, "
             f"{len(self.flow.inflight)} in flight, {self.progress.published} published",
         )
+
+    def _is_quiet(self) -> bool:
+        """Retention's moment: nothing settling, waiting or in flight, intake not paused."""
+        busy = self.flow.inflight or self.dispatcher or self.intake.pending
+        return not (busy or self.gate.paused)
 
     def _reload(self) -> None:
         assert self.audit is not None and self.executor is not None

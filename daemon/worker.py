@@ -13,9 +13,9 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from daemon.errors import BatchFailedError, ProcessorError
 from daemon.logs import configure_logging, contain_library_logs
@@ -30,6 +30,8 @@ from daemon.outbox import (
 )
 from daemon.processors import load_processor, options_model
 from daemon.processors.base import Processor
+
+_T = TypeVar("_T")
 
 
 def init_worker(kinds: Iterable[str] = ()) -> None:
@@ -52,9 +54,26 @@ def _processor(kind: str, options_json: str) -> Processor:
     return load_processor(kind)(options)
 
 
+Outcomes = list[Facts | ProcessorError]
+
+
 def run_batch(task: BatchTask) -> BatchResult:
+    return _plain_errors(_run, task)
+
+
+def read_part(task: BatchTask, file_ids: tuple[int, ...]) -> tuple[list[Any], Outcomes]:
+    """A split batch's share (13.3): read only these inputs; `finish_batch` merges the shares."""
+    return _plain_errors(_read_part, task, frozenset(file_ids))
+
+
+def finish_batch(task: BatchTask, partials: list[Any], outcomes: Outcomes) -> BatchResult:
+    """A split batch's last step: the shares' partials and outcomes, in the batch's file order."""
+    return _plain_errors(_finish, task, _processor_for(task), partials, outcomes)
+
+
+def _plain_errors(fn: Callable[..., _T], *args: Any) -> _T:
     try:
-        return _run(task)
+        return fn(*args)
     except (ProcessorError, BatchFailedError):
         raise
     except OSError as exc:
@@ -104,10 +123,25 @@ def _read_inputs(
     return partials, outcomes
 
 
+def _processor_for(task: BatchTask) -> Processor:
+    return _processor(task.batch.kind, json.dumps(task.options, sort_keys=True))
+
+
+def _read_part(task: BatchTask, file_ids: frozenset[int]) -> tuple[list[Any], Outcomes]:
+    files = [f for f in task.batch.files if f.file_id in file_ids]
+    return _read_inputs(_processor_for(task), files)
+
+
 def _run(task: BatchTask) -> BatchResult:
+    processor = _processor_for(task)
+    partials, outcomes = _read_inputs(processor, task.batch.files)
+    return _finish(task, processor, partials, outcomes)
+
+
+def _finish(
+    task: BatchTask, processor: Processor, partials: list[Any], outcomes: Outcomes
+) -> BatchResult:
     batch = task.batch
-    processor = _processor(batch.kind, json.dumps(task.options, sort_keys=True))
-    partials, outcomes = _read_inputs(processor, batch.files)
     facts: dict[int, Facts] = {}
     quarantined: dict[int, tuple[str, str]] = {}
     for f, outcome in zip(batch.files, outcomes, strict=True):

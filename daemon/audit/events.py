@@ -31,6 +31,8 @@ class AuditEvent(enum.StrEnum):
     INTAKE_PAUSED = "intake.paused"
     INTAKE_RESUMED = "intake.resumed"
     AUDIT_RECOVERED = "audit.recovered"
+    RETENTION_PRUNED = "retention.pruned"
+    FILE_REQUEUED = "file.requeued"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,3 +212,30 @@ class AuditRecovered(Record):
     file: str | None = None
     torn_bytes: int | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionPruned(Record):
+    """Retention deleted `files` items of one kind (archive, quarantine, journal rows, audit
+    days) of `bytes` in all; never a name. Not rebuilt by the reconciler (nothing in the journal
+    remembers it)."""
+
+    event = AuditEvent.RETENTION_PRUNED
+    kind: str
+    files: int
+    bytes: int
+    pipeline: str | None = None
+    checkpoint_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileRequeued(Record):
+    """A quarantined input went back through its pipeline as a new journal row."""
+
+    event = AuditEvent.FILE_REQUEUED
+    pipeline: str
+    file_id: int
+    new_file_id: int
+    reason: str
+    sha256: str | None = None
+    forced: bool | None = None

@@ -22,6 +22,9 @@ CHAIN_HMAC = "hmac-sha256"
 # A line dated further ahead than this is refused: clocks of one host differ by less.
 FUTURE_SKEW_S = 300.0
 FILE_NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl")
+# Left by retention when it prunes old days: the last pruned line's seq and hash, where the
+# remaining chain starts.
+CHECKPOINT_NAME = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,31 @@ class VerifyReport:
     error: str | None = None
     torn_tail: bool = False
     unkeyed_lines: int = 0
+    from_checkpoint: int | None = None
+
+
+def checkpoint_mac(key: bytes, entry: dict[str, object]) -> str:
+    """The HMAC retention writes beside a checkpoint: none can be made up without the key."""
+    fields = {k: entry.get(k) for k in ("seq", "hash", "day")}
+    return hmac.new(key, canonical(fields).encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def read_checkpoints(folder: Path) -> dict[int, dict[str, object]]:
+    """seq → entry (`hash`, `day`, `mac`) of the last line of each day retention pruned."""
+    try:
+        data = json.loads((folder / CHECKPOINT_NAME).read_bytes())
+    except FileNotFoundError:
+        return {}
+    entries = data.get("checkpoints") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{CHECKPOINT_NAME}: no list of checkpoints")
+    out: dict[int, dict[str, object]] = {}
+    for entry in entries:
+        seq, digest = (entry.get(k) for k in ("seq", "hash")) if isinstance(entry, dict) else (0, 0)
+        if not (isinstance(seq, int) and isinstance(digest, str)):
+            raise ValueError(f"{CHECKPOINT_NAME}: missing or invalid seq or hash")
+        out[seq] = entry
+    return out
 
 
 def verify(
@@ -42,10 +70,15 @@ def verify(
     now: float | None = None,
 ) -> VerifyReport:
     """Check seq continuity, the (keyed) hash chain across files, each hash, each line's day
-    and that no line is dated beyond FUTURE_SKEW_S past `now`."""
+    and that no line is dated beyond FUTURE_SKEW_S past `now`; a chain whose older days were
+    pruned starts at the recorded (keyed) checkpoint."""
     files = sorted(folder.glob("audit-*.jsonl")) if folder.is_dir() else []
+    try:
+        checkpoints = read_checkpoints(folder)
+    except ValueError as exc:
+        return VerifyReport(False, 0, len(files), str(exc))
     latest = (time.time() if now is None else now) + FUTURE_SKEW_S
-    checker = _ChainChecker(expected_head, key, iso_utc_ms(int(latest * 1000)))
+    checker = _ChainChecker(expected_head, key, iso_utc_ms(int(latest * 1000)), checkpoints)
     try:
         for index, path in enumerate(files):
             checker.check_file(path, is_last=index == len(files) - 1)
@@ -53,7 +86,13 @@ def verify(
     except _ChainError as exc:
         return VerifyReport(False, checker.lines, len(files), str(exc), checker.torn_tail)
     return VerifyReport(
-        True, checker.lines, len(files), None, checker.torn_tail, checker.unkeyed_lines
+        True,
+        checker.lines,
+        len(files),
+        None,
+        checker.torn_tail,
+        checker.unkeyed_lines,
+        checker.started_at_checkpoint,
     )
 
 
@@ -79,10 +118,16 @@ class _ChainError(Exception):
 
 class _ChainChecker:
     def __init__(
-        self, expected_head: tuple[int, str] | None, key: bytes | None, latest_ts: str
+        self,
+        expected_head: tuple[int, str] | None,
+        key: bytes | None,
+        latest_ts: str,
+        checkpoints: dict[int, dict[str, object]] | None = None,
     ) -> None:
         self.lines = 0
         self.unkeyed_lines = 0
+        self.started_at_checkpoint: int | None = None
+        self._checkpoints = checkpoints or {}
         self.torn_tail = False
         self._key = key
         self._latest_ts = latest_ts
@@ -122,6 +167,9 @@ class _ChainChecker:
         seq, prev, digest, ts = (line.get(key) for key in ("seq", "prev", "hash", "ts"))
         if not (isinstance(seq, int) and isinstance(prev, str) and isinstance(digest, str)):
             raise _ChainError(f"{where}: missing or invalid seq, prev or hash")
+        if self.lines == 0 and seq != 1 and seq - 1 in self._checkpoints:
+            # Older days pruned: the chain continues from the checkpoint they left.
+            self._start_at_checkpoint(where, seq - 1, line)
         if seq != self._seq + 1:
             raise _ChainError(f"{where}: seq {seq} expected {self._seq + 1}")
         if prev != self._hash:
@@ -135,8 +183,25 @@ class _ChainChecker:
         head = self._expected_head
         if head is not None and head[0] == seq and head[1] != digest:
             raise _ChainError(f"{where}: hash of seq {seq} differs from the journal's")
+        if self._checkpoints.get(seq, {"hash": digest})["hash"] != digest:
+            raise _ChainError(f"{where}: hash of seq {seq} differs from the pruning checkpoint")
         self._seq, self._hash = seq, digest
         self.lines += 1
+
+    def _start_at_checkpoint(self, where: str, seq: int, first: dict[str, object]) -> None:
+        entry = self._checkpoints[seq]
+        if first.get("chain") == CHAIN_HMAC:
+            # A keyed chain's checkpoint is keyed too: deleting the first days and writing a
+            # checkpoint for what is left needs the key.
+            mac = entry.get("mac")
+            if self._key is None:
+                raise _ChainError(f"{where}: keyed checkpoint, but no chain key to check it with")
+            if not (
+                isinstance(mac, str) and hmac.compare_digest(checkpoint_mac(self._key, entry), mac)
+            ):
+                raise _ChainError(f"{where}: checkpoint of seq {seq} not signed with the chain key")
+        self._seq, self._hash = seq, str(entry["hash"])
+        self.started_at_checkpoint = seq
 
     def _check_hash(self, where: str, line: dict[str, object], prev: str, digest: str) -> None:
         chain = line.get("chain")

@@ -21,6 +21,10 @@ def audit_verify(settings: Settings) -> int:
         print(f"audit log BROKEN: {report.error}")
         return EX_FAIL
     notes = []
+    if report.from_checkpoint is not None:
+        notes.append(
+            f"older days pruned: starts at the checkpoint after seq {report.from_checkpoint}"
+        )
     if report.torn_tail:
         notes.append("the last line was torn by a crash: tolerated, not counted")
     if report.unkeyed_lines:

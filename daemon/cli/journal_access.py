@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 from daemon.config import Settings
 from daemon.errors import JournalUnreadableError
-from daemon.journal import Journal
+from daemon.journal_queries import JournalQueries
 
 
 @contextlib.contextmanager
-def open_journal(settings: Settings) -> Iterator[Journal | None]:
+def open_journal(settings: Settings) -> Iterator[JournalQueries | None]:
     """The journal, read-only, or None when the service never ran here."""
     path = settings.paths.journal
     try:
@@ -24,7 +24,7 @@ def open_journal(settings: Settings) -> Iterator[Journal | None]:
     except PermissionError:
         raise _unreadable(settings, "permission denied") from None
     try:
-        journal = Journal(path, readonly=True)
+        journal = JournalQueries.open_readonly(path)
     except PermissionError as exc:
         raise _unreadable(settings, exc.strerror or "permission denied") from None
     except sqlite3.DatabaseError as exc:

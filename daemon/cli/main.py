@@ -63,6 +63,17 @@ def parser() -> argparse.ArgumentParser:
     add("verify", "check the audit log's hash chain end to end", audit_commands)
     trace = add("trace", "the lineage of one input")
     trace.add_argument("key", metavar="FILE-OR-SHA256")
+    prune = add("prune", "apply retention now (the running service prunes by itself)")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="list what would go (counts and bytes, no names)"
+    )
+    requeue = add("requeue", "put a quarantined input back through its pipeline")
+    requeue.add_argument("key", metavar="FILE-OR-SHA256", nargs="?")
+    requeue.add_argument("--all", action="store_true", help="every quarantined input (--reason)")
+    requeue.add_argument("--reason", help="only inputs quarantined for this reason")
+    requeue.add_argument(
+        "--force", action="store_true", help="even when the reason would recur unchanged"
+    )
     return top
 
 
@@ -114,6 +125,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from daemon.cli.audit_verify import audit_verify
 
         return audit_verify(settings)
+    if args.command == "prune":
+        from daemon.cli.prune import prune
+
+        return prune(settings, dry_run=args.dry_run)
+    if args.command == "requeue":
+        from daemon.cli.requeue import requeue
+
+        return requeue(settings, args.key, every=args.all, reason=args.reason, force=args.force)
     from daemon.cli.trace import trace
 
     return trace(settings, args.key)

@@ -12,11 +12,11 @@ from daemon.cli.exits import EX_FAIL, EX_NOT_RUNNING, EX_OK
 from daemon.cli.journal_access import open_journal
 from daemon.cli.output import printable
 from daemon.config import Settings
-from daemon.journal import Journal
+from daemon.journal_queries import JournalQueries
 from daemon.liveness import NOT_STARTED, assess
 
 
-def _service_state(journal: Journal, now: float) -> dict[str, Any]:
+def _service_state(journal: JournalQueries, now: float) -> dict[str, Any]:
     """From the heartbeat the service records in the journal's meta table."""
     return assess(journal.meta, now).as_dict()
 
@@ -26,7 +26,7 @@ def _start_of_day(now: float) -> float:
     return float(calendar.timegm((*time.gmtime(now)[:3], 0, 0, 0)))
 
 
-def _pipeline_report(journal: Journal, settings: Settings, now: float) -> dict[str, Any]:
+def _pipeline_report(journal: JournalQueries, settings: Settings, now: float) -> dict[str, Any]:
     with journal.snapshot():
         files, batches = journal.file_counts(), journal.batch_counts()
         today = _start_of_day(now)

@@ -8,12 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from daemon.audit import hash_name, read_lines, read_name_key
+from daemon.audit.events import AuditEvent
 from daemon.cli.exits import EX_FAIL, EX_OK
 from daemon.cli.journal_access import open_journal
 from daemon.cli.output import printable
 from daemon.config import Settings
+from daemon.disposal import copies_of
 from daemon.errors import MedbatchError
-from daemon.journal import BatchRow, FileRow, Journal
+from daemon.journal_queries import BatchRow, FileRow, JournalQueries
+from daemon.models import BatchState, Facts
 
 AuditLine = dict[str, object]
 
@@ -27,12 +30,13 @@ def trace(settings: Settings, key: str) -> int:
             for row in rows
             if journal is not None and row.batch_id
         }
+        facts = {row.id: journal.file_facts(row.id) for row in rows if journal is not None}
     by_file, rejected = _events(settings, rows, names)
     if not rows and not rejected:
         print(f"unknown input: {printable(key)}")
         return EX_FAIL
     for row in rows:
-        _print_row(settings, row, batches.get(row.batch_id or ""), by_file[row.id])
+        _print_row(settings, row, batches.get(row.batch_id or ""), by_file[row.id], facts[row.id])
     for line in rejected:
         logged = "" if line.get("file") == key else f" (logged as {printable(line.get('file'))})"
         print(
@@ -69,7 +73,9 @@ def _name_forms(settings: Settings, key: str) -> set[str]:
     return forms
 
 
-def _find_rows(journal: Journal, settings: Settings, key: str, names: set[str]) -> list[FileRow]:
+def _find_rows(
+    journal: JournalQueries, settings: Settings, key: str, names: set[str]
+) -> list[FileRow]:
     rows = journal.find_files(key)
     if rows:
         return rows
@@ -92,17 +98,24 @@ def _events(
     rejected: list[AuditLine] = []
     for line in _audit_lines(settings):
         file_id, batch_id = line.get("file_id"), line.get("batch_id")
+        new_id = line.get("new_file_id")
+        if isinstance(new_id, int) and new_id in by_file:
+            by_file[new_id].append(line)  # requeued: the new incarnation shows where it came from
         if isinstance(file_id, int) and file_id in by_file:
             by_file[file_id].append(line)
         elif file_id is None and isinstance(batch_id, str) and batch_id in by_batch:
             by_file[by_batch[batch_id]].append(line)
-        elif line.get("event") == "file.rejected" and line.get("file") in names:
+        elif line.get("event") == AuditEvent.FILE_REJECTED and line.get("file") in names:
             rejected.append(line)
     return by_file, rejected
 
 
 def _print_row(
-    settings: Settings, row: FileRow, batch: BatchRow | None, lines: list[AuditLine]
+    settings: Settings,
+    row: FileRow,
+    batch: BatchRow | None,
+    lines: list[AuditLine],
+    facts: Facts,
 ) -> None:
     received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row.received_at))
     print(f"file {row.id}: {printable(row.name)} in pipeline {printable(row.pipeline)}")
@@ -110,30 +123,19 @@ def _print_row(
     print(f"  state {row.state}" + (f" ({row.reason})" if row.reason else ""))
     if batch is not None:
         print(f"  batch {batch.id}: {batch.state}, attempts {batch.attempts}")
-        if batch.state == "published":
+        if batch.state == BatchState.PUBLISHED:
             result = settings.paths.outbox / batch.pipeline / batch.id
             print(f"  result {printable(result)}{_exists(result)}")
-    for what, where in _copies(settings, row):
+    pipelines = {p.name: p for p in settings.pipeline}
+    for what, where in copies_of(settings.paths, pipelines, row, facts):
         print(f"  {what} {printable(where)}{_exists(where)}")
     for line in lines:
-        facts = ", ".join(
-            f"{k}={printable(line[k])}" for k in ("attempt", "reason", "batch_id") if k in line
+        said = ", ".join(
+            f"{k}={printable(line[k])}"
+            for k in ("attempt", "reason", "batch_id", "file_id", "new_file_id")
+            if k in line
         )
-        print(f"  {line['ts']} {line['event']}" + (f" ({facts})" if facts else ""))
-
-
-def _copies(settings: Settings, row: FileRow) -> list[tuple[str, Path]]:
-    """Where the input itself went once its batch finished (see Supervisor._dispose)."""
-    paths = settings.paths
-    if row.state == "quarantined":
-        return [("quarantined copy", paths.quarantine / row.pipeline / row.name)]
-    if row.state not in ("published", "duplicate"):
-        return [("spooled copy", paths.spool / row.spool_name)]
-    pipeline = next((p for p in settings.pipeline if p.name == row.pipeline), None)
-    if row.state == "published" and pipeline is not None and pipeline.after_publish == "delete":
-        return []
-    day = time.strftime("%Y-%m-%d", time.gmtime(row.received_at))
-    return [("archived copy", paths.archive / row.pipeline / day / Path(row.spool_name).name)]
+        print(f"  {line['ts']} {line['event']}" + (f" ({said})" if said else ""))
 
 
 def _exists(path: Path) -> str:

@@ -13,19 +13,42 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import structlog
 from pebble import ProcessExpired, ProcessPool
 
 from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
-from daemon.models import BatchResult, BatchTask
-from daemon.worker import init_worker, run_batch, warm_up
+from daemon.models import BatchResult, BatchTask, IncomingFile
+from daemon.worker import finish_batch, init_worker, read_part, run_batch, warm_up
 
 log = structlog.get_logger()
+
+WARM_UP_TIMEOUT_S = 30.0
+# A batch this big is read on every idle worker, in shares of about equal bytes (issue 13.3):
+# below it, the extra tasks and the partials' trip through this process cost more than they save.
+SPLIT_MIN_BYTES = 32 << 20
+
+Relay = Callable[["Future[Any]"], None]
+
+
+def shares(files: Sequence[IncomingFile], parts: int) -> list[tuple[int, ...]]:
+    """File ids in at most `parts` contiguous shares of about equal bytes. Contiguous, so the
+    shares' partials put end to end are in the order one worker reading them all gives."""
+    parts = min(parts, len(files))
+    total = sum(f.size for f in files)
+    if parts < 2 or total <= 0:
+        return [tuple(f.file_id for f in files)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    before = 0
+    for f in files:
+        out[min(parts - 1, before * parts // total)].append(f.file_id)
+        before += f.size
+    return [tuple(share) for share in out if share]
 
 
 class ProcessExecutor:
@@ -41,13 +64,27 @@ class ProcessExecutor:
         self._pool_failed = False
         self._lock = threading.Lock()
         self._rebuilder: threading.Thread | None = None
+        # Batches submitted and not yet reported (only to know the idle workers a split may use);
+        # cleared with a broken pool, whose futures may never report.
+        self._running: set[str] = set()
 
     def start(self) -> None:
-        pool = self._new_pool()
+        """Spawn the workers and return at once: they import the processors while the start-up
+        scan and the first claims run, and the first batch queues behind their warm-up."""
+        pool, warming = self._spawn_pool()
         with self._lock:
             self._pool = pool
+        threading.Thread(
+            target=self._watch_warm_up, args=(pool, warming), name="medbatch-pool-warm-up",
+            daemon=True,
+        ).start()  # fmt: skip
 
     def _new_pool(self) -> ProcessPool:
+        pool, warming = self._spawn_pool()
+        self._watch_warm_up(pool, warming)
+        return pool
+
+    def _spawn_pool(self) -> tuple[ProcessPool, list[Future[int]]]:
         # spawn, not fork: the main process runs watchdog and scheduler threads.
         pool = ProcessPool(
             max_workers=self._workers,
@@ -55,14 +92,20 @@ class ProcessExecutor:
             initargs=(self._kinds,),
             context=multiprocessing.get_context("spawn"),
         )
-        # Start every worker now, so the first batch does not pay for the imports.
+        # One warm-up per worker starts every worker now, so the first batch does not pay for
+        # the imports (init_worker loads the processors).
+        return pool, [pool.schedule(warm_up) for _ in range(self._workers)]
+
+    def _watch_warm_up(self, pool: ProcessPool, warming: list[Future[int]]) -> None:
         # Bounded: a pool that breaks while warming up never fails its queued tasks (pebble's
-        # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever.
-        _, late = wait([pool.schedule(warm_up) for _ in range(self._workers)], timeout=30)
+        # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever;
+        # a late pool is marked failed, so the batches queued in it are reclaimed (has_lost_work).
+        _, late = wait(warming, timeout=WARM_UP_TIMEOUT_S)
         if late:
             log.warning("pool.warm_up_late", workers=len(late))
-            self._pool_failed = True  # the next submit builds another
-        return pool
+            with self._lock:
+                if self._pool is pool or self._pool is None:
+                    self._pool_failed = True  # the next submit or reclaim builds another
 
     def submit(self, task: BatchTask) -> None:
         batch_id = task.batch.batch_id
@@ -70,9 +113,13 @@ class ProcessExecutor:
         try:
             with self._lock:
                 pool = self._pool if self._is_usable() else None
+                idle = self._workers - len(self._running)
             if pool is None:
                 raise RuntimeError("pool rebuilding")
-            inner = pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
+            is_big = task.batch.n_bytes >= SPLIT_MIN_BYTES
+            parts = shares(task.batch.files, idle) if is_big else []
+            if len(parts) < 2:
+                inner = pool.schedule(run_batch, args=(task,), timeout=self._timeout_s)
         except (RuntimeError, OSError) as exc:
             # A pool that cannot take work now (broken, or being rebuilt) must not stop the
             # service: the attempt fails as unavailable and is retried later, uncounted.
@@ -83,6 +130,8 @@ class ProcessExecutor:
             return
 
         def relay(done: Future[BatchResult]) -> None:
+            with self._lock:
+                self._running.discard(batch_id)
             error = CancelledError() if done.cancelled() else done.exception()
             if error is None:
                 outer.set_result(done.result())
@@ -98,7 +147,52 @@ class ProcessExecutor:
                 outer.set_exception(error)
             self._on_done(batch_id, outer)
 
-        inner.add_done_callback(relay)
+        with self._lock:
+            self._running.add(batch_id)
+        if len(parts) < 2:
+            inner.add_done_callback(relay)
+        else:
+            log.debug("batch.split", batch_id=batch_id, shares=len(parts))
+            self._run_split(pool, task, parts, relay)
+
+    def _run_split(
+        self, pool: ProcessPool, task: BatchTask, parts: list[tuple[int, ...]], relay: Relay
+    ) -> None:
+        """Each share read on its own worker; when all are read, one task merges and publishes.
+        The first share to fail (a dead worker, a timeout) is the attempt's outcome."""
+        reads: list[Future[tuple[list[Any], list[Any]]]] = [
+            pool.schedule(read_part, args=(task, ids), timeout=self._timeout_s) for ids in parts
+        ]
+        left = [len(reads)]
+        count_lock = threading.Lock()
+
+        def on_read(_: Future[Any]) -> None:
+            with count_lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            failed = next((r for r in reads if r.cancelled() or r.exception() is not None), None)
+            if failed is not None:
+                relay(failed)
+                return
+            partials: list[Any] = []
+            outcomes: list[Any] = []
+            for r in reads:
+                read, told = r.result()
+                partials += read
+                outcomes += told
+            final: Future[BatchResult]
+            try:
+                final = pool.schedule(
+                    finish_batch, args=(task, partials, outcomes), timeout=self._timeout_s
+                )
+            except (RuntimeError, OSError):
+                final = Future()
+                final.set_exception(BrokenProcessPool("pool stopped between the shares"))
+            final.add_done_callback(relay)
+
+        for r in reads:
+            r.add_done_callback(on_read)
 
     def is_worker_loss(self, exc: BaseException) -> bool:
         if isinstance(exc, ProcessExpired):
@@ -127,6 +221,7 @@ class ProcessExecutor:
         log.warning("pool.rebuilding")
         with self._lock:
             old, self._pool, self._pool_failed = self._pool, None, False
+            self._running.clear()
         if old is not None:
             old.stop()  # type: ignore[no-untyped-call]
             old.join(timeout=10)
@@ -143,8 +238,8 @@ class ProcessExecutor:
         return self._pool is not None and bool(self._pool.active)
 
     def has_lost_work(self) -> bool:
-        # Futures queued in a pool that broke never complete (pebble).
-        return not self.is_healthy()
+        # Futures queued in a pool that broke (or never finished warming up) never complete.
+        return not self.is_healthy() or self._pool_failed
 
     def worker_pids(self) -> list[int]:
         manager = getattr(self._pool, "_pool_manager", None)

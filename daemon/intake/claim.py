@@ -160,7 +160,7 @@ def take_bytes(
     with another name is replaced by a private copy made while hashing, so nobody can change
     the bytes we keep; a file that changed while read is refused."""
     must_copy = st.st_uid != service_uid or st.st_nlink > 1
-    copy_path = target.with_name(f".{target.name}{COPY_SUFFIX}")
+    copy_path = target.with_name(f".{target.name}{COPY_SUFFIX}") if must_copy else target
     copy_fd = os.open(copy_path, _CREATE_COPY, PRIVATE_MODE) if must_copy else None
     try:
         if copy_fd is None:

@@ -8,6 +8,7 @@ reported once and remembered until they change (memory.py).
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import signal
 import stat
@@ -36,8 +37,9 @@ log = structlog.get_logger()
 # Files claimed per main-loop step: two journal commits each chunk, so batching them keeps the
 # fsyncs few, while a bounded chunk keeps the loop responsive to everything else.
 CLAIM_CHUNK = 500
-# Entries held open (with a lease) at once within a step: below systemd's 1024 soft fd limit.
-OPEN_CHUNK = 128
+# Entries held open (with a lease) at once within a step: half the soft fd limit (systemd's
+# 1024 gives a whole claim chunk in one group: two journal commits per step, not eight).
+OPEN_CHUNK = min(CLAIM_CHUNK, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
 # How soon to look again at a file someone holds open for writing (its close event is sooner).
 BUSY_RETRY_S = 1.0
 # Candidates a rescan may hold at once (about 300 bytes each): a producer who drops a million
@@ -49,9 +51,11 @@ MAX_PENDING = 50_000
 class _Plan:
     pipeline: Pipeline
     candidate: Candidate
-    name: str  # recorded_name(candidate.path.name)
+    raw_name: str  # candidate.path.name
+    name: str  # recorded_name(raw_name)
     opened: Opened
     spool_name: str
+    spool_path: Path  # built once: the claim and the batch use it
     received_at: float
 
 
@@ -83,6 +87,7 @@ class Intake:
         self._settings = settings
         self._pipelines: Mapping[str, Pipeline] = {p.name: p for p in settings.pipeline}
         self._spool = settings.paths.spool
+        self._spool_prefix = f"{self._spool}{os.sep}"  # plain strings in the per-file path
         for name in self._pipelines:
             (self._spool / name).mkdir(parents=True, exist_ok=True, mode=0o750)
         self._candidates.drop_pipelines_except(set(self._pipelines))
@@ -242,7 +247,7 @@ class Intake:
                         file_id,
                         plan.pipeline.name,
                         plan.name,
-                        self._spool / plan.spool_name,
+                        plan.spool_path,
                         outcome.sha256,
                         outcome.size,
                         plan.received_at,
@@ -296,25 +301,23 @@ class Intake:
             self._candidates.schedule(c, again)
             return None
         self._candidates.remove(c.path)
-        spool_name = f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}"
-        return _Plan(
-            pipeline,
-            c,
-            recorded_name(c.path.name),
-            opened,
-            spool_name + spool_suffix(c.path.name),
-            now,
+        raw_name = c.path.name
+        spool_name = (
+            f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}{spool_suffix(raw_name)}"
         )
+        spool_path = Path(f"{self._spool_prefix}{spool_name}")
+        return _Plan(pipeline, c, raw_name, recorded_name(raw_name), opened, spool_name,
+                     spool_path, now)  # fmt: skip
 
     def _move_and_hash(self, plan: _Plan, inbox_fd: int) -> Taken | str | None:
         """The claim's outcome: taken, None (vanished, or left in the inbox and reported), or
         the reason the spooled entry is quarantined."""
-        target = self._spool / plan.spool_name
+        target = plan.spool_path
         st = plan.opened.st
-        moved = claim.move_into_spool(inbox_fd, plan.candidate.path.name, target, st)
+        moved = claim.move_into_spool(inbox_fd, plan.raw_name, target, st)
         if moved is not None and moved.reason in (reasons.VANISHED, reasons.CLAIM_FAILED):
             # Left in the inbox (a read-only or sticky folder, a mount point): reported once.
-            self._refuse_in_inbox(plan.pipeline.name, plan.candidate.path.name, moved)
+            self._refuse_in_inbox(plan.pipeline.name, plan.raw_name, moved)
             return None
         if moved is not None:
             _log_refusal("file.swapped", plan.pipeline.name, moved, st.st_ino)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import BatchFailedError, ExecutorUnavailableError
-from daemon.executors.process import ProcessExecutor
+from daemon.executors.process import ProcessExecutor, shares
 from daemon.models import Batch, BatchResult, BatchTask, IncomingFile
 from tests.support.waiting import wait_until
 
@@ -110,3 +110,65 @@ def test_an_idle_worker_killed_does_not_stop_the_pool(tmp_path: Path, pool) -> N
             wait_until(executor.is_healthy, 60, message="the pool rebuilt")
     executor.submit(make_task(tmp_path, "last", b"y\n"))
     assert outcomes(done, 1)["last"].result().is_published
+
+
+def make_split_task(tmp_path: Path, batch_id: str, contents: list[bytes]) -> BatchTask:
+    files = []
+    for i, content in enumerate(contents, start=1):
+        spool = tmp_path / "spool" / f"{batch_id}-{i}.txt"
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        spool.write_bytes(content)
+        files.append(IncomingFile(i, "p", spool.name, spool, "0" * 64, len(content), 0.0))
+    batch = Batch(batch_id, "p", "faulty", 3, time.time(), tuple(files))
+    return BatchTask(batch, {"skip_blank": True}, tmp_path / "outbox" / "p")
+
+
+@pytest.mark.parametrize(
+    ("sizes", "parts", "expected"),
+    [
+        ([10] * 8, 2, [(1, 2, 3, 4), (5, 6, 7, 8)]),
+        ([10] * 3, 2, [(1, 2), (3,)]),
+        ([100, 1, 1, 1], 2, [(1,), (2, 3, 4)]),
+        ([10] * 4, 8, [(1,), (2,), (3,), (4,)]),
+        ([10, 10], 1, [(1, 2)]),
+        ([0, 0], 2, [(1, 2)]),
+    ],
+)
+def test_shares_are_contiguous_and_about_equal_in_bytes(
+    tmp_path: Path, sizes: list[int], parts: int, expected: list[tuple[int, ...]]
+) -> None:
+    files = [
+        IncomingFile(i, "p", f"{i}", tmp_path / f"{i}", "0" * 64, size, 0.0)
+        for i, size in enumerate(sizes, start=1)
+    ]
+    assert shares(files, parts) == expected
+
+
+def test_a_big_batch_is_read_on_every_idle_worker_and_merged_exactly(
+    tmp_path: Path, pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Split into shares (one per idle worker), the batch publishes what one read gives."""
+    executor, done = pool
+    contents = [b"".join(b"row %d\n" % j for j in range(n)) for n in (3, 5, 7, 11, 13)]
+    executor.submit(make_split_task(tmp_path / "whole", "whole", contents))
+    whole = outcomes(done, 1)["whole"].result()
+    monkeypatch.setattr("daemon.executors.process.SPLIT_MIN_BYTES", 1)
+
+    executor.submit(make_split_task(tmp_path / "split", "split", contents))
+    split = outcomes(done, 1)["split"].result()
+
+    assert split.is_published and whole.is_published
+    assert split.facts == whole.facts
+    assert [o.sha256 for o in split.outputs] == [o.sha256 for o in whole.outputs]
+
+
+def test_a_worker_killed_in_one_share_is_a_worker_loss_of_the_batch(
+    tmp_path: Path, pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("daemon.executors.process.SPLIT_MIN_BYTES", 1)
+    executor, done = pool
+    executor.submit(make_split_task(tmp_path, "crash", [b"a\n", b"MEDBATCH-TEST-CRASH\n"]))
+    error = outcomes(done, 1)["crash"].exception()
+    assert error is not None and executor.is_worker_loss(error)
+    executor.submit(make_split_task(tmp_path, "after", [b"c\n", b"d\n"]))
+    assert outcomes(done, 1)["after"].result().is_published

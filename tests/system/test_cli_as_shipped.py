@@ -122,3 +122,19 @@ def test_a_journal_the_caller_cannot_read_gets_one_clear_line(make_service: Make
             assert done.stderr.count("\n") == 1, done.stderr
             assert "cannot read the journal" in done.stderr
             assert "sudo -u medbatch" in done.stderr
+
+
+def test_trace_points_at_the_real_quarantined_copy(make_service: MakeService) -> None:
+    """A quarantined name made safe (a control byte) or numbered (a second `bad.csv`) is traced
+    to the copy that is really there, found through the journal, not re-derived."""
+    service = make_service([{**EMR, "max_files": 10, "max_wait": 0.5}])
+    service.drop("emr", "bad.csv", b"\x00not a table")
+    service.drop("emr", "tab\there.csv", b"\x00not a table either")
+    assert service.run("run", "--once").returncode == 0
+    service.drop("emr", "bad.csv", b"\x00again, other bytes")
+    assert service.run("run", "--once").returncode == 0
+    for key, n in (("bad.csv", 2), ("tab\there.csv", 1)):
+        done = service.run("trace", key)
+        assert done.returncode == 0, done.stdout + done.stderr
+        copies = [line for line in done.stdout.splitlines() if "quarantined copy" in line]
+        assert len(set(copies)) == n and all("(not there" not in c for c in copies), done.stdout

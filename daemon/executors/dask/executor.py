@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import structlog
 
@@ -35,13 +35,9 @@ from daemon.executors.dask.probe import probe_cluster
 from daemon.models import BatchResult, BatchTask
 from daemon.worker import run_batch
 
-if TYPE_CHECKING:
-    pass
-
 log = structlog.get_logger()
 
 
-PROBE_PREFIX = ".medbatch-probe-"
 _POLL_S = 0.5
 _RECONCILE_S = 10.0  # how often to ask the scheduler about attempts it may have forgotten
 _GATHER_TIMEOUT_S = 60.0  # fetching a finished attempt's small summary

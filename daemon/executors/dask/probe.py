@@ -10,7 +10,6 @@ import secrets
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -19,17 +18,10 @@ from daemon.config import PathsConfig
 from daemon.errors import MedbatchError
 from daemon.processors import known_kinds
 
-if TYPE_CHECKING:
-    pass
-
 log = structlog.get_logger()
 
 
 PROBE_PREFIX = ".medbatch-probe-"
-_POLL_S = 0.5
-_RECONCILE_S = 10.0  # how often to ask the scheduler about attempts it may have forgotten
-_GATHER_TIMEOUT_S = 60.0  # fetching a finished attempt's small summary
-_RECONNECT_TIMEOUT_S = 5.0  # per try; the monitor keeps trying
 
 
 def probe_worker(marker: str, outbox: str, token: str, kinds: tuple[str, ...]) -> dict[str, str]:
