@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from daemon.audit.names import hash_name, load_name_key
 from daemon.batcher import Sealed as SealedBatch
 from daemon.batcher import batch_id_for
 from daemon.config import Pipeline, Settings
@@ -110,7 +111,8 @@ class BatchFlow:
             task = replace(task, batch=replace(task.batch, attempt=attempt))
             self._listeners.emit(Started(task.batch))
             self.inflight[task.batch.batch_id] = flight = InFlight(task, self._mono())
-            flight.future = self.executor.submit(task)
+            # Workers get the names as published (hashed), never the key nor the real names.
+            flight.future = self.executor.submit(published_task(task, self.settings))
 
     def release_delayed(self) -> None:
         now = self._mono()
@@ -239,3 +241,14 @@ class BatchFlow:
                 self.on_attempt_failed(flight.task, Reason.EXECUTOR_UNAVAILABLE, None)
         if has_lost:
             self.executor.recover()
+
+
+def published_task(task: BatchTask, settings: Settings) -> BatchTask:
+    """`task` with each input's name as it may be published: its keyed hash in a `hash_names`
+    pipeline (manifest names, imaging `source`), the name itself where the pipeline opts out."""
+    pipeline = next((p for p in settings.pipeline if p.name == task.batch.pipeline), None)
+    if pipeline is not None and not pipeline.hash_names:
+        return task
+    key = load_name_key(settings.paths.state)
+    files = tuple(replace(f, name=hash_name(key, f.name)) for f in task.batch.files)
+    return replace(task, batch=replace(task.batch, files=files))

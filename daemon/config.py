@@ -183,8 +183,9 @@ class Pipeline(_Model):
     memory_factor: float | None = Field(default=None, gt=0)
     duplicates: Literal["skip", "process"] = "skip"
     after_publish: Literal["archive", "delete"] = "archive"
-    # File names may carry patient names or MRNs: audit lines get a keyed hash instead.
-    hash_names: bool = False
+    # File names may carry patient names or MRNs: every published name is a keyed hash
+    # (manifests, result `source`, quarantine, audit); false publishes real names.
+    hash_names: bool = True
     # Retention of finished inputs and rows, in days (None: kept forever). The archive is a
     # re-run safety net of raw patient data, so it goes after 90 days by default; quarantine
     # waits for a person, and journal rows remember what was published (duplicate detection).

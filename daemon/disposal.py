@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from daemon.audit.names import hash_name, hashed_file_name, load_name_key
 from daemon.config import PathsConfig, Pipeline
 from daemon.fsutil import atomic_write, iso_utc, utc_day
 from daemon.journal import FileRow, Journal
@@ -77,6 +78,9 @@ def move_aside(source: Path, folder: Path, name: str) -> Path:
     return where it went."""
     make_folder(folder)
     base = safe_name(name)
+    if base.endswith(SIDECAR_SUFFIX):
+        # A producer's `x.error.json` must never pass for a sidecar (trace, page, retention).
+        base += ".input"
     target = folder / base
     n = 1
     while os.path.lexists(target) or os.path.lexists(f"{target}{SIDECAR_SUFFIX}"):
@@ -104,10 +108,12 @@ def archive_path(paths: PathsConfig, row: FileRow) -> Path:
     return paths.archive / row.pipeline / utc_day(row.received_at) / Path(row.spool_name).name
 
 
-def sidecar(row: FileRow, detail: str, batch_id: str | None = None) -> dict[str, Any]:
-    """The `.error.json` beside a quarantined input."""
+def sidecar(
+    row: FileRow, detail: str, batch_id: str | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """The `.error.json` beside a quarantined input; `name` as published (hashed by default)."""
     return {
-        "name": row.name,
+        "name": row.name if name is None else name,
         "pipeline": row.pipeline,
         "reason": row.reason,
         "detail": detail,
@@ -143,7 +149,8 @@ class Disposal:
                 if row.state == FileState.QUARANTINED:
                     detail = str(self._journal.file_facts(row.id).get("detail", ""))
                     folder = self._paths.quarantine / row.pipeline
-                    target = quarantine(source, folder, row.name, sidecar(row, detail))
+                    as_name, shown = self._published(row, pipeline)
+                    target = quarantine(source, folder, as_name, sidecar(row, detail, name=shown))
                     quarantined_as.append((row.id, target.name))
                 elif pipeline is not None and pipeline.after_publish == "delete":
                     source.unlink()
@@ -161,6 +168,18 @@ class Disposal:
         if rows:
             self._journal.mark_disposed(r.id for r in rows)
         return len(rows)
+
+    def _published(self, row: FileRow, pipeline: Pipeline | None) -> tuple[str, str]:
+        return published_names(self._paths.state, pipeline, row.name)
+
+
+def published_names(state: Path, pipeline: Pipeline | None, name: str) -> tuple[str, str]:
+    """(quarantine file name, name in the sidecar): the keyed hash unless the pipeline opts
+    out with `hash_names = false`."""
+    if pipeline is not None and not pipeline.hash_names:
+        return name, name
+    key = load_name_key(state)
+    return hashed_file_name(key, name), hash_name(key, name)
 
 
 def copies_of(

@@ -18,6 +18,9 @@ from daemon.outcome_listeners import IntakeGate
 
 log = structlog.get_logger()
 
+# The audit chain's head goes to journald this often, so a copy exists outside the audit folder.
+AUDIT_HEAD_LOG_S = 300.0
+
 
 class HeartbeatMonitor:
     def __init__(self, notifier: Notifier, audit: TolerantAuditLog, journal: Journal) -> None:
@@ -25,6 +28,7 @@ class HeartbeatMonitor:
         self._audit = audit
         self._journal = journal
         self.last_tick = time.monotonic()
+        self._head_logged_at: float | None = None
 
     @property
     def interval_s(self) -> float:
@@ -84,6 +88,16 @@ class HeartbeatMonitor:
             watches_ok=watches_ok,
         )
         write_health(self._journal, health)
+        if is_durable:
+            self._log_head(force=stopped)
+
+    def _log_head(self, *, force: bool) -> None:
+        now = time.monotonic()
+        last = self._head_logged_at
+        if force or last is None or now - last >= AUDIT_HEAD_LOG_S:
+            seq, digest = self._audit.head
+            log.info("audit.head", seq=seq, hash=digest)
+            self._head_logged_at = now
 
     def retry_audit(self, gate: IntakeGate) -> None:
         """The audit disk refused a line: once it writes again, rebuild what was lost."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.audit.events import Record, RetentionPruned
-from daemon.audit.verify import CHECKPOINT_NAME, FILE_NAME, log_files
+from daemon.audit.names import read_chain_key
+from daemon.audit.verify import CHECKPOINT_NAME, FILE_NAME, checkpoint_mac, log_files
 from daemon.config import Pipeline, Settings
 from daemon.disposal import SIDECAR_SUFFIX, copies_of
 from daemon.fsutil import atomic_write, utc_day
@@ -205,7 +206,11 @@ class Retention:
                 seq, digest = _last_line(path)
                 # The checkpoint first, added to the earlier ones: a crash before the unlink
                 # leaves the day in place, whose chain starts at the previous checkpoint.
-                _add_checkpoint(folder, {"seq": seq, "hash": digest, "day": match[1]})
+                entry: dict[str, object] = {"seq": seq, "hash": digest, "day": match[1]}
+                key = read_chain_key(self._settings().paths.state)
+                if key is not None:
+                    entry["mac"] = checkpoint_mac(key, entry)
+                _add_checkpoint(folder, entry)
                 path.unlink()
                 tally.checkpoint_seq = seq
 

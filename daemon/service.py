@@ -19,7 +19,7 @@ from typing import assert_never
 import structlog
 
 from daemon import __version__
-from daemon.audit import TolerantAuditLog
+from daemon.audit import TolerantAuditLog, load_chain_key
 from daemon.audit.events import (
     ConfigReloaded,
     DaemonDraining,
@@ -62,7 +62,7 @@ log = structlog.get_logger()
 
 def _records(settings: Settings, metrics: Metrics, once: bool) -> tuple[Journal, TolerantAuditLog]:
     journal = Journal(settings.paths.journal)
-    audit = TolerantAuditLog(settings.paths.audit)
+    audit = TolerantAuditLog(settings.paths.audit, chain_key=load_chain_key(settings.paths.state))
     audit.set_hashed_pipelines(hashed_pipelines(settings), name_key_for(settings))
     audit.add_listener(metrics.on_audit)
     audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=once or None))

@@ -1,6 +1,5 @@
-"""Name hashing: pipelines whose file names may carry patient identity get a keyed hash instead.
-
-The key lives in `<state>/audit-name.key` (32 random bytes, mode 0600), created on first use.
+"""Name hashing: in a `hash_names` pipeline (the default) every name that leaves the service is a
+keyed hash; the real name stays in the 0600 journal. Key: `<state>/audit-name.key` (0600).
 """
 
 from __future__ import annotations
@@ -15,12 +14,14 @@ from daemon.errors import MedbatchError
 from daemon.fsutil import fsync_dir, write_all
 
 NAME_KEY_FILE = "audit-name.key"
+# The audit chain's HMAC key: only the service (and `audit verify` as its user) can read it.
+CHAIN_KEY_FILE = "audit-chain.key"
 NAME_KEY_BYTES = 32
 NAME_HASH_PREFIX = "hmac-sha256:"
 
 
 class NameKeyError(MedbatchError):
-    """The audit name key is unreadable or not 32 bytes; refusing to hash names with another."""
+    """A service key (names, chain) is unreadable or not 32 bytes; refusing to use another."""
 
 
 def hash_name(key: bytes, name: str) -> str:
@@ -31,12 +32,32 @@ def hash_name(key: bytes, name: str) -> str:
 
 def load_name_key(state: Path) -> bytes:
     """`<state>/audit-name.key`, created (32 random bytes, mode 0600) on first use."""
-    path = state / NAME_KEY_FILE
-    key = read_name_key(state)
+    return load_key(state, NAME_KEY_FILE)
+
+
+def read_name_key(state: Path) -> bytes | None:
+    """The name key if it exists (None if not); NameKeyError if it is not 32 bytes."""
+    return read_key(state, NAME_KEY_FILE)
+
+
+def load_chain_key(state: Path) -> bytes:
+    """`<state>/audit-chain.key`, created (32 random bytes, mode 0600) on first start."""
+    return load_key(state, CHAIN_KEY_FILE)
+
+
+def read_chain_key(state: Path) -> bytes | None:
+    """The chain key if it exists (None before the service's first keyed start)."""
+    return read_key(state, CHAIN_KEY_FILE)
+
+
+def load_key(state: Path, file_name: str) -> bytes:
+    """`<state>/<file_name>`, created (32 random bytes, mode 0600) on first use."""
+    path = state / file_name
+    key = read_key(state, file_name)
     if key is not None:
         return key
     state.mkdir(parents=True, exist_ok=True, mode=0o750)
-    tmp = state / f".{NAME_KEY_FILE}.{secrets.token_hex(4)}"
+    tmp = state / f".{file_name}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         write_all(fd, secrets.token_bytes(NAME_KEY_BYTES))
@@ -51,14 +72,14 @@ def load_name_key(state: Path) -> bytes:
         pass
     finally:
         tmp.unlink()
-    key = read_name_key(state)
+    key = read_key(state, file_name)
     assert key is not None
     return key
 
 
-def read_name_key(state: Path) -> bytes | None:
-    """The name key if it exists (None if not); NameKeyError if it is not 32 bytes."""
-    path = state / NAME_KEY_FILE
+def read_key(state: Path, file_name: str) -> bytes | None:
+    """A service key if it exists (None if not); NameKeyError if it is not 32 bytes."""
+    path = state / file_name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -75,3 +96,49 @@ def read_name_key(state: Path) -> bytes | None:
             "(a new key would make earlier hashed names untraceable)"
         )
     return key
+
+
+# Only known data extensions are kept: any other (`Doe.John`) could itself be a name.
+_KNOWN_SUFFIXES = frozenset(
+    [
+        ".csv",
+        ".tsv",
+        ".txt",
+        ".parquet",
+        ".pq",
+        ".json",
+        ".jsonl",
+        ".dcm",
+        ".dicom",
+        ".nii",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".tif",
+        ".tiff",
+        ".vcf",
+        ".bed",
+        ".maf",
+        ".xlsx",
+        ".h5",
+        ".npy",
+        ".zip",
+    ]
+)
+_COMPRESSED = frozenset({".gz", ".bz2", ".xz", ".zst", ".zstd"})
+
+
+def safe_suffix(name: str) -> str:
+    """The name's extension (`.csv`, `.nii.gz`) if a known data one, else ''; never identity."""
+    parts = ["." + p.lower() for p in name.rsplit("/", 1)[-1].lstrip(".").split(".")[1:]]
+    kept = ""
+    if parts and parts[-1] in _COMPRESSED:
+        kept = parts.pop()
+    if parts and parts[-1] in _KNOWN_SUFFIXES:
+        return parts[-1] + kept
+    return kept
+
+
+def hashed_file_name(key: bytes, name: str) -> str:
+    """A file name carrying no identity: the hex of `hash_name` plus a safe extension."""
+    return hash_name(key, name).removeprefix(NAME_HASH_PREFIX) + safe_suffix(name)

@@ -1,18 +1,26 @@
-"""The audit chain: canonical lines, their hashes, reading them back and `verify`.
+"""The audit chain: canonical lines, their keyed hashes, reading them back and `verify`.
 
-Read-only; `medbatch audit verify` and the writer (to continue the chain) use it.
+Lines marked `"chain": "hmac-sha256"` are chained with the state's key; older unmarked lines
+(plain SHA-256) are accepted only before the first keyed line. Read-only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.fsutil import iso_utc_ms
+
 GENESIS_HASH = "0" * 64
+CHAIN_HMAC = "hmac-sha256"
+# A line dated further ahead than this is refused: clocks of one host differ by less.
+FUTURE_SKEW_S = 300.0
 FILE_NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl")
 # Left by retention when it prunes old days: the last pruned line's seq and hash, where the
 # remaining chain starts.
@@ -26,11 +34,18 @@ class VerifyReport:
     files: int
     error: str | None = None
     torn_tail: bool = False
+    unkeyed_lines: int = 0
     from_checkpoint: int | None = None
 
 
-def read_checkpoints(folder: Path) -> dict[int, str]:
-    """seq → hash of the last line of each day retention pruned (empty when none was)."""
+def checkpoint_mac(key: bytes, entry: dict[str, object]) -> str:
+    """The HMAC retention writes beside a checkpoint: none can be made up without the key."""
+    fields = {k: entry.get(k) for k in ("seq", "hash", "day")}
+    return hmac.new(key, canonical(fields).encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def read_checkpoints(folder: Path) -> dict[int, dict[str, object]]:
+    """seq → entry (`hash`, `day`, `mac`) of the last line of each day retention pruned."""
     try:
         data = json.loads((folder / CHECKPOINT_NAME).read_bytes())
     except FileNotFoundError:
@@ -38,24 +53,32 @@ def read_checkpoints(folder: Path) -> dict[int, str]:
     entries = data.get("checkpoints") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f"{CHECKPOINT_NAME}: no list of checkpoints")
-    out: dict[int, str] = {}
+    out: dict[int, dict[str, object]] = {}
     for entry in entries:
         seq, digest = (entry.get(k) for k in ("seq", "hash")) if isinstance(entry, dict) else (0, 0)
         if not (isinstance(seq, int) and isinstance(digest, str)):
             raise ValueError(f"{CHECKPOINT_NAME}: missing or invalid seq or hash")
-        out[seq] = digest
+        out[seq] = entry
     return out
 
 
-def verify(folder: Path, expected_head: tuple[int, str] | None = None) -> VerifyReport:
-    """Check seq continuity, the hash chain across files, each hash and each line's day; a chain
-    whose older days were pruned starts at the recorded checkpoint."""
+def verify(
+    folder: Path,
+    expected_head: tuple[int, str] | None = None,
+    *,
+    key: bytes | None = None,
+    now: float | None = None,
+) -> VerifyReport:
+    """Check seq continuity, the (keyed) hash chain across files, each hash, each line's day
+    and that no line is dated beyond FUTURE_SKEW_S past `now`; a chain whose older days were
+    pruned starts at the recorded (keyed) checkpoint."""
     files = sorted(folder.glob("audit-*.jsonl")) if folder.is_dir() else []
     try:
         checkpoints = read_checkpoints(folder)
     except ValueError as exc:
         return VerifyReport(False, 0, len(files), str(exc))
-    checker = _ChainChecker(expected_head, checkpoints)
+    latest = (time.time() if now is None else now) + FUTURE_SKEW_S
+    checker = _ChainChecker(expected_head, key, iso_utc_ms(int(latest * 1000)), checkpoints)
     try:
         for index, path in enumerate(files):
             checker.check_file(path, is_last=index == len(files) - 1)
@@ -63,7 +86,13 @@ def verify(folder: Path, expected_head: tuple[int, str] | None = None) -> Verify
     except _ChainError as exc:
         return VerifyReport(False, checker.lines, len(files), str(exc), checker.torn_tail)
     return VerifyReport(
-        True, checker.lines, len(files), None, checker.torn_tail, checker.started_at_checkpoint
+        True,
+        checker.lines,
+        len(files),
+        None,
+        checker.torn_tail,
+        checker.unkeyed_lines,
+        checker.started_at_checkpoint,
     )
 
 
@@ -89,12 +118,20 @@ class _ChainError(Exception):
 
 class _ChainChecker:
     def __init__(
-        self, expected_head: tuple[int, str] | None, checkpoints: dict[int, str] | None = None
+        self,
+        expected_head: tuple[int, str] | None,
+        key: bytes | None,
+        latest_ts: str,
+        checkpoints: dict[int, dict[str, object]] | None = None,
     ) -> None:
         self.lines = 0
+        self.unkeyed_lines = 0
         self.started_at_checkpoint: int | None = None
         self._checkpoints = checkpoints or {}
         self.torn_tail = False
+        self._key = key
+        self._latest_ts = latest_ts
+        self._is_keyed = False
         self._seq = 0
         self._hash = GENESIS_HASH
         self._expected_head = expected_head
@@ -130,34 +167,70 @@ class _ChainChecker:
         seq, prev, digest, ts = (line.get(key) for key in ("seq", "prev", "hash", "ts"))
         if not (isinstance(seq, int) and isinstance(prev, str) and isinstance(digest, str)):
             raise _ChainError(f"{where}: missing or invalid seq, prev or hash")
-        if self.lines == 0 and seq != 1 and isinstance(seq, int) and seq - 1 in self._checkpoints:
+        if self.lines == 0 and seq != 1 and seq - 1 in self._checkpoints:
             # Older days pruned: the chain continues from the checkpoint they left.
-            self._seq, self._hash = seq - 1, self._checkpoints[seq - 1]
-            self.started_at_checkpoint = self._seq
+            self._start_at_checkpoint(where, seq - 1, line)
         if seq != self._seq + 1:
             raise _ChainError(f"{where}: seq {seq} expected {self._seq + 1}")
         if prev != self._hash:
             raise _ChainError(f"{where}: prev does not match previous hash")
         del line["hash"]
-        if line_hash(prev, line) != digest:
-            raise _ChainError(f"{where}: hash mismatch (line altered)")
+        self._check_hash(where, line, prev, digest)
         if not isinstance(ts, str) or ts[:10] != day:
             raise _ChainError(f"{where}: date of ts does not match file name")
+        if ts > self._latest_ts:
+            raise _ChainError(f"{where}: dated {ts}, in the future (later than {self._latest_ts})")
         head = self._expected_head
         if head is not None and head[0] == seq and head[1] != digest:
             raise _ChainError(f"{where}: hash of seq {seq} differs from the journal's")
-        if self._checkpoints.get(seq, digest) != digest:
+        if self._checkpoints.get(seq, {"hash": digest})["hash"] != digest:
             raise _ChainError(f"{where}: hash of seq {seq} differs from the pruning checkpoint")
         self._seq, self._hash = seq, digest
         self.lines += 1
+
+    def _start_at_checkpoint(self, where: str, seq: int, first: dict[str, object]) -> None:
+        entry = self._checkpoints[seq]
+        if first.get("chain") == CHAIN_HMAC:
+            # A keyed chain's checkpoint is keyed too: deleting the first days and writing a
+            # checkpoint for what is left needs the key.
+            mac = entry.get("mac")
+            if self._key is None:
+                raise _ChainError(f"{where}: keyed checkpoint, but no chain key to check it with")
+            if not (
+                isinstance(mac, str) and hmac.compare_digest(checkpoint_mac(self._key, entry), mac)
+            ):
+                raise _ChainError(f"{where}: checkpoint of seq {seq} not signed with the chain key")
+        self._seq, self._hash = seq, str(entry["hash"])
+        self.started_at_checkpoint = seq
+
+    def _check_hash(self, where: str, line: dict[str, object], prev: str, digest: str) -> None:
+        chain = line.get("chain")
+        if chain is None:
+            if self._is_keyed:
+                raise _ChainError(f"{where}: unkeyed line after the keyed chain began (forged)")
+            self.unkeyed_lines += 1
+        elif chain != CHAIN_HMAC:
+            raise _ChainError(f"{where}: unknown chain {chain!r}")
+        elif self._key is None:
+            raise _ChainError(f"{where}: keyed line, but no chain key to check it with")
+        else:
+            self._is_keyed = True
+        if not hmac.compare_digest(line_hash(prev, line, self._key), digest):
+            raise _ChainError(f"{where}: hash mismatch (line altered)")
 
 
 def canonical(obj: dict[str, object]) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def line_hash(prev: str, line_without_hash: dict[str, object]) -> str:
-    return hashlib.sha256((prev + canonical(line_without_hash)).encode("ascii")).hexdigest()
+def line_hash(prev: str, line_without_hash: dict[str, object], key: bytes | None = None) -> str:
+    """HMAC-SHA256 with `key` for a line marked keyed, plain SHA-256 for an older one."""
+    data = (prev + canonical(line_without_hash)).encode("ascii")
+    if line_without_hash.get("chain") == CHAIN_HMAC:
+        if key is None:
+            raise ValueError("a keyed audit line needs the chain key")
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def log_files(folder: Path) -> list[Path]:

@@ -17,7 +17,14 @@ import structlog
 
 from daemon.audit.events import AuditEvent, AuditRecovered, Record
 from daemon.audit.names import hash_name
-from daemon.audit.verify import GENESIS_HASH, canonical, line_hash, log_files
+from daemon.audit.verify import (
+    CHAIN_HMAC,
+    FUTURE_SKEW_S,
+    GENESIS_HASH,
+    canonical,
+    line_hash,
+    log_files,
+)
 from daemon.errors import MedbatchError
 from daemon.fsutil import fsync_dir, iso_utc_ms, write_all
 from daemon.models import Reason
@@ -26,7 +33,7 @@ log = structlog.get_logger()
 
 AuditListener = Callable[[Record], None]
 
-_RESERVED_FIELDS = frozenset({"ts", "seq", "event", "prev", "hash"})
+_RESERVED_FIELDS = frozenset({"ts", "seq", "event", "prev", "hash", "chain"})
 _TAIL_CHUNK_BYTES = 64 * 1024
 
 
@@ -42,6 +49,8 @@ class AuditLog:
 
     A line whose `pipeline` is in `hashed_pipelines` carries `hash_name(name_key, file)` in
     `file` instead of the name: file names are the one place patient identity can slip in.
+    With `chain_key`, each line is marked `"chain": "hmac-sha256"` and chained with an HMAC, so
+    whoever can write the folder but not read the key cannot append or re-chain lines.
     """
 
     def __init__(
@@ -51,9 +60,11 @@ class AuditLog:
         *,
         hashed_pipelines: frozenset[str] = frozenset(),
         name_key: bytes | None = None,
+        chain_key: bytes | None = None,
     ) -> None:
         self._folder = folder
         self._clock = clock
+        self._chain_key = chain_key
         self._name_key = name_key
         self._listeners: list[AuditListener] = []
         self.set_hashed_pipelines(hashed_pipelines, name_key)
@@ -111,8 +122,10 @@ class AuditLog:
         seq = self._seq + 1
         line: dict[str, object] = {"ts": ts, "seq": seq, "event": AuditEvent(event).value}
         line.update((key, value) for key, value in fields.items() if value is not None)
+        if self._chain_key is not None:
+            line["chain"] = CHAIN_HMAC
         line["prev"] = self._hash
-        digest = line_hash(self._hash, line)
+        digest = line_hash(self._hash, line, self._chain_key)
         line["hash"] = digest
         data = (canonical(line) + "\n").encode("ascii")
         if ts[:10] != self._day:
@@ -185,12 +198,14 @@ class AuditLog:
                 torn.append((path.name, torn_bytes))
             if raw is not None:
                 try:
-                    self._seq, self._hash, self._last_ms = _parse_head(raw)
+                    self._seq, self._hash, last_ms = _parse_head(raw)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise AuditLogCorruptError(
                         f"{path.name}: last line is not an audit line ({exc}); "
                         "run `medbatch audit verify`"
                     ) from exc
+                # A forged future-dated last line must not drag every later line's date along.
+                self._last_ms = min(last_ms, int((self._clock() + FUTURE_SKEW_S) * 1000))
                 break
         return torn
 

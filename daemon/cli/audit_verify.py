@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.audit import verify
+from daemon.audit import read_chain_key, verify
 from daemon.cli.exits import EX_FAIL, EX_OK
 from daemon.cli.journal_access import open_journal
 from daemon.config import Settings
@@ -14,7 +14,9 @@ def audit_verify(settings: Settings) -> int:
         stored = journal.meta("audit_head") if journal is not None else None
     if stored and stored[0]:
         head = (int(stored[0]), str(stored[1]))
-    report = verify(settings.paths.audit, expected_head=head)
+    # Run as the service user: the chain key is 0600 in the state folder.
+    key = read_chain_key(settings.paths.state)
+    report = verify(settings.paths.audit, expected_head=head, key=key)
     if not report.ok:
         print(f"audit log BROKEN: {report.error}")
         return EX_FAIL
@@ -25,6 +27,8 @@ def audit_verify(settings: Settings) -> int:
         )
     if report.torn_tail:
         notes.append("the last line was torn by a crash: tolerated, not counted")
+    if report.unkeyed_lines:
+        notes.append(f"{report.unkeyed_lines} older lines chained without a key (before hmac)")
     if head is None:
         notes.append("no chain head in the journal: a cut-off end cannot be detected")
     else:

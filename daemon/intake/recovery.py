@@ -13,7 +13,7 @@ import structlog
 from daemon.audit import AuditLog
 from daemon.audit.events import FileQuarantined
 from daemon.config import Pipeline, Settings
-from daemon.disposal import quarantine
+from daemon.disposal import published_names, quarantine
 from daemon.intake import claim, reasons
 from daemon.intake.claim import Refusal
 from daemon.journal import Journal
@@ -66,8 +66,10 @@ def quarantine_refused(
             FileQuarantined(pipeline=r.pipeline, file=r.name, file_id=r.file_id, reason=r.reason)
         )
         log.warning("file.quarantined", pipeline=r.pipeline, file_id=r.file_id, reason=r.reason)
+        pipeline = next((p for p in settings.pipeline if p.name == r.pipeline), None)
+        as_name, shown = published_names(settings.paths.state, pipeline, r.name)
         sidecar = {
-            "name": r.name,
+            "name": shown,
             "pipeline": r.pipeline,
             "reason": r.reason,
             "detail": "refused when claimed (not what was checked, or unreadable); not kept",
@@ -78,7 +80,7 @@ def quarantine_refused(
         }
         target = settings.paths.quarantine / r.pipeline
         try:
-            quarantine(settings.paths.spool / r.spool_name, target, r.name, sidecar)
+            quarantine(settings.paths.spool / r.spool_name, target, as_name, sidecar)
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -20,6 +20,7 @@ import pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from daemon.audit import hash_name
 from tests.support.service import Service
 
 
@@ -149,10 +150,19 @@ def events(service: Service, event: str, **match: Any) -> list[dict[str, Any]]:
 
 
 def rejected(service: Service) -> dict[str, list[str]]:
-    """file name → reasons of its file.rejected lines."""
+    """file name → reasons of its file.rejected lines. Their names are logged hashed and they
+    have no journal row: mapped back by hashing what is left in the inbox (they stay there)."""
+    key = (service.root / "state" / "audit-name.key").read_bytes()
+    left = {
+        hash_name(key, os.fsdecode(entry)): os.fsdecode(entry)
+        for folder in service.inbox.iterdir()
+        if folder.is_dir() and not folder.is_symlink()
+        for entry in os.listdir(os.fsencode(folder))
+    }
     found: dict[str, list[str]] = {}
     for line in events(service, "file.rejected"):
-        found.setdefault(line["file"], []).append(line["reason"])
+        name = left.get(line["file"], line["file"])
+        found.setdefault(name, []).append(line["reason"])
     return found
 
 

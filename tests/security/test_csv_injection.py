@@ -37,7 +37,9 @@ def test_formula_cells_are_neutralised_numbers_are_not(make_service: MakeService
     """Group labels starting with =, +, -, @, tab or CR get a leading quote (the label "-1.23"
     too: it is text); numeric means such as -1.23 are written as they are; an image named
     "=cmd.png" is listed as "'=cmd.png"."""
-    service = make_service([emr_pipeline(min_cell_size=1), emr_pipeline("imaging", kind="imaging")])
+    # Real names published (hash_names = false): only then can a name be a formula.
+    imaging = emr_pipeline("imaging", kind="imaging", hash_names=False)
+    service = make_service([emr_pipeline(min_cell_size=1), imaging])
     service.start()
     dropped = {
         "formulas.csv": service.drop("emr", "formulas.csv", INJECTION_TABLE),

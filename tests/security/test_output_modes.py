@@ -1,6 +1,6 @@
 """Item 4: output confidentiality. Whatever the umask and the input's mode, published files are
 0640 and folders 0750; every kept input (archived: intake's private copy; quarantined, with its
-sidecar, which names it), the journal and the lock 0600."""
+sidecar, which names it), the journal, the lock and the name and chain keys 0600."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def test_modes_never_follow_the_umask_or_the_input(make_service: MakeService) ->
         if Path(f).is_relative_to(state / "archive")
         or Path(f).is_relative_to(service.root / "quarantine")
     }
-    private = {journal, lock, *kept}
+    keys = {str(state / "audit-name.key"), str(state / "audit-chain.key")}  # created on start
+    private = {journal, lock, *keys, *kept}
     assert {f: m for f, m in files.items() if m != 0o640 and f not in private} == {}
     assert {files[f] for f in private} == {0o600}
     # what was checked: a published folder, a quarantined input and its sidecar, an archive

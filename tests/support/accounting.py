@@ -11,14 +11,16 @@ chain intact up to the head the journal recorded.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.audit import verify
+from daemon.audit import read_chain_key, verify
 from tests.support.service import Service
 
 TERMINAL_BATCH_STATES = ("published", "quarantined", "failed", "split")
@@ -63,6 +65,44 @@ def check_accounting(
     assert not leftovers, f"files left in the spool: {leftovers[:5]}"
     _check_journal_agrees(service, manifests)
     _check_audit(service, manifests)
+    check_no_raw_names(service)
+
+
+# Shorter names ("a.csv") could occur by chance in a result; real ones are longer.
+_MIN_CHECKED_NAME = 6
+
+
+def check_no_raw_names(service: Service) -> None:
+    """No input name of a name-hashing pipeline appears in any published or quarantined file,
+    file name, sidecar, audit line or log line (bytes, as written: raw, escaped or JSON)."""
+    raw = getattr(service, "raw_names", set())
+    rows = service.journal("SELECT pipeline, name FROM files")
+    # A name without an extension ("routine") may be a pipeline's or a column's: not checked.
+    names = {n for p, n in rows if p not in raw and len(n) >= _MIN_CHECKED_NAME and "." in n}
+    if not names:
+        return
+    needles = {v for n in names for v in _spellings(n)}
+    places = [p for p in service.outbox.rglob("*") if p.is_file()]
+    places += list((service.root / "quarantine").rglob("*"))
+    places += list(service.root.glob("stderr-*.log"))
+    for path in places:
+        where = os.fsencode(path.name)
+        hits = [n for n in needles if n in where]
+        assert not hits, f"a raw input name in the path {path}: {hits[:3]}"
+        if path.is_file():
+            data = path.read_bytes()
+            hits = [n for n in needles if n in data]
+            assert not hits, f"a raw input name in {path}: {hits[:3]}"
+
+
+def _spellings(name: str) -> set[bytes]:
+    """The name as bytes, as JSON writes it, and (journaled with `\\xNN` escapes for bytes that
+    are not UTF-8) as the original bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    found = {raw, json.dumps(name)[1:-1].encode("ascii")}
+    if b"\\x" in raw:
+        found.add(codecs.escape_decode(raw)[0])
+    return found
 
 
 def _check_folder(service: Service, manifest: dict[str, Any]) -> None:
@@ -116,7 +156,8 @@ def _check_audit(service: Service, manifests: list[dict[str, Any]]) -> None:
     """Chain intact up to the journal's head; exactly one `batch.published` per published folder;
     one line for each input's arrival and fate."""
     head = _journal_head(service)
-    report = verify(service.outbox / "_audit", expected_head=head)
+    key = read_chain_key(service.root / "state")
+    report = verify(service.outbox / "_audit", expected_head=head, key=key)
     assert report.ok, report.error
     lines = service.audit()
     published = Counter(a.get("batch_id") for a in lines if a.get("event") == "batch.published")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from daemon.audit import hash_name
 from tests.support.data import drop
 from tests.support.users import as_user
 from tests.support.waiting import wait_until
@@ -63,7 +64,10 @@ class Service:
         self.root = root
         self.config = root / "medbatch.toml"
         sections = {"workers": {"count": 2}, "service": {"tick_s": 0.1, "rescan_s": 5}, **sections}
+        pipelines = list(pipelines)
         self.config.write_text(render_config(pipelines, sections))
+        # Pipelines that publish real names (`hash_names = false`); all others publish hashes.
+        self.raw_names = {p["name"] for p in pipelines if p.get("hash_names") is False}
         self.process: subprocess.Popen[bytes] | None = None
         self.runs = 0
 
@@ -185,30 +189,72 @@ class Service:
     # -- what it published ----------------------------------------------------------------
 
     def manifests(self, pipeline: str | None = None) -> list[dict[str, Any]]:
+        """Published manifests; input and quarantined names mapped back to the dropped names
+        (the published one kept as `published_name`), which fails if one is not a hash."""
         found = []
         for folder in sorted(self.outbox.glob(f"{pipeline or '*'}/*")):
             if folder.name.startswith((".", "_")) or not folder.is_dir():
                 continue
-            found.append(json.loads((folder / "manifest.json").read_text()))
+            manifest = json.loads((folder / "manifest.json").read_text())
+            for part in ("inputs", "quarantined"):
+                manifest[part] = [self._named(manifest["pipeline"], i) for i in manifest[part]]
+            found.append(manifest)
         return sorted(found, key=lambda m: m["published_at"])
 
     def published_inputs(self, pipeline: str | None = None) -> list[dict[str, Any]]:
         return [i for m in self.manifests(pipeline) for i in m["inputs"]]
 
     def quarantined(self, pipeline: str | None = None) -> list[dict[str, Any]]:
+        """Sidecars, `name` mapped back to the dropped name (`published_name` as is)."""
         folder = self.root / "quarantine"
-        return [
+        sidecars = [
             json.loads(p.read_text())
             for p in sorted(folder.glob(f"{pipeline or '*'}/*.error.json"))
+            if p.is_file()
         ]
+        return [self._named(s["pipeline"], s) for s in sidecars]
+
+    def real_name(self, published: str) -> str:
+        """The journaled name whose keyed hash is `published` (AssertionError if none is)."""
+        names: dict[str, str] = self.__dict__.setdefault("_real_names", {})
+        if published not in names:  # a new input since the last look: read the journal again
+            key = (self.root / "state" / "audit-name.key").read_bytes()
+            names.update((hash_name(key, n), n) for (n,) in self.journal("SELECT name FROM files"))
+        assert published in names, f"{published!r} is no hashed name of an input"
+        return names[published]
+
+    def _named(self, pipeline: str, item: dict[str, Any]) -> dict[str, Any]:
+        # A pipeline that hashes names must never publish a real one: the mapping fails.
+        if pipeline in getattr(self, "raw_names", set()):
+            # Real names allowed (hash_names = false); a reload may have turned hashing on.
+            name = item["name"]
+            if name.startswith("hmac-sha256:"):
+                with contextlib.suppress(AssertionError):
+                    name = self.real_name(name)
+            return {**item, "published_name": item["name"], "name": name}
+        return {**item, "published_name": item["name"], "name": self.real_name(item["name"])}
 
     def audit(self) -> list[dict[str, Any]]:
+        """Audit lines; a pipeline's `file` mapped back to the dropped name (`published_name`
+        as written), which fails if a name-hashing pipeline's line holds a real name."""
         lines = []
         for path in sorted((self.outbox / "_audit").glob("audit-*.jsonl")):
             for line in path.read_text().splitlines():
                 with contextlib.suppress(ValueError):
                     lines.append(json.loads(line))
-        return lines
+        return [self._audit_named(a) for a in lines]
+
+    def _audit_named(self, line: dict[str, Any]) -> dict[str, Any]:
+        if not (isinstance(line.get("file"), str) and isinstance(line.get("pipeline"), str)):
+            return line
+        name = line["file"]
+        if line["pipeline"] not in getattr(self, "raw_names", set()):
+            # Refused entries (links, FIFOs) have no files row, and a broken journal none at all:
+            # the hash then stays as written.
+            assert name.startswith("hmac-sha256:"), f"a real name in an audit line: {line}"
+            with contextlib.suppress(AssertionError, sqlite3.Error, OSError):
+                name = self.real_name(name)
+        return {**line, "file": name, "published_name": line["file"]}
 
     def journal(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         db = sqlite3.connect(f"file:{self.root / 'state' / 'journal.db'}?mode=ro", uri=True)

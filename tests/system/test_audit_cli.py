@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from daemon.audit import AuditEvent, AuditLog, hash_name
+from daemon.audit.verify import canonical
 from tests.support.data import emr_csv
 from tests.support.service import Service
 from tests.support.waiting import wait_until
@@ -28,7 +30,7 @@ def pipelines() -> list[dict[str, Any]]:
     common = {"kind": "emr", "max_files": 3, "max_wait": 600, "settle_s": 0.1}
     return [
         {"name": "emr", "hash_names": True, **common},
-        {"name": "labs", **{**common, "max_files": 2}},
+        {"name": "labs", "hash_names": False, **{**common, "max_files": 2}},
     ]
 
 
@@ -73,6 +75,7 @@ def copy(pristine: Path, tmp_path: Path) -> Service:
         None,
         0,
     )
+    service.raw_names = {"labs"}
     return service
 
 
@@ -185,11 +188,12 @@ def test_untouched_log_after_kill_9_verifies(make_service: MakeService) -> None:
 
 
 def test_hashed_names_never_reach_the_log(copy: Service) -> None:
-    """In a hash_names pipeline no file name appears in any audit line; the other pipeline's do."""
+    """In a hash_names pipeline (the default) no file name appears in any audit line; in one
+    with `hash_names = false` they do."""
     raw = b"".join(p.read_bytes() for p in (copy.outbox / "_audit").glob("audit-*.jsonl"))
     assert b"DOE_" not in raw
     key = (copy.root / "state" / "audit-name.key").read_bytes()
-    files = {a.get("file") for a in copy.audit() if a.get("pipeline") == "emr"}
+    files = {a.get("published_name") for a in copy.audit() if a.get("pipeline") == "emr"}
     assert {hash_name(key, n) for n in [*SECRET_NAMES, "DOE_JOHN_link.csv"]} <= files
     assert {a.get("file") for a in copy.audit() if a.get("pipeline") == "labs"} >= set(LAB_NAMES)
 
@@ -239,3 +243,59 @@ def test_trace_on_a_damaged_log_shows_what_it_can(copy: Service) -> None:
     assert done.returncode == 0, done.stderr
     assert f"{LAB_NAMES[0]} in pipeline labs" in done.stdout and "file.received" in done.stdout
     assert "audit log unreadable" in done.stderr and "medbatch audit verify" in done.stderr
+
+
+def test_service_lines_are_keyed_after_the_unkeyed_history(copy: Service) -> None:
+    """Yesterday's lines (written before keys) are unkeyed; the service's own are HMAC-chained
+    with a 0600 key in the state folder, and verify reads across the switch."""
+    files = sorted((copy.outbox / "_audit").glob("audit-*.jsonl"))
+    old, new = ([json.loads(raw) for raw in lines_of(f)] for f in files)
+    assert not any("chain" in line for line in old)
+    assert {line.get("chain") for line in new} == {"hmac-sha256"}
+    assert ((copy.root / "state" / "audit-chain.key").stat().st_mode & 0o777) == 0o600
+    done = verify(copy)
+    assert done.returncode == 0 and "2 older lines chained without a key" in done.stdout
+
+
+def forged_after(last: bytes, digest: str, **fields: Any) -> bytes:
+    """A line appended by someone who can write the folder but not read the chain key."""
+    prev = json.loads(last)
+    line = {"ts": prev["ts"], "seq": prev["seq"] + 1, "event": "file.published", **fields}
+    line["prev"] = prev["hash"]
+    data = (prev["hash"] + canonical(line)).encode("ascii")
+    line["hash"] = hashlib.sha256(data).hexdigest() if digest == "sha256" else digest
+    return (canonical(line) + "\n").encode("ascii")
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({}, "unkeyed line after the keyed chain began (forged)"),
+        ({"chain": "hmac-sha256"}, "hash mismatch (line altered)"),
+    ],
+    ids=["unmarked", "marked"],
+)
+def test_line_appended_without_the_key_is_named(
+    copy: Service, fields: dict[str, Any], why: str
+) -> None:
+    """Appending a correctly re-chained (plain SHA-256) line: exit 1, naming that line."""
+    path = today_file(copy)
+    lines = lines_of(path)
+    path.write_bytes(b"".join([*lines, forged_after(lines[-1], "sha256", file="x.csv", **fields)]))
+    done = verify(copy)
+    assert done.returncode == 1
+    assert f"{path.name} line {len(lines) + 1}: {why}" in done.stdout
+
+
+def test_chain_head_is_logged_for_journald(copy: Service) -> None:
+    """`audit.head` (seq and hash) reaches the log, so a copy of the head exists off the folder;
+    the last one logged (at the stop) is the journal's head."""
+    heads = [
+        json.loads(line)
+        for log in sorted(copy.root.glob("stderr-*.log"))
+        for line in log.read_text().splitlines()
+        if '"audit.head"' in line
+    ]
+    assert heads, "no audit.head log line"
+    last = json.loads(lines_of(today_file(copy))[-1])
+    assert (heads[-1]["seq"], heads[-1]["hash"]) == (last["seq"], last["hash"])

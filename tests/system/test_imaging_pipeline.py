@@ -20,6 +20,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels.processing import apply_modality_lut
 
+from daemon.audit import hash_name
 from tests.support.accounting import check_accounting
 from tests.support.service import Service
 from tests.support.waiting import wait_until
@@ -103,12 +104,12 @@ def one_manifest(service: Service) -> dict[str, Any]:
 
 
 def rows_of(service: Service, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """result.csv, row by source name."""
+    """result.csv, row by source name (published hashed: mapped back, failing on a real name)."""
     folder = service.outbox / "imaging" / manifest["batch_id"]
     table = pd.read_csv(folder / "result.csv", dtype={"source": str})
     assert table["source"].is_unique
     records = [{str(k): v for k, v in row.items()} for row in table.to_dict("records")]
-    return {str(row["source"]): row for row in records}
+    return {service.real_name(str(row["source"])): row for row in records}
 
 
 def assert_stats(
@@ -231,13 +232,15 @@ def test_real_images_publish_numpy_statistics_and_a_contact_sheet(
             rows["mr.dcm"]["std"],
         )
 
-    # Rows in clinical order: DICOM by series then instance number, then the rest by name
+    # Rows in clinical order: DICOM by series then instance number, then the rest by published
+    # (hashed) name: the worker never sees the real ones
     order = list(rows)
     dicom_rows = [rows[n] for n in order if isinstance(rows[n]["transfer_syntax"], str)]
     keys = [(optional(r["series_number"]) or 2**31, optional(r["instance_number"]) or 2**31)
             for r in dicom_rows]  # fmt: skip
     assert keys == sorted(keys)
-    assert order[len(dicom_rows) :] == sorted(GENERATED)
+    key = (service.root / "state" / "audit-name.key").read_bytes()
+    assert order[len(dicom_rows) :] == sorted(GENERATED, key=lambda n: hash_name(key, n))
     # Thumbnails ("auto"): none for the ultrasound (burned-in text) nor the colour photograph;
     # the others numbered 1..n in row order, the number in the row's `tile`
     withheld = {"us_rgb.dcm", "rgb.png"}

@@ -173,9 +173,9 @@ def test_removed_pipeline_finishes_its_open_batch(make_service: MakeService) -> 
 
 
 def test_hash_names_switched_on_by_a_reload(make_service: MakeService) -> None:
-    """Turning on hash_names by SIGHUP creates the name key then (0600) and hashes the names of
-    the files that come after; the earlier lines are left as written."""
-    service = make_service([emr(max_files=1)])
+    """Turning on hash_names (off in the first config) by SIGHUP creates the name key then
+    (0600) and hashes the names of the files that come after; earlier lines stay as written."""
+    service = make_service([emr(max_files=1, hash_names=False)])
     service.start()
     rng = random.Random(34)
     dropped = {"before.csv": service.drop("emr", "before.csv", emr_csv(rng))}
@@ -190,6 +190,6 @@ def test_hash_names_switched_on_by_a_reload(make_service: MakeService) -> None:
 
     assert key_path.stat().st_mode & 0o777 == 0o600
     key = key_path.read_bytes()
-    names = [a["file"] for a in events(service, "file.received")]
+    names = [a["published_name"] for a in events(service, "file.received")]
     assert names == ["before.csv", hash_name(key, "after-DOE.csv")]
     check_accounting(service, dropped)

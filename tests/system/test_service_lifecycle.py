@@ -26,7 +26,7 @@ from tests.support.service import REPO, Service
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 
-CHAIN_FIELDS = {"ts", "seq", "prev", "hash", "recovered"}
+CHAIN_FIELDS = {"ts", "seq", "prev", "hash", "recovered", "chain"}
 
 
 def emr(name: str = "emr", **overrides: object) -> dict[str, object]:
@@ -73,7 +73,10 @@ def test_rebuilt_audit_lines_equal_the_live_ones(make_service: MakeService) -> N
     rebuilt_folder = service.root / "rebuilt"
     journal = JournalQueries.open_readonly(service.root / "state" / "journal.db")
     try:
-        with AuditLog(rebuilt_folder) as audit:
+        # Configured as the service's: both pipelines hash names (the default) with its key.
+        name_key = (service.root / "state" / "audit-name.key").read_bytes()
+        hashed = frozenset({"emr", "bad"})
+        with AuditLog(rebuilt_folder, hashed_pipelines=hashed, name_key=name_key) as audit:
             count = reconcile(journal, audit, rebuilt_folder, 0.0)
     finally:
         journal.close()

@@ -29,7 +29,7 @@ from daemon.audit.events import BatchSealed, FileReceived, Record
 from daemon.audit.verify import GENESIS_HASH
 
 ROOT = Path(__file__).resolve().parents[2]
-DAY1, DAY2, DAY3 = "2026-11-29", "2026-11-30", "2026-12-01"
+DAY1, DAY2, DAY3 = "2025-11-29", "2025-11-30", "2025-12-01"
 
 
 class Clock:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.audit.names import hash_name, hashed_file_name, read_name_key
 from daemon.config import Settings
 from daemon.disposal import Disposal, copies_of
 from daemon.journal import Journal
@@ -23,12 +24,13 @@ NAMES = [
 ]
 
 
-def settings(root: Path, after_publish: str = "archive") -> Settings:
+def settings(root: Path, after_publish: str = "archive", hash_names: bool = True) -> Settings:
     return Settings.model_validate(
         {
             "paths": {"inbox": root / "inbox", "outbox": root / "outbox",
                       "state": root / "state", "quarantine": root / "quarantine"},
-            "pipeline": [{"name": "emr", "kind": "emr", "after_publish": after_publish}],
+            "pipeline": [{"name": "emr", "kind": "emr", "after_publish": after_publish,
+                          "hash_names": hash_names}],
         }
     )  # fmt: skip
 
@@ -53,13 +55,17 @@ def test_trace_finds_each_quarantined_input_where_it_went(tmp_path: Path, journa
     assert Disposal(s.paths, journal, lambda: pipelines).dispose() == len(NAMES)
 
     rows = [journal._files("id=?", (i,))[0] for i in ids]
+    key = read_name_key(s.paths.state)
+    assert key is not None
     paths = []
     for row in rows:
         ((what, where),) = copies_of(s.paths, pipelines, row, journal.file_facts(row.id))
         assert what == "quarantined copy"
         assert where.is_file(), where
+        # Hashed by default: the file is named by the keyed hash, the sidecar holds the hash.
+        assert where.name.startswith(hashed_file_name(key, row.name))  # `.1` if taken
         sidecar = json.loads(where.with_name(where.name + ".error.json").read_text())
-        assert sidecar["name"] == row.name
+        assert sidecar["name"] == hash_name(key, row.name)
         paths.append(where)
     assert len(set(paths)) == len(NAMES)
 
@@ -81,3 +87,32 @@ def test_published_inputs_are_archived_or_deleted_as_configured(
         assert bool(copies) == expected
         assert all(where.is_file() for _, where in copies)
         assert not (s.paths.spool / f"{after}.csv").exists()
+
+
+LOOK_ALIKES = ["x.error.json", "y.csv.error.json", "z.ERROR.JSON", "w.error.json.1", ".error.json"]
+
+
+@pytest.mark.parametrize("hash_names", [True, False])
+def test_producer_files_named_like_sidecars_are_never_taken_for_one(
+    tmp_path: Path, journal: Journal, hash_names: bool
+) -> None:
+    """Inputs named `*.error.json`: every `*.error.json` in the quarantine is a real sidecar,
+    exactly one per input, and each input is found (by trace's copies_of) beside its own."""
+    s = settings(tmp_path, hash_names=hash_names)
+    claims = [("emr", name, f"s{i}.csv", 100.0 + i) for i, name in enumerate(LOOK_ALIKES)]
+    ids = journal.begin_claims(claims)
+    for _, _, spool_name, _ in claims:
+        (s.paths.spool / spool_name).write_bytes(b"x")
+    journal.finish_claims([], quarantined=[(i, "", 0, "fifo") for i in ids])
+    pipelines = {p.name: p for p in s.pipeline}
+    assert Disposal(s.paths, journal, lambda: pipelines).dispose() == len(LOOK_ALIKES)
+
+    folder = s.paths.quarantine / "emr"
+    sidecars = [p for p in folder.iterdir() if p.name.endswith(".error.json")]
+    assert len(sidecars) == len(LOOK_ALIKES)
+    assert all(json.loads(p.read_text())["reason"] == "fifo" for p in sidecars)
+    for file_id in ids:
+        (row,) = journal._files("id=?", (file_id,))
+        ((_, where),) = copies_of(s.paths, pipelines, row, journal.file_facts(file_id))
+        assert where.read_bytes() == b"x" and not where.name.endswith(".error.json")
+        assert where.with_name(where.name + ".error.json") in sidecars

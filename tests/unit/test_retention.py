@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.audit import AuditEvent, AuditLog, verify
-from daemon.audit.verify import CHECKPOINT_NAME, log_files
+from daemon.audit import AuditEvent, AuditLog, load_chain_key, verify
+from daemon.audit.verify import CHECKPOINT_NAME, checkpoint_mac, log_files
 from daemon.config import Settings
 from daemon.journal import Journal
 from daemon.requeue import is_transient
@@ -112,6 +112,57 @@ def test_tampering_around_a_checkpoint_is_caught(chain: Settings, tamper: str) -
         path.unlink()
     report = verify(folder)
     assert not report.ok
+
+
+@pytest.fixture
+def keyed_chain(tmp_path: Path) -> Settings:
+    """As `chain`, chained with the service's HMAC key."""
+    config = settings(tmp_path, audit_days=2)
+    key = load_chain_key(config.paths.state)
+    for days_ago in (5, 4, 3, 0):
+        moment = (datetime.now(UTC) - timedelta(days=days_ago)).timestamp()
+        with AuditLog(config.paths.audit, clock=lambda m=moment: m, chain_key=key) as log:
+            for pid in range(3):
+                log.append(AuditEvent.DAEMON_STARTED, pid=pid, version="t")
+    return config
+
+
+def _last_seq_and_hash(path: Path) -> tuple[int, str]:
+    line = json.loads(path.read_bytes().splitlines()[-1])
+    return int(line["seq"]), str(line["hash"])
+
+
+def test_a_keyed_chain_leaves_signed_checkpoints(keyed_chain: Settings) -> None:
+    folder, key = keyed_chain.paths.audit, load_chain_key(keyed_chain.paths.state)
+    retention(keyed_chain).step(limit=100)
+    recorded = json.loads((folder / CHECKPOINT_NAME).read_text())["checkpoints"]
+    assert all(c["mac"] == checkpoint_mac(key, c) for c in recorded)
+    report = verify(folder, key=key)
+    assert report.ok, report.error
+    assert report.from_checkpoint == 9
+    assert not verify(folder).ok, "a keyed checkpoint cannot be checked without the key"
+
+
+@pytest.mark.parametrize("forged_mac", [None, "0" * 64, "wrong key"])
+def test_days_deleted_by_hand_behind_a_made_up_checkpoint_fail_verify(
+    keyed_chain: Settings, forged_mac: str | None
+) -> None:
+    """Someone who can write the audit folder, not read the key, deletes the first days and
+    writes the checkpoint they would have left: verify names the checkpoint."""
+    folder, key = keyed_chain.paths.audit, load_chain_key(keyed_chain.paths.state)
+    gone = log_files(folder)[:2]
+    seq, digest = _last_seq_and_hash(gone[-1])
+    for path in gone:
+        path.unlink()
+    entry: dict[str, object] = {"seq": seq, "hash": digest, "day": gone[-1].name[6:16]}
+    if forged_mac == "wrong key":
+        entry["mac"] = checkpoint_mac(b"k" * 32, entry)
+    elif forged_mac is not None:
+        entry["mac"] = forged_mac
+    (folder / CHECKPOINT_NAME).write_text(json.dumps({"checkpoints": [entry]}))
+    report = verify(folder, key=key)
+    assert not report.ok
+    assert report.error is not None and "not signed with the chain key" in report.error
 
 
 @pytest.mark.parametrize(
