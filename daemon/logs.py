@@ -4,6 +4,7 @@ every line has the same shape: `timestamp`, `level`, `event` (a stable dotted na
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from datetime import UTC, datetime
@@ -72,12 +73,24 @@ def contain_library_logs() -> None:
     """Worker side: a log record that is not one of ours (structlog's) leaves the process only
     as `library.record` with its logger, level and a code (module:line); its message, arguments,
     traceback and stack are dropped, for libraries quote what they read (tifffile logs a tag's
-    value, pydicom an element's). Call after `configure_logging`, in every worker."""
+    value, pydicom an element's). Call after `configure_logging`, in every worker; on a Dask
+    worker (whose logging is not ours) it guards the root's handlers and Python's last resort.
+    Idempotent."""
+    handlers = [*logging.getLogger().handlers, logging.lastResort]
+    for handler in handlers:
+        if handler is not None and not any(isinstance(f, _Redact) for f in handler.filters):
+            handler.addFilter(_Redact(isinstance(handler.formatter, ProcessorFormatter)))
 
-    def redact(record: logging.LogRecord) -> bool:
+
+class _Redact(logging.Filter):
+    def __init__(self, is_structlog: bool) -> None:
+        super().__init__()
+        self._is_structlog = is_structlog
+
+    def filter(self, record: logging.LogRecord) -> bool:
         if hasattr(record, "_logger"):  # ours, through structlog's wrap_for_formatter
             return True
-        record.msg = {
+        fields = {
             "event": "library.record",
             "logger": record.name,
             "level": record.levelname.lower(),
@@ -86,10 +99,11 @@ def contain_library_logs() -> None:
         }
         record.args = ()
         record.exc_info = record.exc_text = record.stack_info = None
-        # Rendered as a structlog event dict: ProcessorFormatter checks these two attributes.
-        record._logger = None
-        record._name = record.levelname.lower()
+        if self._is_structlog:
+            # Rendered as a structlog event dict: ProcessorFormatter checks these two attributes.
+            record.msg = fields
+            record._logger = None
+            record._name = record.levelname.lower()
+        else:
+            record.msg = json.dumps(fields)
         return True
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redact)

@@ -58,6 +58,8 @@ Outcomes = list[Facts | ProcessorError]
 
 
 def run_batch(task: BatchTask) -> BatchResult:
+    # On a Dask worker no initializer of ours ran: contain the libraries' logs here (once).
+    contain_library_logs()
     return _plain_errors(_run, task)
 
 

@@ -357,3 +357,37 @@ def test_hung_batch_times_out_its_worker_is_restarted_and_work_goes_on(
     assert [len(line["workers"]) for line in timeouts] == [1, 1], "the hung workers were not found"
     assert not logged(service, "dask.timeout_worker_not_restarted")
     check_accounting(service, dropped)
+
+
+def test_library_logs_on_a_dask_worker_leave_no_metadata(
+    make_service: MakeService, cluster: Cluster
+) -> None:
+    """A Dask worker is not ours to configure, yet a library it runs for us speaks there: the
+    canaries of every image format's metadata appear in no worker's or scheduler's log."""
+    from tests.security.test_metadata_canaries import CONTENT_CANARIES
+    from tests.security.test_metadata_canaries import files as canary_files
+
+    cluster.start(workers=1)
+    service = make_service(
+        [{"name": "imaging", "kind": "imaging", "max_files": 100, "max_wait": 1, "settle_s": 0.1}],
+        workers=on_dask(cluster, count=1),
+    )
+    service.start()
+    content = canary_files()
+    dropped = {name: service.drop("imaging", name, data) for name, data in content.items()}
+    wait_until(lambda: service.accounted() == len(content), 90, message="all accounted")
+    assert service.stop() == 0
+
+    assert events(service, "batch.published"), "the batch ran on the cluster"
+    worker_logs = "\n".join(p.read_text(errors="replace") for p in cluster.logs.values())
+    found = [c for c in CONTENT_CANARIES if c in worker_logs]
+    assert not found, f"on the cluster's logs: {found}"
+    assert "CNRYFNAME" not in worker_logs
+    # tifffile spoke on the worker (it fails on the ImageJ tags): as a code, never its text
+    spoken = [line for line in worker_logs.splitlines() if "tifffile" in line]
+    assert spoken, "the library record the corpus provokes"
+    for line in spoken:
+        record = json.loads(line)
+        assert record["event"] == "library.record", line
+        assert set(record) == {"event", "logger", "level", "code", "timestamp"}
+    check_accounting(service, dropped)
