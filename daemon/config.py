@@ -106,6 +106,9 @@ class WorkersConfig(_Model):
     count: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     executor: Literal["process", "dask"] = "process"
     memory_budget: Bytes = 8 * 1024**3
+    # A hard ceiling on each local worker's address space beyond what it maps once started
+    # (RLIMIT_AS): a decoder bomb fails its file with MemoryError there, whatever the host.
+    memory_limit: Bytes | None = None
     batch_timeout_s: PositiveSeconds = 600.0
     max_attempts: int = Field(default=3, ge=1, le=20)
     scheduler_address: str | None = None

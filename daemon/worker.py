@@ -6,15 +6,18 @@ writes only `<outbox>/<pipeline>/.tmp-<batch id>/`, renamed to `<batch id>/` whe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from daemon.errors import BatchFailedError, ProcessorError
@@ -34,14 +37,36 @@ from daemon.processors.base import Processor
 _T = TypeVar("_T")
 
 
-def init_worker(kinds: Iterable[str] = ()) -> None:
+def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None) -> None:
     """Pool initializer: Ctrl-C is for the main process (it drains); logs in the service's
-    format; preload the processors."""
+    format; preload the processors; then the memory ceiling, if any."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
     contain_library_logs()
     for kind in kinds:
         load_processor(kind)
+    # Under a cgroup limit (the unit's MemoryMax) the OOM killer takes a worker, never the
+    # service: raising one's own score needs no privilege.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("500")
+    if memory_limit is not None:
+        cap_address_space(memory_limit)
+
+
+def cap_address_space(limit: int) -> None:
+    """RLIMIT_AS at what this process maps now plus `limit`. Arrow's allocator (jemalloc) keeps
+    freed address space mapped, so the system allocator is used instead: under the cap, freed
+    memory must be free again."""
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+    status = Path("/proc/self/status").read_text()
+    mapped = next(
+        int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:")
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = mapped + limit if hard == resource.RLIM_INFINITY else min(hard, mapped + limit)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def warm_up() -> int:

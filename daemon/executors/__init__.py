@@ -51,4 +51,7 @@ def make_executor(settings: Settings, kinds: Iterable[str], on_done: DoneCallbac
         return DaskExecutor(settings.workers, kinds, on_done, paths=settings.paths)
     from daemon.executors.process import ProcessExecutor
 
-    return ProcessExecutor(settings.workers.count, kinds, on_done, settings.workers.batch_timeout_s)
+    workers = settings.workers
+    return ProcessExecutor(
+        workers.count, kinds, on_done, workers.batch_timeout_s, memory_limit=workers.memory_limit
+    )

@@ -68,8 +68,10 @@ class ProcessExecutor:
         on_done: DoneCallback,
         timeout_s: float,
         stall_s: float = STALL_S,
+        memory_limit: int | None = None,
     ) -> None:
         self._workers = workers
+        self._memory_limit = memory_limit
         self._kinds = tuple(sorted(set(kinds)))
         self._on_done = on_done
         self._timeout_s = timeout_s
@@ -116,7 +118,7 @@ class ProcessExecutor:
         pool = ProcessPool(
             max_workers=self._workers,
             initializer=init_worker,
-            initargs=(self._kinds,),
+            initargs=(self._kinds, self._memory_limit),
             context=multiprocessing.get_context("spawn"),
         )
         # One warm-up per worker starts every worker now, so the first batch does not pay for

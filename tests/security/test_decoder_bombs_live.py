@@ -1,38 +1,21 @@
-"""Decoder bombs through a live service whose processes are capped in address space
-(hostile-ground 12.1): each bomb costs its own file, quarantined with its reason, while good
-files of the same pipelines publish and the workers live on."""
+"""Decoder bombs through a live service whose workers are capped in address space by the
+product's own `[workers] memory_limit` (hostile-ground 12.1): each bomb costs its own file,
+quarantined with its reason, while good files of the same pipelines publish and the workers
+live on."""
 
 from __future__ import annotations
 
-import re
 import resource
 from pathlib import Path
 
 from tests.security.corpus import published_names, quarantine_reasons, small_png, tiff_pages
 from tests.support.accounting import check_accounting
-from tests.support.service import Service
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 from tests.unit.processors import bombs
 
 MIB = 1 << 20
 BUDGET_BYTES = 1536 * MIB  # far below what any bomb here decodes to
-
-
-def cap(pid: int) -> None:
-    """RLIMIT_AS on one process: what it maps now plus the budget (children inherit it)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    found = re.search(r"VmSize:\s+(\d+) kB", status)
-    assert found is not None
-    limit = int(found[1]) * 1024 + BUDGET_BYTES
-    resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
-
-
-def cap_service(service: Service) -> None:
-    assert service.process is not None
-    cap(service.process.pid)  # workers started from now on inherit it
-    for pid in service.worker_pids():
-        cap(pid)
 
 
 def pipelines() -> list[dict[str, object]]:
@@ -48,9 +31,10 @@ def test_bombs_cost_only_their_own_file(make_service: MakeService) -> None:
     """A deflated DICOM of 4 GB, a 16-bit PNG of a gigabyte, a TIFF of 300 huge pages, a gzip
     of 100 M rows, 150,000 sample columns, a zstd table hiding its header; beside them good
     images and tables: every bomb quarantined with its reason, every good file published."""
-    service = make_service(pipelines(), workers={"count": 2, "batch_timeout_s": 120})
-    service.start(env={"ARROW_DEFAULT_MEMORY_POOL": "system"})
-    cap_service(service)
+    workers = {"count": 2, "batch_timeout_s": 120, "memory_limit": BUDGET_BYTES}
+    service = make_service(pipelines(), workers=workers)
+    service.start()
+    wait_until(lambda: len(service.worker_pids()) == 2, 60, message="the workers started")
     hidden = bombs.zstd_hidden_header(bombs.varied_rows(40))
     hostile = {
         ("imaging", "deflated.dcm"): (bombs.deflated_dicom_bomb(4000 * MIB), "decompression_bomb"),
@@ -76,7 +60,10 @@ def test_bombs_cost_only_their_own_file(make_service: MakeService) -> None:
         dropped[name] = service.drop(pipeline, name, content)
     wait_until(lambda: service.accounted() == len(dropped), 120, message="all accounted")
     workers_alive = service.worker_pids()
-    limits = [resource.prlimit(pid, resource.RLIMIT_AS)[1] for pid in workers_alive]
+    limits = [resource.prlimit(pid, resource.RLIMIT_AS)[0] for pid in workers_alive]
+    assert service.process is not None
+    main_limit = resource.prlimit(service.process.pid, resource.RLIMIT_AS)[0]
+    scores = [Path(f"/proc/{pid}/oom_score_adj").read_text().strip() for pid in workers_alive]
     assert service.stop() == 0
 
     reasons = quarantine_reasons(service)
@@ -85,5 +72,7 @@ def test_bombs_cost_only_their_own_file(make_service: MakeService) -> None:
     }
     assert {name for (_, name) in good} <= published_names(service)
     assert workers_alive, "the workers died"
-    assert all(limit != resource.RLIM_INFINITY for limit in limits), "the cap was not in force"
+    assert limits and all(limit != resource.RLIM_INFINITY for limit in limits), "no cap in force"
+    assert main_limit == resource.RLIM_INFINITY, "only the workers are capped"
+    assert scores == ["500"] * len(workers_alive), "the OOM killer would not take a worker first"
     check_accounting(service, dropped)
