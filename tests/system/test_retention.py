@@ -98,6 +98,10 @@ def test_retention_prunes_every_kind_and_the_audit_chain_still_verifies(
     assert again.returncode == 0 and "nothing to prune" in again.stdout
 
 
+def quarantined_copies(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.endswith(".error.json"))
+
+
 def test_requeue_publishes_a_transient_failure_and_refuses_a_deterministic_one(
     make_service: MakeService, tmp_path: Path
 ) -> None:
@@ -119,14 +123,19 @@ def test_requeue_publishes_a_transient_failure_and_refuses_a_deterministic_one(
     service.start()
     service.drop("emr", "latin.csv", BAD_BYTES)
     wait_until(lambda: service.accounted() == 2, 60, message="latin.csv quarantined")
-    refused = service.run("requeue", str(tmp_path / "quarantine" / "emr" / "latin.csv"))
-    assert refused.returncode == 1 and "not_utf8" in refused.stdout, refused.stdout
-    assert (tmp_path / "quarantine" / "emr" / "latin.csv").exists()
+    # Quarantined under its hashed name: the operator names the copy, or the input by its name
+    (latin,) = quarantined_copies(tmp_path / "quarantine" / "emr")
+    assert "latin" not in latin.name
+    for key in (str(latin), "latin.csv"):
+        refused = service.run("requeue", key)
+        assert refused.returncode == 1 and "not_utf8" in refused.stdout, refused.stdout
+    assert latin.exists()
 
+    (visit,) = quarantined_copies(tmp_path / "quarantine" / "notes")
     done = service.run("requeue", sha)
     assert done.returncode == 0, (done.stdout, done.stderr)
-    assert not (tmp_path / "quarantine" / "notes" / "visit.txt").exists()
-    assert not (tmp_path / "quarantine" / "notes" / "visit.txt.error.json").exists()
+    assert not any((tmp_path / "quarantine" / "notes").iterdir()), "copy and sidecar went back"
+    assert not visit.exists()
     wait_until(
         lambda: any(i.get("sha256") == sha for i in service.published_inputs()),
         60,

@@ -32,7 +32,11 @@ class Env:
                     "state": root / "state",
                     "quarantine": root / "quarantine",
                 },
-                "pipeline": [{"name": "emr", "kind": "emr", "settle_s": 0, **pipeline}],
+                # Quarantined copies are read here by their names (the name policy, hashed
+                # names, has tests of its own: tests/security/test_name_policy.py).
+                "pipeline": [
+                    {"name": "emr", "kind": "emr", "settle_s": 0, "hash_names": False, **pipeline}
+                ],
             }
         )
         self.inbox = root / "inbox" / "emr"
