@@ -105,7 +105,13 @@ def quarantine(source: Path, folder: Path, name: str, sidecar: dict[str, Any]) -
 
 def archive_path(paths: PathsConfig, row: FileRow) -> Path:
     """Where a published input is archived: `<archive>/<pipeline>/<day received>/<spool name>`."""
-    return paths.archive / row.pipeline / utc_day(row.received_at) / Path(row.spool_name).name
+    folder = _archive_folder(str(paths.archive), row)
+    return Path(f"{folder}/{row.spool_name.rpartition('/')[2]}")
+
+
+def _archive_folder(archive: str, row: FileRow) -> str:
+    # Strings, not Paths: one batch disposes of thousands of inputs on the main loop.
+    return f"{archive}/{row.pipeline}/{utc_day(row.received_at)}"
 
 
 def sidecar(
@@ -140,27 +146,31 @@ class Disposal:
     def dispose(self) -> int:
         """Dispose of every undisposed terminal input; return how many."""
         rows = self._journal.undisposed()
-        made: set[Path] = set()
+        pipelines = self._pipelines()
+        spool, archive = f"{self._paths.spool}/", str(self._paths.archive)
+        made: set[str] = set()
         quarantined_as: list[tuple[int, str]] = []
         for row in rows:
-            source = self._paths.spool / row.spool_name
-            pipeline = self._pipelines().get(row.pipeline)
+            source = spool + row.spool_name
+            pipeline = pipelines.get(row.pipeline)
             try:
                 if row.state == FileState.QUARANTINED:
                     detail = str(self._journal.file_facts(row.id).get("detail", ""))
                     folder = self._paths.quarantine / row.pipeline
                     as_name, shown = self._published(row, pipeline)
-                    target = quarantine(source, folder, as_name, sidecar(row, detail, name=shown))
-                    quarantined_as.append((row.id, target.name))
+                    card = sidecar(row, detail, name=shown)
+                    quarantined_as.append(
+                        (row.id, quarantine(Path(source), folder, as_name, card).name)
+                    )
                 elif pipeline is not None and pipeline.after_publish == "delete":
-                    source.unlink()
+                    Path(source).unlink()
                 else:
-                    target = archive_path(self._paths, row)
-                    if target.parent not in made:
-                        make_folder(target.parent)
-                        made.add(target.parent)
+                    day = _archive_folder(archive, row)
+                    if day not in made:
+                        make_folder(Path(day))
+                        made.add(day)
                     # Spool names are unique: the archived copy keeps it, nothing to compare.
-                    os.rename(source, target)
+                    os.rename(source, f"{day}/{row.spool_name.rpartition('/')[2]}")
             except FileNotFoundError:
                 continue  # moved before a crash, after the journal commit: already done
         if quarantined_as:
