@@ -23,20 +23,19 @@ from bench.service import ServiceTree, run_once, temp_root
 _SQL = "<method '{}' of 'sqlite3.Connection' objects>"
 # (step, cProfile function-name suffixes that make it up); cumulative time, so steps nest.
 STEPS = (
-    ("start-up (journal, pool, watches)", ("supervisor.py:_start",)),
+    ("start-up (journal, pool, watches)", ("service.py:_start",)),
     ("start-up scan of the inboxes", ("intake.py:scan",)),
     ("claim (move, hash, journal rows)", ("intake.py:_claim",)),
-    ("  hash", ("intake.py:_hash_fd", "intake.py:_hash_spooled")),
+    ("  move into the spool + hash", ("intake.py:_move_and_hash",)),
     ("  journal: begin/finish claims", ("journal.py:begin_claims", "journal.py:finish_claims")),
-    ("admit to batches", ("supervisor.py:_admit",)),
-    ("seal (journal + audit)", ("supervisor.py:_seal",)),
-    ("dispatch", ("supervisor.py:_dispatch",)),
-    ("result handling (commit)", ("supervisor.py:_on_batch_done",)),
-    ("  publish / manifest", ("supervisor.py:_commit",)),
+    ("admit to batches", ("admission.py:admit",)),
+    ("seal (journal + audit)", ("batch_flow.py:seal",)),
+    ("dispatch", ("batch_flow.py:dispatch",)),
+    ("result handling (commit)", ("batch_flow.py:on_done",)),
     ("  journal: mark_published", ("journal.py:mark_published",)),
-    ("archive renames (dispose)", ("supervisor.py:_dispose",)),
-    ("audit lines (all)", ("audit.py:append",)),
-    ("  audit fsync", ("audit.py:sync",)),
+    ("archive renames (dispose)", ("disposal.py:dispose",)),
+    ("audit lines (all)", ("writer.py:record",)),
+    ("  audit fsync", ("writer.py:sync",)),
     ("journal transactions (all)", ("journal.py:transaction",)),
     ("sqlite execute/executemany (all)", (_SQL.format("execute"), _SQL.format("executemany"))),
     ("os.rename (all)", ("<built-in method posix.rename>",)),
@@ -44,8 +43,8 @@ STEPS = (
     ("os.lstat (all)", ("<built-in method posix.lstat>",)),
     ("pathlib Path / name (all)", ("pathlib.py:__truediv__",)),
     ("json encode (all)", ("encoder.py:encode",)),
-    ("waiting for messages", ("supervisor.py:_wait_and_handle",)),
-    ("shutdown (drain, pool)", ("supervisor.py:_stop",)),
+    ("waiting for messages", ("service.py:_wait_and_handle",)),
+    ("shutdown (drain, pool)", ("service.py:_stop",)),
 )
 
 
