@@ -273,30 +273,40 @@ def test_corrupt_journal_refuses_to_start_and_is_left_untouched(
 
 
 def test_inotify_overflow_loses_no_file(make_service: MakeService) -> None:
-    """With `max_queued_events = 16` and the service stopped while 2,000 files arrive, the inotify
-    queue overflows; the periodic rescan still finds every file."""
+    """The service stopped while more files arrive than its inotify queue holds (each drop is
+    five events: create, modify, close, moved from, moved to): the queue overflows, and the
+    periodic rescan still finds every file. The host's limit is used as it is, so services of
+    tests running beside this one keep theirs; only a host with a raised limit gets it lowered
+    for the moment this service starts."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    lowered = min(limit, 16384)
     service = make_service(
-        [emr(max_files=200, max_wait=1, settle_s=0.2)], service={"tick_s": 0.1, "rescan_s": 2}
+        [emr(max_files=500, max_wait=1, settle_s=0.2)], service={"tick_s": 0.1, "rescan_s": 2}
     )
     rng = random.Random(seed_from_env())
-    contents = [emr_csv(rng, rows=5) for _ in range(2000)]
-    with sysctl("fs.inotify.max_queued_events", 16):
-        service.start()  # its inotify instance is made under the small limit
+    contents = [emr_csv(rng, rows=2) for _ in range(lowered // 4 + 500)]
+    if lowered < limit:
+        with sysctl("fs.inotify.max_queued_events", lowered):
+            service.start()  # its inotify instance is made under the lowered limit
+    else:
+        service.start()
     dropped = {}
     with stopped(service.process.pid):
         for i, content in enumerate(contents):
-            dropped[f"burst{i:04d}.csv"] = service.drop("emr", f"burst{i:04d}.csv", content)
+            dropped[f"burst{i:05d}.csv"] = service.drop("emr", f"burst{i:05d}.csv", content)
     wait_until(
         lambda: service.accounted() == len(dropped) or service.process.poll() is not None,
-        90,
+        120,
         interval_s=0.2,
-        message="all 2,000 files accounted",
+        message=f"all {len(dropped)} files accounted",
     )
     assert_alive(service, "after the overflow")
     assert service.stop() == 0
-    found = sum(int(line.get("files", 0)) for line in log_lines(service)
+    lines = log_lines(service)
+    assert any("overflow" in str(line.get("event", "")).lower() for line in lines), "no overflow"
+    found = sum(int(line.get("files", 0)) for line in lines
                 if line.get("event") == "intake.rescan_found")  # fmt: skip
-    assert found > len(dropped) // 2, f"the rescan found only {found}: did the queue overflow?"
+    assert found >= 400, f"the rescan found only {found} of the files the queue lost"
     check_accounting(service, dropped)
 
 
