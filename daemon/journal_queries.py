@@ -30,6 +30,7 @@ class FileRow:
     state: str
     batch_id: str | None
     reason: str | None
+    group_key: str | None = None  # batch_by pipelines only
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class JournalQueries:
 
     def close(self) -> None:
         self._db.close()
+
+    def _has_group_key(self) -> bool:
+        columns = self._db.execute("SELECT name FROM pragma_table_info('files')").fetchall()
+        return ("group_key",) in columns
 
     def spool_names(self) -> set[str]:
         """Spool names of the files whose spooled copy may still exist."""
@@ -243,9 +248,11 @@ class JournalQueries:
         return {} if row is None or row[0] is None else dict(json.loads(row[0]))
 
     def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
+        # A read-only look at a journal that no service of this version migrated yet has none.
+        group_key = "group_key" if self._has_group_key() else "NULL"
         rows = self._db.execute(
             "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
-            f"reason FROM files WHERE {where}",
+            f"reason, {group_key} FROM files WHERE {where}",
             params,
         ).fetchall()
         return [FileRow(*row) for row in rows]
