@@ -54,7 +54,8 @@ def read_uid(path: Path | str, keyword: str) -> str | None:
         return None
     if head[128:PREAMBLE_BYTES] != b"DICM":
         return None
-    # pydicom warns (and logs) with the offending value quoted: a UID must not reach a log.
+    # pydicom warns (and logs, see _parse) with the offending value quoted: a UID must not
+    # reach a log.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -67,7 +68,8 @@ def _parse(head: bytes, keyword: str) -> str | None:
     from pydicom.filereader import read_dataset  # only grouped pipelines pay for the import
     from pydicom.uid import UID
 
-    logging.getLogger("pydicom").propagate = False
+    # pydicom's log records quote the values they complain about; none belongs in this process.
+    logging.getLogger("pydicom").disabled = True
     fp = io.BytesIO(head)
     fp.seek(PREAMBLE_BYTES)
     meta = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: tag.group != 2)

@@ -76,7 +76,7 @@ def test_max_wait_is_the_ceiling_from_the_first_instance() -> None:
 def test_limits_split_a_long_series_into_consecutive_batches(
     limit: dict[str, int], size: int
 ) -> None:
-    """max_files / max_bytes cut a series into consecutive batches; the other series is untouched."""
+    """max_files / max_bytes cut a series into consecutive batches; another series is apart."""
     batcher = Batcher({"ct": pipeline(**limit)})
     sealed: list[Sealed] = []
     for i in range(7):
