@@ -98,7 +98,6 @@ def test_truncated_header_is_unknown(tmp_path: Path) -> None:
     assert group_key(write(tmp_path, "t.dcm", whole[:cut]), "study", KEY) == UNKNOWN_GROUP
 
 
-
 def _deflated_with_zeros(n_zeros: int) -> bytes:
     """A Deflated DICOM whose dataset opens with a private element of `n_zeros` zero bytes, the
     UIDs after it: small on disk, huge inflated."""
