@@ -183,9 +183,14 @@ class JournalQueries:
 
     def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
         """Batches sealed or finished at or after `since`."""
+        group_key = (
+            "(SELECT max(group_key) FROM files f WHERE f.batch_id=b.id)"
+            if self._has_group_key()
+            else "NULL"
+        )
         return self._dicts(
             "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
-            "folder, reason, attempts, "
+            f"folder, reason, attempts, {group_key} AS group_key, "
             "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
             f"f.state='{FileState.PUBLISHED}') "
             "AS n_published, "

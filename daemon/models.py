@@ -94,6 +94,11 @@ class Batch:
     def n_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def group(self) -> str | None:
+        """A `batch_by` batch's series or study (keyed hash), or "unknown"; else None."""
+        return (self.files[0].group or None) if self.files else None
+
 
 @dataclass(frozen=True, slots=True)
 class BatchTask:

@@ -84,6 +84,14 @@ def test_interleaved_series_make_two_batches_sealed_once_stable(
         assert 3 - 0.5 <= waited <= 3 + SEAL_SLACK_S, f"series {label} sealed after {waited:.1f}s"
         table = series_table(service, manifest)
         assert table[["series", "instances", "frames"]].values.tolist() == [[1, 3, 3]]
+    # The audit's batch.sealed names each batch's series by the journal's keyed hash
+    sealed = {
+        a["batch_id"]: a.get("group") for a in service.audit() if a["event"] == "batch.sealed"
+    }
+    for manifest in manifests:
+        sql = "SELECT DISTINCT group_key FROM files WHERE batch_id=?"
+        ((group,),) = service.journal(sql, manifest["batch_id"])
+        assert group.startswith("series:") and sealed[manifest["batch_id"]] == group
     groups = service.journal("SELECT name, group_key FROM files ORDER BY name")
     assert len({g for n, g in groups if n.startswith("a")}) == 1
     assert {g for n, g in groups if n.startswith("a")} != {g for n, g in groups if n[0] == "b"}
