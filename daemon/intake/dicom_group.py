@@ -26,6 +26,7 @@ INFLATED_BYTES = 1 << 20
 _LAST_TAG = 0x0020000E
 _KEYWORDS = {"series": "SeriesInstanceUID", "study": "StudyInstanceUID"}
 _MAX_UID_CHARS = 64
+_OPEN_SPOOLED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 BatchBy = Literal["series", "study"]
 
@@ -48,10 +49,16 @@ def group_key(path: Path | str, batch_by: BatchBy, key: bytes) -> str:
 def read_uid(path: Path | str, keyword: str) -> str | None:
     """The UID named by `keyword` from a DICOM Part 10 header, or None."""
     try:
-        with open(path, "rb", buffering=0) as fh:
-            head = os.read(fh.fileno(), HEADER_BYTES)
+        # The spooled copy intake just checked: still never followed, never blocked on.
+        fd = os.open(path, _OPEN_SPOOLED)
     except OSError:
         return None
+    try:
+        head = os.read(fd, HEADER_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if head[128:PREAMBLE_BYTES] != b"DICM":
         return None
     # pydicom warns (and logs, see _parse) with the offending value quoted: a UID must not

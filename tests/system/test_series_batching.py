@@ -40,6 +40,12 @@ def drop_received(service: Service, name: str, data: bytes, dropped: dict[str, s
     return float(rows[0][0])
 
 
+def at_least(service: Service, n: int) -> list[dict[str, Any]]:
+    """The pipeline's manifests once there are `n` (an empty list before)."""
+    found = service.manifests("ct")
+    return found if len(found) >= n else []
+
+
 def inputs_of(manifest: dict[str, Any]) -> list[str]:
     return sorted(i["name"] for i in manifest["inputs"])
 
@@ -73,8 +79,7 @@ def test_interleaved_series_make_two_batches_sealed_once_stable(
             name = f"{label}{i}.dcm"
             last[label] = drop_received(service, name, ct_instance(uid, study, i), dropped)
     # Then two batches, one per series
-    manifests = wait_until(lambda: len(service.manifests("ct")) >= 2 and service.manifests("ct"),
-                           60)  # fmt: skip
+    manifests = wait_until(lambda: at_least(service, 2), 60)
     assert service.stop() == 0
     by_series = {inputs_of(m)[0][0]: m for m in manifests}
     assert len(manifests) == 2 and set(by_series) == {"a", "b"}
