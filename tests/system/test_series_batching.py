@@ -171,6 +171,32 @@ def test_max_files_splits_a_long_series_into_consecutive_batches(
     check_accounting(service, dropped)
 
 
+def test_batch_by_study_keeps_a_studys_series_together(make_service: MakeService) -> None:
+    """batch_by = "study": two series of one study in one batch (two rows in series.csv), the
+    other study's instance in its own."""
+    service = make_service([series_pipeline(batch_by="study", stable_s=2)])
+    service.start()
+    study, other, first, second = new_uid(), new_uid(), new_uid(), new_uid()
+    dropped: dict[str, str] = {}
+    for name, series_uid, study_uid, number in [
+        ("s1.dcm", first, study, 1), ("x1.dcm", new_uid(), other, 1),
+        ("s2.dcm", second, study, 2), ("s3.dcm", first, study, 1),
+    ]:  # fmt: skip
+        data = ct_instance(series_uid, study_uid, 1, SeriesNumber=number)
+        drop_received(service, name, data, dropped)
+    manifests = wait_until(lambda: at_least(service, 2), 60)
+    assert service.stop() == 0
+    by_first = {inputs_of(m)[0]: m for m in manifests}
+    assert sorted(by_first) == ["s1.dcm", "x1.dcm"] and len(manifests) == 2
+    assert inputs_of(by_first["s1.dcm"]) == ["s1.dcm", "s2.dcm", "s3.dcm"]
+    table = series_table(service, by_first["s1.dcm"])
+    assert table[["series", "series_number", "instances"]].values.tolist() == [[1, 1, 2], [2, 2, 1]]
+    groups = {g for (g,) in service.journal("SELECT group_key FROM files")}
+    assert len(groups) == 2 and all(g.startswith("study:") for g in groups)
+    assert_no_uid_outside(service, [study, other, first, second])
+    check_accounting(service, dropped)
+
+
 def png_bytes() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (16, 16), 7).save(buffer, format="PNG")
