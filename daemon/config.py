@@ -73,6 +73,8 @@ PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0)]
 
 # Memory a batch needs, per byte of input, by kind (images decode to far more than their files).
 DEFAULT_MEMORY_FACTOR = {"emr": 8.0, "genomics": 8.0, "imaging": 16.0}
+
+
 # Kinds whose inputs carry a series and a study in their header (`batch_by`).
 GROUPED_KINDS = frozenset({"imaging"})
 
@@ -223,6 +225,10 @@ class Pipeline(_Model):
             raise ValueError(_describe(exc)) from None
         return data
 
+    @property
+    def estimated_memory_factor(self) -> float:
+        return self.memory_factor or DEFAULT_MEMORY_FACTOR.get(self.kind, 8.0)
+
     @model_validator(mode="after")
     def _check_batch_by(self) -> Pipeline:
         if self.batch_by != "arrival" and self.kind not in GROUPED_KINDS:
@@ -236,10 +242,6 @@ class Pipeline(_Model):
     def is_grouped(self) -> bool:
         """Batches follow DICOM series or studies, not arrival alone."""
         return self.batch_by != "arrival"
-
-    @property
-    def estimated_memory_factor(self) -> float:
-        return self.memory_factor or DEFAULT_MEMORY_FACTOR.get(self.kind, 8.0)
 
 
 class Settings(_Model):
