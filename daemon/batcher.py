@@ -1,7 +1,8 @@
-"""Batcher: one open batch per pipeline, sealed by file count, bytes or age. Pure; main loop only.
+"""Batcher: one open batch per pipeline (per DICOM series or study in a `batch_by` pipeline),
+sealed by file count, bytes or age, or once its series is stable. Pure; main loop only.
 
-A batch's window starts at its first file's arrival time as recorded in the journal, so a restart
-does not restart the clock: a batch half way through its window seals at its original deadline.
+Windows are timed by their files' arrival times as recorded in the journal, so a restart does not
+restart the clock: a batch half way through its window seals at its original deadline.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from daemon.config import Pipeline
-from daemon.models import Batch, IncomingFile
+from daemon.models import UNKNOWN_GROUP, Batch, IncomingFile
+
+# (pipeline, group): a group is "" in an arrival pipeline, UNKNOWN_GROUP goes by arrival too.
+WindowKey = tuple[str, str]
 
 
 @dataclass
 class OpenBatch:
     pipeline: Pipeline
+    group: str = ""
     files: list[IncomingFile] = field(default_factory=list)
     n_bytes: int = 0
+    last_at: float = float("-inf")  # the latest arrival: a series is stable stable_s after it
 
     @property
     def opened_at(self) -> float:
@@ -27,7 +33,15 @@ class OpenBatch:
 
     @property
     def deadline(self) -> float:
-        return self.opened_at + self.pipeline.max_wait
+        ceiling = self.opened_at + self.pipeline.max_wait
+        if self.group in ("", UNKNOWN_GROUP) or not self.pipeline.is_grouped:
+            return ceiling
+        return min(ceiling, self.last_at + self.pipeline.stable_s)
+
+    def append(self, incoming: IncomingFile) -> None:
+        self.files.append(incoming)
+        self.n_bytes += incoming.size
+        self.last_at = max(self.last_at, incoming.received_at)
 
     @property
     def is_full(self) -> bool:
@@ -50,42 +64,43 @@ def batch_id_for(pipeline: str, sealed_at: float, files: Iterable[IncomingFile])
 class Batcher:
     def __init__(self, pipelines: Mapping[str, Pipeline]) -> None:
         self._pipelines = dict(pipelines)
-        self._open: dict[str, OpenBatch] = {}
+        self._open: dict[WindowKey, OpenBatch] = {}
 
     def reconfigure(self, pipelines: Mapping[str, Pipeline]) -> None:
-        """Apply new limits; open batches keep their files and arrival times."""
+        """Apply new limits; open batches keep their files, groups and arrival times."""
         self._pipelines = dict(pipelines)
-        for name, open_batch in list(self._open.items()):
+        for (name, _), open_batch in list(self._open.items()):
             if name in self._pipelines:
                 open_batch.pipeline = self._pipelines[name]
 
     def add(self, incoming: IncomingFile, now: float) -> list[Sealed]:
-        """Add a claimed file; return what this seals (at most two batches)."""
+        """Add a claimed file to its window; return what this seals (at most two batches)."""
         pipeline = self._pipelines[incoming.pipeline]
+        key = (pipeline.name, incoming.group if pipeline.is_grouped else "")
         sealed = []
-        current = self._open.get(pipeline.name)
+        current = self._open.get(key)
         if current and current.n_bytes + incoming.size > pipeline.max_bytes:
-            sealed.append(self._seal(pipeline.name, now))
-        current = self._open.setdefault(pipeline.name, OpenBatch(pipeline))
-        current.files.append(incoming)
-        current.n_bytes += incoming.size
-        if len(current.files) >= pipeline.max_files or current.n_bytes >= pipeline.max_bytes:
-            sealed.append(self._seal(pipeline.name, now))
+            sealed.append(self._seal(key, now))
+        current = self._open.setdefault(key, OpenBatch(pipeline, key[1]))
+        current.append(incoming)
+        if current.is_full:
+            sealed.append(self._seal(key, now))
         return sealed
 
     def seal_due(self, now: float) -> list[Sealed]:
-        """Batches whose window has passed, or already at a limit that a reload lowered."""
-        due = [name for name, b in self._open.items() if b.deadline <= now or b.is_full]
-        return [self._seal(name, now) for name in due]
+        """Windows that passed (or went stable), or already at a limit a reload lowered."""
+        due = [key for key, b in self._open.items() if b.deadline <= now or b.is_full]
+        return [self._seal(key, now) for key in due]
 
     def seal_all(self, now: float) -> list[Sealed]:
-        return [self._seal(name, now) for name in list(self._open)]
+        return [self._seal(key, now) for key in list(self._open)]
 
-    def open_batches(self) -> dict[str, OpenBatch]:
+    def open_batches(self) -> dict[WindowKey, OpenBatch]:
         return dict(self._open)
 
-    def _seal(self, name: str, now: float) -> Sealed:
-        open_batch = self._open.pop(name)
+    def _seal(self, key: WindowKey, now: float) -> Sealed:
+        name = key[0]
+        open_batch = self._open.pop(key)
         pipeline = open_batch.pipeline
         batch = Batch(
             batch_id=batch_id_for(name, now, open_batch.files),

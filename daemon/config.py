@@ -75,6 +75,10 @@ PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0)]
 DEFAULT_MEMORY_FACTOR = {"emr": 8.0, "genomics": 8.0, "imaging": 16.0}
 
 
+# Kinds whose inputs carry a series and a study in their header (`batch_by`).
+GROUPED_KINDS = frozenset({"imaging"})
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -184,6 +188,10 @@ class Pipeline(_Model):
     # A file whose writer never closed it is taken once unchanged this long.
     max_incomplete_s: PositiveSeconds = 60.0
     memory_factor: float | None = Field(default=None, gt=0)
+    # Imaging only: one batch per DICOM series or study (read from the header at claim), sealed
+    # once no instance of it arrived for stable_s (max_wait stays the ceiling from the first).
+    batch_by: Literal["arrival", "series", "study"] = "arrival"
+    stable_s: PositiveSeconds = 10.0
     duplicates: Literal["skip", "process"] = "skip"
     after_publish: Literal["archive", "delete"] = "archive"
     # File names may carry patient names or MRNs: every published name is a keyed hash
@@ -223,6 +231,20 @@ class Pipeline(_Model):
     @property
     def estimated_memory_factor(self) -> float:
         return self.memory_factor or DEFAULT_MEMORY_FACTOR.get(self.kind, 8.0)
+
+    @model_validator(mode="after")
+    def _check_batch_by(self) -> Pipeline:
+        if self.batch_by != "arrival" and self.kind not in GROUPED_KINDS:
+            raise ValueError(
+                f"batch_by: {self.batch_by!r} needs kind = 'imaging' (DICOM headers), "
+                f"not {self.kind!r}"
+            )
+        return self
+
+    @property
+    def is_grouped(self) -> bool:
+        """Batches follow DICOM series or studies, not arrival alone."""
+        return self.batch_by != "arrival"
 
 
 class Settings(_Model):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.resources import files as package_files
 from pathlib import Path
@@ -21,7 +21,9 @@ from daemon.models import TERMINAL_FILE_STATES, Batch, BatchResult, BatchState, 
 
 __all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Steps from an older version to the next (a fresh journal gets schema.sql whole).
+_MIGRATIONS = {1: "ALTER TABLE files ADD COLUMN group_key TEXT;"}
 _TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 
 
@@ -62,6 +64,8 @@ class Journal(JournalQueries):
             )
         if version < SCHEMA_VERSION:
             schema = package_files("daemon").joinpath("schema.sql").read_text(encoding="utf-8")
+            if version:  # tables exist: only the steps since
+                schema = "\n".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
             self._db.executescript(
                 f"BEGIN IMMEDIATE;\n{schema}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
             )
@@ -98,13 +102,19 @@ class Journal(JournalQueries):
         received: Iterable[tuple[int, str, int]],
         dropped: Iterable[int] = (),
         quarantined: Iterable[tuple[int, str, int, str]] = (),
+        groups: Mapping[int, str] | None = None,
     ) -> None:
-        """Claims that landed (id, sha256, size), vanished (id), or were refused (…, reason)."""
+        """Claims that landed (id, sha256, size), vanished (id), or were refused (…, reason);
+        `groups`: the batch group of landed files of a `batch_by` pipeline."""
         with self.transaction() as db:
             db.executemany(
                 f"UPDATE files SET state='{FileState.RECEIVED}', sha256=?, size=? WHERE id=?",
                 [(sha, size, fid) for fid, sha, size in received],
             )
+            if groups:
+                db.executemany(
+                    "UPDATE files SET group_key=? WHERE id=?", [(g, i) for i, g in groups.items()]
+                )
             db.executemany("DELETE FROM files WHERE id=?", [(fid,) for fid in dropped])
             db.executemany(
                 f"UPDATE files SET state='{FileState.QUARANTINED}', sha256=?, size=?, reason=?, "

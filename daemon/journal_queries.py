@@ -30,6 +30,7 @@ class FileRow:
     state: str
     batch_id: str | None
     reason: str | None
+    group_key: str | None = None  # batch_by pipelines only
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class JournalQueries:
 
     def close(self) -> None:
         self._db.close()
+
+    def _has_group_key(self) -> bool:
+        columns = self._db.execute("SELECT name FROM pragma_table_info('files')").fetchall()
+        return ("group_key",) in columns
 
     def spool_names(self) -> set[str]:
         """Spool names of the files whose spooled copy may still exist."""
@@ -178,9 +183,14 @@ class JournalQueries:
 
     def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
         """Batches sealed or finished at or after `since`."""
+        group_key = (
+            "(SELECT max(group_key) FROM files f WHERE f.batch_id=b.id)"
+            if self._has_group_key()
+            else "NULL"
+        )
         return self._dicts(
             "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
-            "folder, reason, attempts, "
+            f"folder, reason, attempts, {group_key} AS group_key, "
             "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
             f"f.state='{FileState.PUBLISHED}') "
             "AS n_published, "
@@ -243,9 +253,11 @@ class JournalQueries:
         return {} if row is None or row[0] is None else dict(json.loads(row[0]))
 
     def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
+        # A read-only look at a journal that no service of this version migrated yet has none.
+        group_key = "group_key" if self._has_group_key() else "NULL"
         rows = self._db.execute(
             "SELECT id, pipeline, name, spool_name, sha256, size, received_at, state, batch_id, "
-            f"reason FROM files WHERE {where}",
+            f"reason, {group_key} FROM files WHERE {where}",
             params,
         ).fetchall()
         return [FileRow(*row) for row in rows]

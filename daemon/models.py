@@ -53,6 +53,9 @@ class Reason(enum.StrEnum):
     DUPLICATE_OF = "duplicate_of"
 
 
+# A batch_by pipeline's group for files whose header names no series or study.
+UNKNOWN_GROUP = "unknown"
+
 # An attempt that failed on these was the disk's fault, not the batch's.
 DISK_REASONS = frozenset({Reason.DISK_FULL, Reason.IO_ERROR})
 
@@ -71,6 +74,8 @@ class IncomingFile:
     # Taken while a writer still seemed to hold it open (no close event within
     # max_incomplete_s): if it then fails to parse, it is quarantined as "incomplete".
     is_suspect_incomplete: bool = False
+    # `batch_by` pipelines: its series or study as a keyed hash ("unknown" if none); else "".
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,11 @@ class Batch:
     @property
     def n_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def group(self) -> str | None:
+        """A `batch_by` batch's series or study (keyed hash), or "unknown"; else None."""
+        return (self.files[0].group or None) if self.files else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ class AuditTrail(Listener):
                         files=len(b.files),
                         bytes=b.n_bytes,
                         priority=b.priority,
+                        group=b.group,
                     )
                 )
             case Started(batch=b):

@@ -121,6 +121,7 @@ class Recovery:
             row.sha256 or "",
             row.size or 0,
             row.received_at,
+            group=row.group_key or "",
         )
 
 

@@ -13,7 +13,8 @@ CREATE TABLE IF NOT EXISTS files (
     reason      TEXT,
     facts       TEXT,                       -- JSON the processor counted (rows, …)
     done_at     REAL,
-    disposed    INTEGER NOT NULL DEFAULT 0  -- 1 once moved to archive/quarantine or deleted
+    disposed    INTEGER NOT NULL DEFAULT 0, -- 1 once moved to archive/quarantine or deleted
+    group_key   TEXT                        -- batch_by pipelines: keyed hash of the series/study
 );
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state, pipeline);
 CREATE INDEX IF NOT EXISTS files_by_sha ON files (pipeline, sha256);

@@ -133,6 +133,7 @@ class BatchSealed(Record):
     files: int
     bytes: int
     priority: int
+    group: str | None = None  # batch_by pipelines: the series/study as a keyed hash
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -110,6 +110,7 @@ def _batch_transitions(b: dict[str, Any], since: float) -> list[Transition]:
             files=b["n_files"],
             bytes=b["n_bytes"],
             priority=b["priority"],
+            group=b["group_key"],
         )
         out.append((b["sealed_at"], sealed))
     finished = b["finished_at"] or 0

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import structlog
 
-from daemon.audit import AuditLog
+from daemon.audit import AuditLog, load_name_key
 from daemon.audit.events import FileReceived, FileRejected
 from daemon.config import Pipeline, Settings
 from daemon.intake import claim, reasons, recovery
 from daemon.intake.claim import Lease, Opened, Refusal, Taken
+from daemon.intake.dicom_group import group_for
 from daemon.intake.memory import RefusalMemory
 from daemon.intake.recovery import Refused
 from daemon.intake.refusal import is_ignored, kind_of, recorded_name, spool_suffix
@@ -88,6 +89,9 @@ class Intake:
         self._pipelines: Mapping[str, Pipeline] = {p.name: p for p in settings.pipeline}
         self._spool = settings.paths.spool
         self._spool_prefix = f"{self._spool}{os.sep}"  # plain strings in the per-file path
+        # The UIDs that group batch_by pipelines are kept as keyed hashes, like names.
+        is_grouped = any(p.is_grouped for p in settings.pipeline)
+        self._group_key = load_name_key(settings.paths.state) if is_grouped else None
         for name in self._pipelines:
             (self._spool / name).mkdir(parents=True, exist_ok=True, mode=0o750)
         self._candidates.drop_pipelines_except(set(self._pipelines))
@@ -238,10 +242,14 @@ class Intake:
         self, claims: list[tuple[int, _Plan]], inbox_fds: dict[str, int]
     ) -> list[IncomingFile]:
         received, dropped, refused, taken = [], [], [], []
+        groups: dict[int, str] = {}
         for file_id, plan in claims:
             outcome = self._move_and_hash(plan, inbox_fds[plan.pipeline.name])
             if isinstance(outcome, Taken):
                 received.append((file_id, outcome.sha256, outcome.size))
+                group = group_for(plan.pipeline, plan.spool_path, self._group_key)
+                if group:
+                    groups[file_id] = group
                 taken.append(
                     IncomingFile(
                         file_id,
@@ -252,6 +260,7 @@ class Intake:
                         outcome.size,
                         plan.received_at,
                         bool(plan.candidate.is_writing),
+                        group,
                     )
                 )
             elif outcome is None:
@@ -260,7 +269,7 @@ class Intake:
                 r = Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name, outcome)
                 refused.append(r)
         self._journal.finish_claims(
-            received, dropped, [(r.file_id, "", 0, r.reason) for r in refused]
+            received, dropped, [(r.file_id, "", 0, r.reason) for r in refused], groups
         )
         for f in taken:
             self._audit.record(
@@ -355,7 +364,12 @@ class Intake:
     def finish_interrupted_claims(self) -> list[IncomingFile]:
         """Recovery: claims whose journal intent was written but not their outcome."""
         return recovery.finish_interrupted_claims(
-            self._journal, self._settings, self._pipelines, self._audit, self._service_uid
+            self._journal,
+            self._settings,
+            self._pipelines,
+            self._audit,
+            self._service_uid,
+            self._group_key,
         )
 
 

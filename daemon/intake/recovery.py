@@ -16,6 +16,7 @@ from daemon.config import Pipeline, Settings
 from daemon.disposal import published_names, quarantine
 from daemon.intake import claim, reasons
 from daemon.intake.claim import Refusal
+from daemon.intake.dicom_group import group_for
 from daemon.journal import Journal
 from daemon.models import IncomingFile
 
@@ -97,9 +98,11 @@ def finish_interrupted_claims(
     pipelines: Mapping[str, Pipeline],
     audit: AuditLog,
     service_uid: int,
+    group_key: bytes | None = None,
 ) -> list[IncomingFile]:
     """Recovery: claims whose journal intent was written but not their outcome."""
     received, dropped, refused, taken = [], [], [], []
+    groups: dict[int, str] = {}
     for row in journal.claiming():
         spooled = settings.paths.spool / row.spool_name
         if row.pipeline not in pipelines or not os.path.lexists(spooled):
@@ -114,6 +117,8 @@ def finish_interrupted_claims(
             refused.append(Refused(row.id, row.pipeline, row.name, row.spool_name, outcome.reason))
             continue
         received.append((row.id, outcome.sha256, outcome.size))
+        if group := group_for(pipeline, spooled, group_key):
+            groups[row.id] = group
         taken.append(
             IncomingFile(
                 row.id,
@@ -123,9 +128,11 @@ def finish_interrupted_claims(
                 outcome.sha256,
                 outcome.size,
                 row.received_at,
+                group=group,
             )
         )
     if received or dropped or refused:
-        journal.finish_claims(received, dropped, [(r.file_id, "", 0, r.reason) for r in refused])
+        refusals = [(r.file_id, "", 0, r.reason) for r in refused]
+        journal.finish_claims(received, dropped, refusals, groups)
     quarantine_refused(refused, settings, audit, journal)
     return taken

@@ -4,6 +4,7 @@ the pixel guard in bytes, then the pixels as stored. Runs in worker processes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zlib
 from pathlib import Path
@@ -170,7 +171,17 @@ def _tags(header: Dataset, syntax: UID, bits_stored: int) -> Tags:
         "slice_thickness_mm": _float_tag(header, "SliceThickness"),
         "series_number": _int_or_none(header.get("SeriesNumber")),
         "instance_number": _int_or_none(header.get("InstanceNumber")),
+        # For series.csv only (not result.csv columns); imaging drops the description unless
+        # the pipeline allows it.
+        "_series": _digest(header.get("SeriesInstanceUID")),
+        "_series_description": str(header.get("SeriesDescription", "")).strip() or None,
     }
+
+
+def _digest(uid: Any) -> str | None:
+    """Tells series apart inside the worker; the UID itself never goes further."""
+    text = str(uid or "").strip("\0 ")
+    return hashlib.sha256(text.encode()).hexdigest()[:16] if text else None
 
 
 def _int_or_none(value: Any) -> int | None:

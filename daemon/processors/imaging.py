@@ -24,6 +24,14 @@ from daemon.processors.base import Facts
 from daemon.processors.image_readers import Decoded, Limits, read_image
 from daemon.processors.image_sheet import contact_sheet, is_shown, thumbnail
 from daemon.processors.image_stats import Moments
+from daemon.processors.imaging_series import (
+    DESCRIPTION_KEY,
+    SERIES_KEY,
+    SERIES_NAME,
+    number_series,
+    series_rows,
+    write_series,
+)
 from daemon.processors.options import ImagingOptions
 from daemon.processors.tables import neutralise
 
@@ -38,10 +46,10 @@ STAT_COLUMNS = ("mean", "std", "min", "max")
 RAW_COLUMNS = tuple(f"raw_{c}" for c in STAT_COLUMNS)
 COLUMNS = (
     "source", "sha256", "tile", "frame", "width", "height", "frames", "channels", "dtype",
-    *STAT_COLUMNS, *RAW_COLUMNS, *DICOM_COLUMNS,
+    *STAT_COLUMNS, *RAW_COLUMNS, *DICOM_COLUMNS, "series",
 )  # fmt: skip
 INT_COLUMNS = ("tile", "frame", "width", "height", "frames", "channels", "series_number",
-               "instance_number", "rows", "columns", "bits_stored")  # fmt: skip
+               "instance_number", "rows", "columns", "bits_stored", "series")  # fmt: skip
 FLOAT_COLUMNS = (*STAT_COLUMNS, *RAW_COLUMNS, "rescale_slope", "rescale_intercept",
                  "pixel_spacing_row_mm", "pixel_spacing_col_mm", "slice_thickness_mm")  # fmt: skip
 TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in INT_COLUMNS + FLOAT_COLUMNS)
@@ -107,6 +115,8 @@ class ImagingProcessor:
             for category in DATA_WARNINGS:
                 warnings.simplefilter("always", category)
             decoded = read_image(path, self.limits)
+            if self.options.series_description != "include":
+                decoded.tags.pop(DESCRIPTION_KEY, None)  # free text: never past this worker
             rows, small = self._measure(decoded, name, sha256)
         is_on_sheet = is_shown(self.options.contact_sheet, decoded.source)
         shown = "shown" if is_on_sheet else f"withheld_{decoded.source}"
@@ -169,7 +179,15 @@ class ImagingProcessor:
 
     def write(self, merged: ImagingPartial, folder: Path) -> list[str]:
         tiles = {t.key: number for number, t in enumerate(merged.thumbnails, start=1)}
-        rows = [{**row, "tile": tiles.get(image_key(row))} for row in merged.rows]
+        numbers = number_series(merged.rows)
+        rows = [
+            {
+                **row,
+                "tile": tiles.get(image_key(row)),
+                "series": numbers.get(str(row.get(SERIES_KEY))),
+            }
+            for row in merged.rows
+        ]
         table = pd.DataFrame(rows, columns=list(COLUMNS))
         for column in INT_COLUMNS:
             table[column] = table[column].astype("Int64")
@@ -181,12 +199,16 @@ class ImagingProcessor:
         table.to_csv(
             folder / RESULT_NAME, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
         )
-        if not merged.thumbnails:
-            return [RESULT_NAME]
-        sheet = contact_sheet([t.pixels for t in merged.thumbnails])
-        # Fast zlib: a contact sheet is looked at, not archived.
-        Image.fromarray(sheet).save(folder / SHEET_NAME, format="PNG", compress_level=1)
-        return [RESULT_NAME, SHEET_NAME]
+        written = [RESULT_NAME]
+        if merged.thumbnails:
+            sheet = contact_sheet([t.pixels for t in merged.thumbnails])
+            # Fast zlib: a contact sheet is looked at, not archived.
+            Image.fromarray(sheet).save(folder / SHEET_NAME, format="PNG", compress_level=1)
+            written.append(SHEET_NAME)
+        if numbers:  # DICOM in the batch: one row per series beside the per-image rows
+            write_series(series_rows(merged.rows, numbers), folder)
+            written.append(SERIES_NAME)
+        return written
 
 
 def _stats(moments: Moments, decoded: Decoded) -> Row:

@@ -165,6 +165,10 @@ class ImagingOptions(_Options):
     # YES or of a modality that usually has burned-in text (US, SC, XC, OT, ES, GM), nor for
     # photographs (JPEG, colour PNG or TIFF); every other image is shown.
     contact_sheet: Literal["auto", "on", "off"] = "auto"
+    # series.csv's `series_description`: DICOM SeriesDescription is free text a technologist
+    # types and can hold a name, so it is left out unless a site's descriptions are protocol
+    # names only ("include").
+    series_description: Literal["omit", "include"] = "omit"
 
 
 class GenomicsOptions(_Options):

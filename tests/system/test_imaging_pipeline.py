@@ -258,7 +258,9 @@ def test_real_images_publish_numpy_statistics_and_a_contact_sheet(
         assert sheet.size == expected_sheet_size(len(shown))
         assert sheet.mode == "L"  # the colour images are not on it
         sheet.load()
-    assert sorted(o["name"] for o in manifest["outputs"]) == ["contact_sheet.png", "result.csv"]
+    assert sorted(o["name"] for o in manifest["outputs"]) == [
+        "contact_sheet.png", "result.csv", "series.csv"
+    ]  # fmt: skip
     check_accounting(service, dropped)
 
 

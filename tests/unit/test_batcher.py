@@ -43,7 +43,7 @@ def test_a_file_that_would_overflow_max_bytes_starts_a_new_batch() -> None:
     batcher.add(incoming(1, size=600), 100)
     (sealed,) = batcher.add(incoming(2, size=600), 100)
     assert [f.file_id for f in sealed.batch.files] == [1]
-    assert [f.file_id for f in batcher.open_batches()["emr"].files] == [2]
+    assert [f.file_id for f in batcher.open_batches()[("emr", "")].files] == [2]
 
 
 def test_a_file_larger_than_max_bytes_is_a_batch_of_its_own() -> None:
@@ -57,7 +57,7 @@ def test_max_wait_counts_from_the_first_files_arrival() -> None:
     """The window starts at the first file's recorded arrival, not when the batcher saw it."""
     batcher = Batcher({"emr": pipeline()})
     batcher.add(incoming(1, at=100.0), now=107.0)  # e.g. re-batched after a restart
-    assert batcher.open_batches()["emr"].deadline == 110.0
+    assert batcher.open_batches()[("emr", "")].deadline == 110.0
     assert batcher.seal_due(109.9) == []
     (sealed,) = batcher.seal_due(110.0)
     assert sealed.opened_at == 100.0
@@ -69,7 +69,7 @@ def test_pipelines_batch_separately() -> None:
     batcher = Batcher({"emr": pipeline(), "lab": pipeline(name="lab")})
     batcher.add(incoming(1), 100)
     batcher.add(incoming(2, name="lab"), 100)
-    assert set(batcher.open_batches()) == {"emr", "lab"}
+    assert set(batcher.open_batches()) == {("emr", ""), ("lab", "")}
     assert len(batcher.seal_all(100)) == 2
 
 

@@ -376,7 +376,9 @@ def test_write_result_and_contact_sheet(tmp_path: Path) -> None:
     proc, partials = three_partials(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    assert proc.write(proc.merge(partials), out) == ["result.csv", "contact_sheet.png"]
+    # The DICOM image adds series.csv (one row per series).
+    written = proc.write(proc.merge(partials), out)
+    assert written == ["result.csv", "contact_sheet.png", "series.csv"]
     lines = (out / "result.csv").read_text().splitlines()
     assert lines[0].startswith(
         '"source","sha256","tile","frame","width","height","frames","channels","dtype","mean"'
