@@ -102,6 +102,7 @@ class BatchFlow:
             options=pipeline.options,
             outbox_dir=self.settings.paths.outbox / batch.pipeline,
             memory_estimate=int(batch.n_bytes * pipeline.estimated_memory_factor),
+            config_sha256=self.settings.config_sha256 or "",
         )
 
     def dispatch(self) -> None:

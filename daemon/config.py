@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -230,6 +231,9 @@ class Settings(_Model):
     retention: RetentionConfig = RetentionConfig()
     pipeline: list[Pipeline] = Field(min_length=1)
     config_path: Path | None = None
+    # SHA-256 of the config file's bytes as loaded (manifest provenance): the file an operator
+    # can hash with sha256sum, comments and all, rather than a canonical form of the settings.
+    config_sha256: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -316,17 +320,20 @@ def config_path_from(arg: str | Path | None) -> Path:
 def load_settings(path: Path) -> Settings:
     """Read, resolve and validate a config; raise ConfigError naming the key."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = tomllib.loads(data.decode("utf-8"))
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("config", f"{path} is not UTF-8 text") from None
-    if "config_path" in raw:
-        raise ConfigError("config_path", "Extra inputs are not permitted")
+    for internal in ("config_path", "config_sha256"):
+        if internal in raw:
+            raise ConfigError(internal, "Extra inputs are not permitted")
     _resolve_paths(raw, path.resolve().parent)
     raw["config_path"] = path.resolve()
+    raw["config_sha256"] = hashlib.sha256(data).hexdigest()
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:

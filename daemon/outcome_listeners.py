@@ -20,6 +20,7 @@ from daemon.audit.events import (
     FileQuarantined,
     IntakePaused,
     IntakeResumed,
+    provenance_fields,
 )
 from daemon.disposal import Disposal
 from daemon.health import write_paused
@@ -96,6 +97,7 @@ class AuditTrail(Listener):
                     files=len(result.facts),
                     quarantined=len(result.quarantined),
                     folder=str(result.folder),
+                    **provenance_fields(result.provenance),
                 )
             )
         else:

@@ -12,14 +12,25 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from daemon import __version__
 from daemon.errors import BatchFailedError, ProcessorError
 from daemon.logs import configure_logging, contain_library_logs
-from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile, Reason
+from daemon.models import (
+    BatchResult,
+    BatchTask,
+    Facts,
+    IncomingFile,
+    OutputFile,
+    Provenance,
+    Reason,
+)
 from daemon.outbox import (
     build_manifest,
     describe_outputs,
@@ -161,8 +172,8 @@ def _finish(
     earlier = read_manifest(final)
     if earlier is not None:
         # An earlier attempt published it and died before the journal heard: keep that one.
-        outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
-        return BatchResult(batch.batch_id, final, time.time(), outputs, facts, quarantined)
+        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined)
+    provenance = provenance_of(task)
     if final.exists():
         shutil.rmtree(final)
     merged = processor.merge(partials)
@@ -172,7 +183,8 @@ def _finish(
     try:
         outputs = describe_outputs(tmp, processor.write(merged, tmp))
         published_at = time.time()
-        write_manifest(tmp, build_manifest(batch, outputs, facts, quarantined, published_at))
+        manifest = build_manifest(batch, outputs, facts, quarantined, published_at, provenance)
+        write_manifest(tmp, manifest)
         publish(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,9 +192,32 @@ def _finish(
         if earlier is None:
             raise
         # The other attempt won the rename: its folder is whole and equivalent; use it.
-        outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
-        return BatchResult(batch.batch_id, final, time.time(), outputs, facts, quarantined)
+        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BatchResult(batch.batch_id, final, published_at, outputs, facts, quarantined)
+    return BatchResult(batch.batch_id, final, published_at, outputs, facts, quarantined, provenance)
+
+
+def provenance_of(task: BatchTask) -> Provenance:
+    """This worker's version and host, with the task's options (after defaults) and config."""
+    return Provenance(
+        version=__version__,
+        kind=task.batch.kind,
+        options=task.options,
+        config_sha256=task.config_sha256,
+        host=socket.gethostname(),
+    )
+
+
+def _earlier_result(
+    batch_id: str,
+    final: Path,
+    earlier: dict[str, Any],
+    facts: dict[int, Facts],
+    quarantined: dict[int, tuple[str, str]],
+) -> BatchResult:
+    """A folder published by an earlier attempt stands, with its outputs and provenance."""
+    outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
+    provenance = Provenance.from_json(earlier.get("provenance"))
+    return BatchResult(batch_id, final, time.time(), outputs, facts, quarantined, provenance)
