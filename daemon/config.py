@@ -72,6 +72,8 @@ Bytes = Annotated[int, BeforeValidator(_to_bytes), Field(gt=0)]
 Seconds = Annotated[float, BeforeValidator(_to_seconds), Field(ge=0)]
 PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0)]
 
+# Kinds whose batches hand back mergeable statistics for a rollup table.
+ROLLUP_KINDS = ("emr",)
 # Memory a batch needs, per byte of input, by kind (images decode to far more than their files).
 DEFAULT_MEMORY_FACTOR = {"emr": 8.0, "genomics": 8.0, "imaging": 16.0}
 
@@ -193,6 +195,8 @@ class Pipeline(_Model):
     archive_days: RetentionDays | None = 90.0
     quarantine_days: RetentionDays | None = None
     journal_days: RetentionDays | None = None
+    # A table across batches, re-published after each one: per UTC day of publish, or all time.
+    rollup: Literal["day", "all"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -217,6 +221,15 @@ class Pipeline(_Model):
         except ValidationError as exc:
             raise ValueError(_describe(exc)) from None
         return data
+
+    @model_validator(mode="after")
+    def _check_rollup(self) -> Pipeline:
+        if self.rollup is not None and self.kind not in ROLLUP_KINDS:
+            raise ValueError(
+                f"rollup: not available for kind {self.kind!r} (only {', '.join(ROLLUP_KINDS)}: "
+                "their statistics merge exactly across batches)"
+            )
+        return self
 
     @property
     def estimated_memory_factor(self) -> float:

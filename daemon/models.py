@@ -102,6 +102,8 @@ class BatchTask:
     memory_estimate: int = 0
     # SHA-256 of the config file the task was built under (its manifest's provenance).
     config_sha256: str = ""
+    # The pipeline keeps a rollup: hand back the batch's mergeable statistics.
+    wants_rollup: bool = False
 
 
 def options_sha256(options: dict[str, Any]) -> str:
@@ -168,6 +170,8 @@ class BatchResult:
     facts: dict[int, Facts] = field(default_factory=dict)
     quarantined: dict[int, tuple[str, str]] = field(default_factory=dict)
     provenance: Provenance | None = None
+    # The batch's mergeable statistics (plain JSON) for the pipeline's rollup, if it keeps one.
+    rollup: dict[str, Any] | None = None
 
     @property
     def is_published(self) -> bool:

@@ -39,6 +39,7 @@ from daemon.outcomes import (
     SplitUp,
     Started,
 )
+from daemon.rollup import Rollups
 
 log = structlog.get_logger()
 _KILLS_ITS_WORKER = frozenset({Reason.WORKER_CRASH, Reason.TIMEOUT})
@@ -248,6 +249,20 @@ class Progress(Listener):
                 pass
 
 
+class RollupListener(Listener):
+    """After a publish, the batch's staged statistics join its pipeline's rollup table."""
+
+    def __init__(self, rollups: Rollups) -> None:
+        self._rollups = rollups
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        match outcome:
+            case Committed(batch=b, result=r) if r.is_published and r.rollup is not None:
+                self._rollups.merge(b.pipeline, b.batch_id)
+            case _:
+                pass
+
+
 class DisposalListener(Listener):
     """Last: move the finished inputs out of the spool once their lines are written."""
 
@@ -279,6 +294,7 @@ def standard_listeners(
     progress: Progress,
     notifier: Notifier,
     disposal: Disposal,
+    rollups: Rollups | None = None,
 ) -> Listeners:
     """The service's list, in order: the audit line first (it follows the journal commit),
     disposal last (inputs leave the spool once everything about them is written)."""
@@ -290,6 +306,7 @@ def standard_listeners(
             OperationalLog(),
             progress,
             NotifyListener(notifier, progress),
+            *([RollupListener(rollups)] if rollups is not None else []),
             DisposalListener(disposal),
         ]
     )

@@ -169,14 +169,15 @@ def _finish(
         return BatchResult(batch.batch_id, None, None, quarantined=quarantined)
 
     final = task.outbox_dir / batch.batch_id
+    merged = processor.merge(partials)
+    rollup = _rollup_partial(task, processor, merged)
     earlier = read_manifest(final)
     if earlier is not None:
         # An earlier attempt published it and died before the journal heard: keep that one.
-        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined)
+        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined, rollup)
     provenance = provenance_of(task)
     if final.exists():
         shutil.rmtree(final)
-    merged = processor.merge(partials)
     # One staging folder per attempt: after a lost connection, an old attempt may still run
     # beside its retry (Dask), and neither must write into the other's files.
     tmp = staging_folder(task.outbox_dir, f"{batch.batch_id}-{secrets.token_hex(4)}")
@@ -192,11 +193,22 @@ def _finish(
         if earlier is None:
             raise
         # The other attempt won the rename: its folder is whole and equivalent; use it.
-        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined)
+        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined, rollup)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BatchResult(batch.batch_id, final, published_at, outputs, facts, quarantined, provenance)
+    return BatchResult(
+        batch.batch_id, final, published_at, outputs, facts, quarantined, provenance, rollup
+    )
+
+
+def _rollup_partial(task: BatchTask, processor: Processor, merged: Any) -> dict[str, Any] | None:
+    """The merged statistics as plain JSON, for a pipeline that keeps a rollup (and a processor
+    that can give them)."""
+    make = getattr(processor, "rollup_partial", None)
+    if not task.wants_rollup or make is None:
+        return None
+    return cast(dict[str, Any], make(merged))
 
 
 def provenance_of(task: BatchTask) -> Provenance:
@@ -216,8 +228,12 @@ def _earlier_result(
     earlier: dict[str, Any],
     facts: dict[int, Facts],
     quarantined: dict[int, tuple[str, str]],
+    rollup: dict[str, Any] | None,
 ) -> BatchResult:
-    """A folder published by an earlier attempt stands, with its outputs and provenance."""
+    """A folder published by an earlier attempt stands, with its outputs and provenance (its
+    rollup statistics are this attempt's: the same inputs give the same numbers)."""
     outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
     provenance = Provenance.from_json(earlier.get("provenance"))
-    return BatchResult(batch_id, final, time.time(), outputs, facts, quarantined, provenance)
+    return BatchResult(
+        batch_id, final, time.time(), outputs, facts, quarantined, provenance, rollup
+    )
