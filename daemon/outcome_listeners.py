@@ -250,17 +250,23 @@ class Progress(Listener):
 
 
 class RollupListener(Listener):
-    """After a publish, the batch's staged statistics join its pipeline's rollup table."""
+    """After a publish, the batch's staged statistics join its pipeline's rollup table (with
+    any share an earlier failed write left staged)."""
 
-    def __init__(self, rollups: Rollups) -> None:
+    def __init__(self, rollups: Rollups, journal: Journal) -> None:
         self._rollups = rollups
+        self._journal = journal
 
     def on_outcome(self, outcome: Outcome) -> None:
         match outcome:
             case Committed(batch=b, result=r) if r.is_published and r.rollup is not None:
-                self._rollups.merge(b.pipeline, b.batch_id)
+                self._rollups.merge_staged(b.pipeline, self._state_of)
             case _:
                 pass
+
+    def _state_of(self, batch_id: str) -> str | None:
+        row = self._journal.batch(batch_id)
+        return None if row is None else row.state
 
 
 class DisposalListener(Listener):
@@ -295,6 +301,7 @@ def standard_listeners(
     notifier: Notifier,
     disposal: Disposal,
     rollups: Rollups | None = None,
+    journal: Journal | None = None,
 ) -> Listeners:
     """The service's list, in order: the audit line first (it follows the journal commit),
     disposal last (inputs leave the spool once everything about them is written)."""
@@ -306,7 +313,7 @@ def standard_listeners(
             OperationalLog(),
             progress,
             NotifyListener(notifier, progress),
-            *([RollupListener(rollups)] if rollups is not None else []),
+            *([RollupListener(rollups, journal)] if rollups and journal else []),
             DisposalListener(disposal),
         ]
     )

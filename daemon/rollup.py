@@ -36,6 +36,8 @@ _MAY_PUBLISH = frozenset({BatchState.SEALED, BatchState.RUNNING})
 
 Parts = list[Any]  # [count, sum, m2, min, max]; min and max None without values
 _EMPTY: Parts = [0, 0.0, 0.0, None, None]
+# Spec keys that must agree for two batches' groups to add up.
+_SAME = ("group_by", "missing")
 
 
 def merge_parts(a: Parts, b: Parts) -> Parts:
@@ -63,6 +65,13 @@ class Period:
     spec: dict[str, Any] = field(default_factory=dict)
     columns: list[str] = field(default_factory=list)
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The batch the table started over from, when the grouping changed under it.
+    restarted_at: str | None = None
+
+    def is_compatible(self, spec: dict[str, Any]) -> bool:
+        """Whether a batch of this spec adds up with the batches so far (same grouping column,
+        rows with missing values counted the same way)."""
+        return not self.batches or all(self.spec.get(k) == spec.get(k) for k in _SAME)
 
     def add(self, batch_id: str, partial: dict[str, Any]) -> bool:
         """Merge one batch's statistics, once: False if it is already covered."""
@@ -85,12 +94,12 @@ class Period:
 
     def as_json(self) -> dict[str, Any]:
         return {"batches": self.batches, "spec": self.spec, "columns": self.columns,
-                "groups": self.groups}  # fmt: skip
+                "groups": self.groups, "restarted_at": self.restarted_at}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Period:
         return cls(list(data["batches"]), dict(data["spec"]), list(data["columns"]),
-                   dict(data["groups"]))  # fmt: skip
+                   dict(data["groups"]), data.get("restarted_at"))  # fmt: skip
 
 
 def _columns_of(partial: dict[str, Any]) -> list[str]:
@@ -187,9 +196,15 @@ class Rollups:
             staged = json.loads(path.read_bytes())
         except FileNotFoundError:
             return False
-        period_name = str(staged["period"])
+        period_name, partial = str(staged["period"]), staged["partial"]
         period = self.load(pipeline, period_name)
-        if period.add(batch_id, staged["partial"]):
+        if not period.is_compatible(partial["spec"]):
+            # Groups of another column (or rows counted another way) cannot be added up: the
+            # table starts over from this batch, and says so.
+            log.warning("rollup.restarted", pipeline=pipeline, period=period_name,
+                        batches_before=len(period.batches))  # fmt: skip
+            period = Period(restarted_at=batch_id)
+        if period.add(batch_id, partial):
             atomic_write(
                 self._state_path(pipeline, period_name), _dumps(period.as_json()), PRIVATE_MODE
             )
@@ -200,21 +215,28 @@ class Rollups:
         )
         return True
 
+    def merge_staged(self, pipeline: str, state_of: Callable[[str], str | None]) -> int:
+        """Merge every staged share of a published batch of `pipeline` (the one just committed,
+        and any a failed write left behind); drop those of batches that will never publish."""
+        merged = 0
+        for path in sorted((self._root / pipeline / "staged").glob("*.json")):
+            state = state_of(path.stem)
+            if state == BatchState.PUBLISHED:
+                merged += self.merge(pipeline, path.stem)
+            elif state not in _MAY_PUBLISH:
+                path.unlink()
+        return merged
+
     def recover(self, state_of: Callable[[str], str | None]) -> int:
         """At start: merge what a crash left staged for a published batch, drop what belongs to
         a batch that will never publish, and re-publish any table not up to date. Returns how
         many staged batches were merged."""
-        merged = 0
-        for folder in sorted(self._root.glob("*/staged")):
-            pipeline = folder.parent.name
-            for path in sorted(folder.glob("*.json")):
-                state = state_of(path.stem)
-                if state == BatchState.PUBLISHED:
-                    merged += self.merge(pipeline, path.stem)
-                elif state not in _MAY_PUBLISH:
-                    path.unlink()
         for path in [*self._root.glob("*/.*.tmp"), *self._root.glob("*/staged/.*.tmp")]:
             path.unlink()  # a write a crash cut short; its target is whole or absent
+        merged = sum(
+            self.merge_staged(folder.parent.name, state_of)
+            for folder in sorted(self._root.glob("*/staged"))
+        )
         for path in sorted(self._root.glob("*/*.json")):
             self._republish_if_stale(path.parent.name, path.stem)
         return merged
@@ -244,6 +266,7 @@ class Rollups:
             "groups": len(period.groups),
             "statistics": period.spec.get("statistics", []),
             "min_cell_size": period.spec.get("min_cell_size"),
+            **({"restarted_at": period.restarted_at} if period.restarted_at else {}),
             "csv_sha256": sha256_of(table),
             "updated_at": iso_utc(),
         }

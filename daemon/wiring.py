@@ -48,7 +48,9 @@ def wire(
     gate = IntakeGate(audit, journal)
     disposal = Disposal(settings.paths, journal, pipelines)
     rollups = Rollups(settings.paths.state, settings.paths.outbox, pipelines)
-    listeners = standard_listeners(audit, metrics, gate, progress, notifier, disposal, rollups)
+    listeners = standard_listeners(
+        audit, metrics, gate, progress, notifier, disposal, rollups, journal
+    )
     flow = BatchFlow(settings, journal, dispatcher, listeners, rollups=rollups)
     admission = Admission(journal, audit, disposal, batcher, pipelines)
     return Parts(intake, batcher, dispatcher, gate, disposal, flow, admission)

@@ -35,6 +35,7 @@ def rollup_partial(merged: pd.DataFrame, options: EmrOptions, columns: list[str]
         "spec": {
             "group_by": options.group_by,
             "statistics": [s for s in options.statistics if s in MERGEABLE],
+            "missing": options.missing,
             "with_n": options.missing == "column" or "n" in options.statistics,
             "min_cell_size": options.min_cell_size,
             "min_cell_sources": options.min_cell_sources,

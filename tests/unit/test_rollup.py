@@ -19,6 +19,7 @@ from daemon.rollup import Period, Rollups, merge_parts, render_csv
 
 SPEC = {
     "group_by": "diagnosis",
+    "missing": "row",
     "statistics": ["mean", "std", "min", "max"],
     "with_n": True,
     "min_cell_size": 3,
@@ -208,3 +209,34 @@ def test_state_is_private_and_tables_group_readable(tmp_path: Path) -> None:
     folder = tmp_path / "outbox" / "emr" / "_rollup"
     assert folder.stat().st_mode & 0o777 == 0o750
     assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o640}
+
+
+def test_a_share_left_staged_by_a_failed_merge_joins_with_the_next(tmp_path: Path) -> None:
+    """A merge that failed (disk full) leaves its share staged; the next publish of the
+    pipeline merges both, without waiting for a restart."""
+    rollups = make(tmp_path)
+    states = {"B1": BatchState.PUBLISHED, "B2": BatchState.PUBLISHED, "B3": BatchState.RUNNING}
+    publish(rollups, "B1", {"flu": [1, 2, 3]}, 1000.0)  # its merge failed
+    publish(rollups, "B3", {"flu": [7, 8, 9]}, 1000.5)  # staged, then its commit failed
+    publish(rollups, "B2", {"flu": [4, 5, 6]}, 1001.0)
+    assert rollups.merge_staged("emr", states.get) == 2
+    assert published(tmp_path)[0] == ["B1", "B2"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("group_by", "ward"), ("missing", "column")])
+def test_a_change_of_grouping_starts_the_table_over(tmp_path: Path, key: str, value: str) -> None:
+    """Groups of another column (or counted another way) never add up with the earlier ones:
+    the table starts over from that batch and its json says where."""
+    rollups = make(tmp_path)
+    publish(rollups, "B1", {"flu": [1, 2, 3]}, 1000.0)
+    rollups.merge("emr", "B1")
+    batch = Batch("B2", "emr", "emr", 3, 1001.0, ())
+    changed = partial({"w1": [4, 5, 6]}, {**SPEC, "missing": "row", key: value})
+    rollups.stage(batch, BatchResult("B2", Path("/x"), 1001.0, rollup=changed))
+    rollups.merge("emr", "B2")
+    batches, rows = published(tmp_path)
+    assert batches == ["B2"]
+    group = value if key == "group_by" else "diagnosis"
+    assert [r[group] for r in rows] == ["w1"]
+    about = json.loads((tmp_path / "outbox" / "emr" / "_rollup" / "all.json").read_text())
+    assert about["restarted_at"] == "B2"
