@@ -6,6 +6,7 @@ Which executor runs the batch is not its business: it only submits and reads out
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +34,7 @@ from daemon.outcomes import (
     Started,
 )
 from daemon.retry import GiveUp, Retry, Split, decide
+from daemon.rollup import Rollups
 
 log = structlog.get_logger()
 
@@ -60,8 +62,10 @@ class BatchFlow:
         *,
         wall: Clock = time.time,
         mono: Clock = time.monotonic,
+        rollups: Rollups | None = None,
     ) -> None:
         self.settings = settings
+        self.rollups = rollups
         self.executor: Executor | None = None
         # Pipelines a reload removed: their open and waiting batches finish under these settings.
         self.retired: dict[str, Pipeline] = {}
@@ -102,6 +106,8 @@ class BatchFlow:
             options=pipeline.options,
             outbox_dir=self.settings.paths.outbox / batch.pipeline,
             memory_estimate=int(batch.n_bytes * pipeline.estimated_memory_factor),
+            config_sha256=self.settings.config_sha256 or "",
+            wants_rollup=pipeline.rollup is not None,
         )
 
     def dispatch(self) -> None:
@@ -137,7 +143,24 @@ class BatchFlow:
         except Exception as exc:
             self.on_attempt_failed(flight.task, self._failure_reason(batch_id, exc), run_s)
             return
-        self._commit(flight.task.batch, result, run_s)
+        if self._is_staged(flight.task, result, run_s):
+            self._commit(flight.task.batch, result, run_s)
+
+    def _is_staged(self, task: BatchTask, result: BatchResult, run_s: float) -> bool:
+        """A rollup's share is durable before the commit, so that a crash right after the
+        commit still merges it (once); if it cannot be written, the batch is retried."""
+        if self.rollups is None or not result.is_published or result.rollup is None:
+            return True
+        try:
+            self.rollups.stage(task.batch, result)
+        except OSError as exc:
+            reason = (
+                Reason.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Reason.IO_ERROR
+            )
+            log.error("rollup.stage_failed", batch_id=task.batch.batch_id, reason=reason)
+            self.on_attempt_failed(task, reason, run_s)
+            return False
+        return True
 
     def _commit(self, batch: Batch, result: BatchResult, run_s: float) -> None:
         now = self._wall()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -71,6 +72,8 @@ Bytes = Annotated[int, BeforeValidator(_to_bytes), Field(gt=0)]
 Seconds = Annotated[float, BeforeValidator(_to_seconds), Field(ge=0)]
 PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0)]
 
+# Kinds whose batches hand back mergeable statistics for a rollup table.
+ROLLUP_KINDS = ("emr",)
 # Memory a batch needs, per byte of input, by kind (images decode to far more than their files).
 DEFAULT_MEMORY_FACTOR = {"emr": 8.0, "genomics": 8.0, "imaging": 16.0}
 
@@ -203,6 +206,8 @@ class Pipeline(_Model):
     archive_days: RetentionDays | None = 90.0
     quarantine_days: RetentionDays | None = None
     journal_days: RetentionDays | None = None
+    # A table across batches, re-published after each one: per UTC day of publish, or all time.
+    rollup: Literal["day", "all"] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -227,6 +232,15 @@ class Pipeline(_Model):
         except ValidationError as exc:
             raise ValueError(_describe(exc)) from None
         return data
+
+    @model_validator(mode="after")
+    def _check_rollup(self) -> Pipeline:
+        if self.rollup is not None and self.kind not in ROLLUP_KINDS:
+            raise ValueError(
+                f"rollup: not available for kind {self.kind!r} (only {', '.join(ROLLUP_KINDS)}: "
+                "their statistics merge exactly across batches)"
+            )
+        return self
 
     @property
     def estimated_memory_factor(self) -> float:
@@ -255,6 +269,9 @@ class Settings(_Model):
     retention: RetentionConfig = RetentionConfig()
     pipeline: list[Pipeline] = Field(min_length=1)
     config_path: Path | None = None
+    # SHA-256 of the config file's bytes as loaded (manifest provenance): the file an operator
+    # can hash with sha256sum, comments and all, rather than a canonical form of the settings.
+    config_sha256: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -341,17 +358,20 @@ def config_path_from(arg: str | Path | None) -> Path:
 def load_settings(path: Path) -> Settings:
     """Read, resolve and validate a config; raise ConfigError naming the key."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = tomllib.loads(data.decode("utf-8"))
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("config", f"{path} is not UTF-8 text") from None
-    if "config_path" in raw:
-        raise ConfigError("config_path", "Extra inputs are not permitted")
+    for internal in ("config_path", "config_sha256"):
+        if internal in raw:
+            raise ConfigError(internal, "Extra inputs are not permitted")
     _resolve_paths(raw, path.resolve().parent)
     raw["config_path"] = path.resolve()
+    raw["config_sha256"] = hashlib.sha256(data).hexdigest()
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:

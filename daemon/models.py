@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,56 @@ class BatchTask:
     options: dict[str, Any]
     outbox_dir: Path
     memory_estimate: int = 0
+    # SHA-256 of the config file the task was built under (its manifest's provenance).
+    config_sha256: str = ""
+    # The pipeline keeps a rollup: hand back the batch's mergeable statistics.
+    wants_rollup: bool = False
+
+
+def options_sha256(options: dict[str, Any]) -> str:
+    """SHA-256 of a processor's options as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(options, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """What produced a published batch: code version, processor kind and options as used (after
+    defaults), the config's hash and the worker's host. Settings only, never patient data."""
+
+    version: str
+    kind: str
+    options: dict[str, Any]
+    config_sha256: str
+    host: str
+
+    @property
+    def options_sha256(self) -> str:
+        return options_sha256(self.options)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "kind": self.kind,
+            "options": self.options,
+            "options_sha256": self.options_sha256,
+            "config_sha256": self.config_sha256,
+            "host": self.host,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Provenance | None:
+        """The provenance of a manifest written earlier (None if it has none, or not whole)."""
+        try:
+            return cls(
+                str(data["version"]),
+                str(data["kind"]),
+                dict(data["options"]),
+                str(data["config_sha256"]),
+                str(data["host"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +179,9 @@ class BatchResult:
     outputs: tuple[OutputFile, ...] = ()
     facts: dict[int, Facts] = field(default_factory=dict)
     quarantined: dict[int, tuple[str, str]] = field(default_factory=dict)
+    provenance: Provenance | None = None
+    # The batch's mergeable statistics (plain JSON) for the pipeline's rollup, if it keeps one.
+    rollup: dict[str, Any] | None = None
 
     @property
     def is_published(self) -> bool:

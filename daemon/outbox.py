@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.fsutil import fsync_dir, iso_utc, sha256_of
-from daemon.models import Batch, Facts, OutputFile
+from daemon.models import Batch, Facts, OutputFile, Provenance
 
 FOLDER_MODE = 0o750
 FILE_MODE = 0o640
@@ -47,9 +47,10 @@ def build_manifest(
     facts: dict[int, Facts],
     quarantined: dict[int, tuple[str, str]],
     published_at: float,
+    provenance: Provenance | None = None,
 ) -> dict[str, Any]:
     by_id = {f.file_id: f for f in batch.files}
-    return {
+    manifest: dict[str, Any] = {
         "batch_id": batch.batch_id,
         "pipeline": batch.pipeline,
         "kind": batch.kind,
@@ -73,6 +74,9 @@ def build_manifest(
             for i, (reason, _) in sorted(quarantined.items())
         ],
     }
+    if provenance is not None:
+        manifest["provenance"] = provenance.as_json()
+    return manifest
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from daemon.audit.events import (
     FileQuarantined,
     IntakePaused,
     IntakeResumed,
+    provenance_fields,
 )
 from daemon.disposal import Disposal
 from daemon.health import write_paused
@@ -38,6 +39,7 @@ from daemon.outcomes import (
     SplitUp,
     Started,
 )
+from daemon.rollup import Rollups
 
 log = structlog.get_logger()
 _KILLS_ITS_WORKER = frozenset({Reason.WORKER_CRASH, Reason.TIMEOUT})
@@ -97,6 +99,7 @@ class AuditTrail(Listener):
                     files=len(result.facts),
                     quarantined=len(result.quarantined),
                     folder=str(result.folder),
+                    **provenance_fields(result.provenance),
                 )
             )
         else:
@@ -247,6 +250,26 @@ class Progress(Listener):
                 pass
 
 
+class RollupListener(Listener):
+    """After a publish, the batch's staged statistics join its pipeline's rollup table (with
+    any share an earlier failed write left staged)."""
+
+    def __init__(self, rollups: Rollups, journal: Journal) -> None:
+        self._rollups = rollups
+        self._journal = journal
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        match outcome:
+            case Committed(batch=b, result=r) if r.is_published and r.rollup is not None:
+                self._rollups.merge_staged(b.pipeline, self._state_of)
+            case _:
+                pass
+
+    def _state_of(self, batch_id: str) -> str | None:
+        row = self._journal.batch(batch_id)
+        return None if row is None else row.state
+
+
 class DisposalListener(Listener):
     """Last: move the finished inputs out of the spool once their lines are written."""
 
@@ -278,6 +301,8 @@ def standard_listeners(
     progress: Progress,
     notifier: Notifier,
     disposal: Disposal,
+    rollups: Rollups | None = None,
+    journal: Journal | None = None,
 ) -> Listeners:
     """The service's list, in order: the audit line first (it follows the journal commit),
     disposal last (inputs leave the spool once everything about them is written)."""
@@ -289,6 +314,7 @@ def standard_listeners(
             OperationalLog(),
             progress,
             NotifyListener(notifier, progress),
+            *([RollupListener(rollups, journal)] if rollups and journal else []),
             DisposalListener(disposal),
         ]
     )

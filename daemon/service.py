@@ -145,6 +145,11 @@ class Service:
         self._checkpoint()
         Recovery(self.settings, self.journal, self.audit, self.intake, self.batcher, self.flow,
                  self.disposal).run()  # fmt: skip
+        if self.flow.rollups is not None:  # a crash between a publish and its rollup
+            journal = self.journal
+            self.flow.rollups.recover(
+                lambda batch_id: getattr(journal.batch(batch_id), "state", None)
+            )
         self._checkpoint()
         self.executor = make_executor(self.settings, kinds(self.settings), self._on_done)
         self.flow.executor = self.executor

@@ -17,6 +17,7 @@ from daemon.journal import Journal
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.outcome_listeners import IntakeGate, Progress, standard_listeners
+from daemon.rollup import Rollups
 from daemon.startup import by_name
 
 
@@ -46,7 +47,10 @@ def wire(
     dispatcher = PriorityDispatcher(workers.count, workers.memory_budget, settings.dispatch.aging_s)
     gate = IntakeGate(audit, journal)
     disposal = Disposal(settings.paths, journal, pipelines)
-    listeners = standard_listeners(audit, metrics, gate, progress, notifier, disposal)
-    flow = BatchFlow(settings, journal, dispatcher, listeners)
+    rollups = Rollups(settings.paths.state, settings.paths.outbox, pipelines)
+    listeners = standard_listeners(
+        audit, metrics, gate, progress, notifier, disposal, rollups, journal
+    )
+    flow = BatchFlow(settings, journal, dispatcher, listeners, rollups=rollups)
     admission = Admission(journal, audit, disposal, batcher, pipelines)
     return Parts(intake, batcher, dispatcher, gate, disposal, flow, admission)

@@ -14,15 +14,25 @@ import resource
 import secrets
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from daemon import __version__
 from daemon.errors import BatchFailedError, ProcessorError
 from daemon.logs import configure_logging, contain_library_logs
-from daemon.models import BatchResult, BatchTask, Facts, IncomingFile, OutputFile, Reason
+from daemon.models import (
+    BatchResult,
+    BatchTask,
+    Facts,
+    IncomingFile,
+    OutputFile,
+    Provenance,
+    Reason,
+)
 from daemon.outbox import (
     build_manifest,
     describe_outputs,
@@ -185,21 +195,23 @@ def _finish(
         return BatchResult(batch.batch_id, None, None, quarantined=quarantined)
 
     final = task.outbox_dir / batch.batch_id
+    merged = processor.merge(partials)
+    rollup = _rollup_partial(task, processor, merged)
     earlier = read_manifest(final)
     if earlier is not None:
         # An earlier attempt published it and died before the journal heard: keep that one.
-        outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
-        return BatchResult(batch.batch_id, final, time.time(), outputs, facts, quarantined)
+        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined, rollup)
+    provenance = provenance_of(task)
     if final.exists():
         shutil.rmtree(final)
-    merged = processor.merge(partials)
     # One staging folder per attempt: after a lost connection, an old attempt may still run
     # beside its retry (Dask), and neither must write into the other's files.
     tmp = staging_folder(task.outbox_dir, f"{batch.batch_id}-{secrets.token_hex(4)}")
     try:
         outputs = describe_outputs(tmp, processor.write(merged, tmp))
         published_at = time.time()
-        write_manifest(tmp, build_manifest(batch, outputs, facts, quarantined, published_at))
+        manifest = build_manifest(batch, outputs, facts, quarantined, published_at, provenance)
+        write_manifest(tmp, manifest)
         publish(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,9 +219,47 @@ def _finish(
         if earlier is None:
             raise
         # The other attempt won the rename: its folder is whole and equivalent; use it.
-        outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
-        return BatchResult(batch.batch_id, final, time.time(), outputs, facts, quarantined)
+        return _earlier_result(batch.batch_id, final, earlier, facts, quarantined, rollup)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BatchResult(batch.batch_id, final, published_at, outputs, facts, quarantined)
+    return BatchResult(
+        batch.batch_id, final, published_at, outputs, facts, quarantined, provenance, rollup
+    )
+
+
+def _rollup_partial(task: BatchTask, processor: Processor, merged: Any) -> dict[str, Any] | None:
+    """The merged statistics as plain JSON, for a pipeline that keeps a rollup (and a processor
+    that can give them)."""
+    make = getattr(processor, "rollup_partial", None)
+    if not task.wants_rollup or make is None:
+        return None
+    return cast(dict[str, Any], make(merged))
+
+
+def provenance_of(task: BatchTask) -> Provenance:
+    """This worker's version and host, with the task's options (after defaults) and config."""
+    return Provenance(
+        version=__version__,
+        kind=task.batch.kind,
+        options=task.options,
+        config_sha256=task.config_sha256,
+        host=socket.gethostname(),
+    )
+
+
+def _earlier_result(
+    batch_id: str,
+    final: Path,
+    earlier: dict[str, Any],
+    facts: dict[int, Facts],
+    quarantined: dict[int, tuple[str, str]],
+    rollup: dict[str, Any] | None,
+) -> BatchResult:
+    """A folder published by an earlier attempt stands, with its outputs and provenance (its
+    rollup statistics are this attempt's: the same inputs give the same numbers)."""
+    outputs = tuple(OutputFile(**o) for o in earlier["outputs"])
+    provenance = Provenance.from_json(earlier.get("provenance"))
+    return BatchResult(
+        batch_id, final, time.time(), outputs, facts, quarantined, provenance, rollup
+    )

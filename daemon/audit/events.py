@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from daemon.models import Provenance
+
 
 class AuditEvent(enum.StrEnum):
     DAEMON_STARTED = "daemon.started"
@@ -146,12 +148,31 @@ class BatchStarted(Record):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BatchPublished(Record):
+    """Provenance as hashes and versions (the manifest has the options themselves); absent
+    from a line rebuilt for a folder whose manifest has none."""
+
     event = AuditEvent.BATCH_PUBLISHED
     pipeline: str
     batch_id: str
     files: int
     quarantined: int
     folder: str
+    version: str | None = None
+    host: str | None = None
+    config_sha256: str | None = None
+    options_sha256: str | None = None
+
+
+def provenance_fields(provenance: Provenance | None) -> dict[str, str]:
+    """`BatchPublished`'s provenance fields: versions and hashes only, never option values."""
+    if provenance is None:
+        return {}
+    return {
+        "version": provenance.version,
+        "host": provenance.host,
+        "config_sha256": provenance.config_sha256,
+        "options_sha256": provenance.options_sha256,
+    }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,6 +8,7 @@ marked `recovered`, built from the same event types the live writer uses.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ from daemon.audit.events import (
     FileQuarantined,
     FileReceived,
     Record,
+    provenance_fields,
 )
 from daemon.audit.verify import read_lines
 from daemon.audit.writer import AuditLog
 from daemon.fsutil import utc_day
 from daemon.journal_queries import JournalQueries
-from daemon.models import BatchState, FileState, Reason
+from daemon.models import BatchState, FileState, Provenance, Reason
 
 _FILE_EVENTS = {AuditEvent.FILE_RECEIVED, AuditEvent.FILE_QUARANTINED, AuditEvent.FILE_DUPLICATE}
 Transition = tuple[float, Record]
@@ -123,6 +125,7 @@ def _batch_transitions(b: dict[str, Any], since: float) -> list[Transition]:
             files=b["n_published"],
             quarantined=b["n_quarantined"],
             folder=b["folder"],
+            **provenance_fields(_manifest_provenance(b["folder"])),
         )
         out.append((finished, published))
     elif b["state"] in (BatchState.FAILED, BatchState.QUARANTINED):
@@ -132,3 +135,14 @@ def _batch_transitions(b: dict[str, Any], since: float) -> list[Transition]:
         )
         out.append((finished, failed))
     return out
+
+
+def _manifest_provenance(folder: str | None) -> Provenance | None:
+    """The published manifest's provenance, so that a rebuilt line says what the live one did."""
+    if not folder:
+        return None
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return Provenance.from_json(manifest.get("provenance") if isinstance(manifest, dict) else None)

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from daemon.processors import emr_stats
+from daemon.processors import emr_rollup, emr_stats
 from daemon.processors.base import Facts, ProcessorError
 from daemon.processors.emr_batch import Outcome, read_batch
 from daemon.processors.emr_fold import TableFold, needs_values
@@ -60,6 +60,10 @@ class EmrProcessor:
 
     def merge(self, partials: Sequence[pd.DataFrame]) -> pd.DataFrame:
         return emr_stats.merge(partials, self.keep_values)
+
+    def rollup_partial(self, merged: pd.DataFrame) -> dict[str, Any]:
+        """The batch's mergeable statistics as JSON, for the pipeline's rollup."""
+        return emr_rollup.rollup_partial(merged, self.options, self._columns(merged))
 
     def write(self, merged: pd.DataFrame, folder: Path) -> list[str]:
         cells = self._with_columns(self._sorted(merged))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from daemon.audit import AuditEvent, AuditLog, read_lines, verify
 from daemon.audit.reconcile import reconcile
 from daemon.journal import Journal
-from daemon.models import Batch, BatchResult, IncomingFile
+from daemon.models import Batch, BatchResult, IncomingFile, Provenance, options_sha256
 
 
 def claim(journal: Journal, name: str, at: float) -> IncomingFile:
@@ -65,5 +66,40 @@ def test_only_transitions_since_the_recorded_head_are_considered(tmp_path: Path)
     assert reconcile(journal, audit, tmp_path / "audit", since=4000.0) == 1
     (line,) = [line for line in read_lines(tmp_path / "audit") if line.get("recovered")]
     assert line["file_id"] == new.file_id
+    audit.close()
+    journal.close()
+
+
+def test_a_rebuilt_published_line_carries_the_manifest_provenance(tmp_path: Path) -> None:
+    """A batch.published line rebuilt after a crash says what the live one would have: the
+    version, host and hashes from its manifest's provenance (and none where it has none)."""
+    journal = Journal(tmp_path / "journal.db")
+    audit = AuditLog(tmp_path / "audit")
+    provenance = Provenance("1.2.3", "emr", {"group_by": "ward"}, "c" * 64, "node-7")
+    for batch_id, with_provenance in (("B1", True), ("B2", False)):
+        f = claim(journal, f"{batch_id}.csv", 1000.0)
+        journal.seal_batch(Batch(batch_id, "emr", "emr", 3, 1002.0, (f,)), opened_at=1000.0)
+        journal.mark_running(batch_id, 1003.0)
+        folder = tmp_path / "out" / batch_id
+        folder.mkdir(parents=True)
+        manifest = {"provenance": provenance.as_json()} if with_provenance else {}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        journal.mark_published(BatchResult(batch_id, folder, 1004.0, facts={f.file_id: {}}), 1004.0)
+
+    reconcile(journal, audit, tmp_path / "audit", since=0.0)
+
+    published = {
+        line["batch_id"]: line
+        for line in read_lines(tmp_path / "audit")
+        if line["event"] == "batch.published"
+    }
+    assert {k: published["B1"][k] for k in ("version", "host", "config_sha256")} == {
+        "version": "1.2.3",
+        "host": "node-7",
+        "config_sha256": "c" * 64,
+    }
+    assert published["B1"]["options_sha256"] == options_sha256({"group_by": "ward"})
+    assert "ward" not in json.dumps(published["B1"])
+    assert not {"version", "host", "config_sha256", "options_sha256"} & set(published["B2"])
     audit.close()
     journal.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,21 @@ def test_the_example_config_is_valid() -> None:
     """config/medbatch.toml, which `make run` uses, loads."""
     settings = load_settings(Path(__file__).resolve().parents[2] / "config" / "medbatch.toml")
     assert [p.name for p in settings.pipeline] == ["emr", "imaging", "genomics"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [MINIMAL, "# a comment changes the hash\n" + MINIMAL, MINIMAL.replace("\n", "\r\n")],
+    ids=["plain", "comment", "crlf"],
+)
+def test_config_sha256_is_the_hash_of_the_file_bytes(tmp_path: Path, text: str) -> None:
+    """Provenance names the config by the sha256 of its bytes as loaded (as sha256sum says)."""
+    path = write(tmp_path, text)
+    assert load_settings(path).config_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("key", ["config_path", "config_sha256"])
+def test_internal_settings_cannot_be_written_in_the_file(tmp_path: Path, key: str) -> None:
+    """The loader sets these; a config that tries to is refused, naming the key."""
+    with pytest.raises(ConfigError, match=key):
+        load_settings(write(tmp_path, f'{key} = "x"\n' + MINIMAL))
