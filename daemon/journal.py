@@ -223,7 +223,7 @@ class Journal(JournalQueries):
                 "WHERE id=?",
                 (at, str(result.folder), result.batch_id),
             )
-            self._finish_files(db, result, at)
+            _finish_files(db, result, at)
 
     def mark_batch_quarantined(self, result: BatchResult, at: float) -> None:
         """Every input of the batch was refused by its processor: nothing to publish."""
@@ -233,7 +233,7 @@ class Journal(JournalQueries):
                 "WHERE id=?",
                 (at, Reason.EVERY_INPUT_QUARANTINED, result.batch_id),
             )
-            self._finish_files(db, result, at)
+            _finish_files(db, result, at)
 
     def mark_failed(self, batch_id: str, reason: str, at: float) -> None:
         """Give up on a batch: each of its inputs goes to quarantine with `reason`."""
@@ -248,21 +248,6 @@ class Journal(JournalQueries):
                 f"WHERE batch_id=? AND state='{FileState.BATCHED}'",
                 (reason, at, batch_id),
             )
-
-    @staticmethod
-    def _finish_files(db: sqlite3.Connection, result: BatchResult, at: float) -> None:
-        db.executemany(
-            f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, facts=?, done_at=? "
-            "WHERE id=?",
-            [
-                (reason, json.dumps({"detail": detail}), at, fid)
-                for fid, (reason, detail) in result.quarantined.items()
-            ],
-        )
-        db.executemany(
-            f"UPDATE files SET state='{FileState.PUBLISHED}', facts=?, done_at=? WHERE id=?",
-            [(json.dumps(facts), at, fid) for fid, facts in result.facts.items()],
-        )
 
     def quarantine_received(self, file_ids: Iterable[int], reason: str, at: float) -> None:
         """Files claimed but never batched that can no longer be (their pipeline is gone)."""
@@ -330,3 +315,18 @@ class Journal(JournalQueries):
                 "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
                 [(k, json.dumps(v)) for k, v in values.items()],
             )
+
+
+def _finish_files(db: sqlite3.Connection, result: BatchResult, at: float) -> None:
+    db.executemany(
+        f"UPDATE files SET state='{FileState.QUARANTINED}', reason=?, facts=?, done_at=? "
+        "WHERE id=?",
+        [
+            (reason, json.dumps({"detail": detail}), at, fid)
+            for fid, (reason, detail) in result.quarantined.items()
+        ],
+    )
+    db.executemany(
+        f"UPDATE files SET state='{FileState.PUBLISHED}', facts=?, done_at=? WHERE id=?",
+        [(json.dumps(facts), at, fid) for fid, facts in result.facts.items()],
+    )

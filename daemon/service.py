@@ -26,6 +26,7 @@ from daemon.audit.events import (
     DaemonStarted,
     DaemonStopped,
 )
+from daemon.batch_flow import BatchFlow
 from daemon.batcher import Sealed
 from daemon.config import Settings
 from daemon.console import OnceConsole
@@ -67,6 +68,12 @@ def _records(settings: Settings, metrics: Metrics, once: bool) -> tuple[Journal,
     audit.add_listener(metrics.on_audit)
     audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=once or None))
     return journal, audit
+
+
+def _recover_rollups(flow: BatchFlow, journal: Journal) -> None:
+    """A crash between a publish and its rollup merge: the staged shares are merged now."""
+    if flow.rollups is not None:
+        flow.rollups.recover(lambda batch_id: getattr(journal.batch(batch_id), "state", None))
 
 
 def _log_starting(settings: Settings, once: bool) -> None:
@@ -145,11 +152,7 @@ class Service:
         self._checkpoint()
         Recovery(self.settings, self.journal, self.audit, self.intake, self.batcher, self.flow,
                  self.disposal).run()  # fmt: skip
-        if self.flow.rollups is not None:  # a crash between a publish and its rollup
-            journal = self.journal
-            self.flow.rollups.recover(
-                lambda batch_id: getattr(journal.batch(batch_id), "state", None)
-            )
+        _recover_rollups(self.flow, self.journal)
         self._checkpoint()
         self.executor = make_executor(self.settings, kinds(self.settings), self._on_done)
         self.flow.executor = self.executor

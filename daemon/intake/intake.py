@@ -90,8 +90,8 @@ class Intake:
         self._spool = settings.paths.spool
         self._spool_prefix = f"{self._spool}{os.sep}"  # plain strings in the per-file path
         # The UIDs that group batch_by pipelines are kept as keyed hashes, like names.
-        is_grouped = any(p.is_grouped for p in settings.pipeline)
-        self._group_key = load_name_key(settings.paths.state) if is_grouped else None
+        grouped = any(p.is_grouped for p in settings.pipeline)
+        self._group_key = load_name_key(settings.paths.state) if grouped else None
         for name in self._pipelines:
             (self._spool / name).mkdir(parents=True, exist_ok=True, mode=0o750)
         self._candidates.drop_pipelines_except(set(self._pipelines))
@@ -337,12 +337,8 @@ class Intake:
     def _refuse_in_inbox(self, pipeline: str, raw_name: str, refused: Refusal) -> None:
         """Leave the entry alone and report it once; remember it until it changes."""
         if refused.reason == reasons.VANISHED:
-            log.info(
-                "intake.vanished",
-                pipeline=pipeline,
-                reason=refused.reason,
-                errno=refused.errno_name,
-            )
+            log.info("intake.vanished", pipeline=pipeline, reason=refused.reason,
+                     errno=refused.errno_name)  # fmt: skip
             return
         st = refused.st
         if st is not None:
@@ -350,9 +346,8 @@ class Intake:
         inode, size = (st.st_ino, st.st_size) if st is not None else (0, 0)
         name = recorded_name(raw_name)
         if self._journal.record_rejected(pipeline, name, inode, refused.reason, self._clock()):
-            self._audit.record(
-                FileRejected(pipeline=pipeline, file=name, reason=refused.reason, size=size)
-            )
+            rejected = FileRejected(pipeline=pipeline, file=name, reason=refused.reason, size=size)
+            self._audit.record(rejected)
             _log_refusal("file.rejected", pipeline, refused, inode)
 
     # -- recovery -------------------------------------------------------------------------
@@ -363,14 +358,8 @@ class Intake:
 
     def finish_interrupted_claims(self) -> list[IncomingFile]:
         """Recovery: claims whose journal intent was written but not their outcome."""
-        return recovery.finish_interrupted_claims(
-            self._journal,
-            self._settings,
-            self._pipelines,
-            self._audit,
-            self._service_uid,
-            self._group_key,
-        )
+        args = (self._settings, self._pipelines, self._audit, self._service_uid, self._group_key)
+        return recovery.finish_interrupted_claims(self._journal, *args)
 
 
 def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:
