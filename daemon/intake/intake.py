@@ -52,7 +52,7 @@ MAX_PENDING = 50_000
 class _Plan:
     pipeline: Pipeline
     candidate: Candidate
-    raw_name: str  # candidate.path.name
+    raw_name: str  # candidate.name
     name: str  # recorded_name(raw_name)
     opened: Opened
     spool_name: str
@@ -122,16 +122,17 @@ class Intake:
             return
         now = self._monotonic()
         settle_s = self._pipelines[pipeline].settle_s
-        candidate = self._candidates.get(path)
+        key = os.fspath(path)
+        candidate = self._candidates.get(key)
         if candidate is None:
             try:
-                st = os.lstat(path)
+                st = os.lstat(key)
             except OSError:
                 return
             if self._refused.is_unchanged(pipeline, path.name, st):
                 return
             self._refused.forget(pipeline, path.name)  # changed: examined afresh
-            candidate = Candidate(pipeline, path, signature_of(st), now, now + settle_s)
+            candidate = Candidate(pipeline, key, signature_of(st), now, now + settle_s)
             candidate.is_closed_hint = is_writing is False
             self._candidates.add(candidate)
         candidate.is_urgent = True
@@ -153,23 +154,25 @@ class Intake:
         self._is_scan_capped = False
         for name, pipeline in self._pipelines.items():
             folder = self._settings.paths.inbox / name
+            seen: list[str] = []  # names, not DirEntries: a backlog may hold 100,000
             try:
-                entries = list(os.scandir(folder))
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        seen.append(entry.name)
+                        self._scan_entry(pipeline, entry, now)
             except FileNotFoundError:
                 folder.mkdir(parents=True, exist_ok=True)
                 continue
             except OSError:
                 continue
-            for entry in entries:
-                self._scan_entry(pipeline, entry, now)
-            self._refused.keep_only(name, (e.name for e in entries))
+            self._refused.keep_only(name, seen)
         return len(self._candidates) - before
 
     def _scan_entry(self, pipeline: Pipeline, entry: os.DirEntry[str], now: float) -> None:
         if is_ignored(entry.name):
             return
         # A refused entry costs a dict look-up (a link keeps its inode for life: not even an
-        # lstat); a Path is built only for what may be new, since that is the costly part.
+        # lstat); the path stays a string, the candidates' key.
         try:
             if self._refused.inode(pipeline.name, entry.name) == entry.inode() and (
                 entry.is_symlink()
@@ -178,7 +181,7 @@ class Intake:
                 )
             ):
                 return
-            path = Path(entry.path)
+            path = entry.path
             if path in self._candidates:
                 return
             st = entry.stat(follow_symlinks=False)  # cached by the DirEntry
@@ -292,10 +295,10 @@ class Intake:
         if inbox_fd is None:
             self._candidates.schedule(c, self._monotonic() + max(pipeline.settle_s, BUSY_RETRY_S))
             return None
-        opened = claim.open_checked(inbox_fd, c.path.name, pipeline)
+        opened = claim.open_checked(inbox_fd, c.name, pipeline)
         if isinstance(opened, Refusal):
             self._candidates.remove(c.path)
-            self._refuse_in_inbox(pipeline.name, c.path.name, opened)
+            self._refuse_in_inbox(pipeline.name, c.name, opened)
             return None
         lease = claim.try_lease(opened.fd)
         if lease is Lease.BUSY or (lease is Lease.UNAVAILABLE and not is_settled):
@@ -310,7 +313,7 @@ class Intake:
             self._candidates.schedule(c, again)
             return None
         self._candidates.remove(c.path)
-        raw_name = c.path.name
+        raw_name = c.name
         spool_name = (
             f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}{spool_suffix(raw_name)}"
         )

@@ -11,17 +11,17 @@ import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from daemon.config import Pipeline
 
 Signature = tuple[int, int, int]  # (inode, size, mtime_ns)
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     pipeline: str
-    path: Path
+    # A string, not a Path: the main loop holds one per waiting file (100,000 in a backlog).
+    path: str
     signature: Signature
     stable_since: float
     due: float
@@ -31,21 +31,25 @@ class Candidate:
     is_urgent: bool = False  # seen by an event, not only by a rescan
     seq: int = field(default=0)
 
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
 
 class Candidates:
     def __init__(self) -> None:
-        self._by_path: dict[Path, Candidate] = {}
-        self._urgent: list[tuple[float, int, Path]] = []
-        self._backlog: list[tuple[float, int, Path]] = []
+        self._by_path: dict[str, Candidate] = {}
+        self._urgent: list[tuple[float, int, str]] = []
+        self._backlog: list[tuple[float, int, str]] = []
         self._counter = itertools.count()
 
     def __len__(self) -> int:
         return len(self._by_path)
 
-    def __contains__(self, path: Path) -> bool:
+    def __contains__(self, path: str) -> bool:
         return path in self._by_path
 
-    def get(self, path: Path) -> Candidate | None:
+    def get(self, path: str) -> Candidate | None:
         return self._by_path.get(path)
 
     def values(self) -> list[Candidate]:
@@ -62,7 +66,7 @@ class Candidates:
         heap = self._urgent if candidate.is_urgent else self._backlog
         heapq.heappush(heap, (due, candidate.seq, candidate.path))
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: str) -> None:
         self._by_path.pop(path, None)
 
     def drop_pipelines_except(self, pipelines: set[str]) -> None:
@@ -86,7 +90,7 @@ class Candidates:
                 taken.append(self._by_path[path])
         return taken
 
-    def _top(self, heap: list[tuple[float, int, Path]]) -> float | None:
+    def _top(self, heap: list[tuple[float, int, str]]) -> float | None:
         """The earliest live entry's due time, dropping stale entries on the way."""
         while heap:
             due, seq, path = heap[0]
