@@ -73,7 +73,7 @@ Seconds = Annotated[float, BeforeValidator(_to_seconds), Field(ge=0)]
 PositiveSeconds = Annotated[float, BeforeValidator(_to_seconds), Field(gt=0)]
 
 # Kinds whose batches hand back mergeable statistics for a rollup table.
-ROLLUP_KINDS = ("emr",)
+ROLLUP_KINDS = ("emr", "genomics")
 # Memory a batch needs, per byte of input, by kind (images decode to far more than their files).
 DEFAULT_MEMORY_FACTOR = {"emr": 8.0, "genomics": 8.0, "imaging": 16.0}
 

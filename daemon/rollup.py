@@ -36,8 +36,8 @@ _MAY_PUBLISH = frozenset({BatchState.SEALED, BatchState.RUNNING})
 
 Parts = list[Any]  # [count, sum, m2, min, max]; min and max None without values
 _EMPTY: Parts = [0, 0.0, 0.0, None, None]
-# Spec keys that must agree for two batches' groups to add up.
-_SAME = ("group_by", "missing")
+# Spec keys that must agree for two batches' groups to add up (`kind`: EMR shares have none).
+_SAME = ("kind", "group_by", "missing")
 
 
 def merge_parts(a: Parts, b: Parts) -> Parts:
@@ -108,27 +108,38 @@ def _columns_of(partial: dict[str, Any]) -> list[str]:
 
 def render_csv(period: Period) -> str:
     """The rollup table, in result.csv's layout: the group, `n`, per column `n_<column>` (where
-    the pipeline publishes it) and each mergeable statistic, then `suppressed`. Small cells are
-    suppressed as in a batch's result: label and numbers withheld, listed last."""
+    the pipeline publishes it) and each mergeable statistic, then `suppressed` (where a
+    small-cell rule applies). Small cells are suppressed as in a batch's result: label and
+    numbers withheld, listed last. A `bare_statistics` spec (one value column, as genomics')
+    names the statistics alone, as its result.csv does: `mean`, not `mean_expression`."""
     spec = period.spec
     keys = sorted(period.groups, key=lambda k: str(period.groups[k]["label"]))
-    suppressed = _suppressed(period, keys)
+    has_rule = min_cell_size(spec) is not None
+    suppressed = _suppressed(period, keys) if has_rule else set()
     header = [spec.get("group_by", "group"), "n"]
     for c in period.columns:
         header += ([f"n_{c}"] if spec.get("with_n") else []) + [
-            f"{s}_{c}" for s in spec.get("statistics", [])
+            s if spec.get("bare_statistics") else f"{s}_{c}" for s in spec.get("statistics", [])
         ]
-    lines = [",".join(_quote(h) for h in [*header, "suppressed"])]
+    lines = [",".join(_quote(h) for h in [*header, *(["suppressed"] if has_rule else [])])]
     rows = [k for k in keys if k not in suppressed] + [k for k in keys if k in suppressed]
     for key in rows:
-        lines.append(",".join(_row(period, key, key in suppressed)))
+        row = _row(period, key, key in suppressed)
+        lines.append(",".join(row if has_rule else row[:-1]))
     return "\n".join(lines) + "\n"
+
+
+def min_cell_size(spec: dict[str, Any]) -> int | None:
+    """The small-cell rule's least rows; None for a kind without the rule (genomics). A spec
+    without the key dates from before it was written down: the default then, 11."""
+    size = spec.get("min_cell_size", 11)
+    return None if size is None else int(size)
 
 
 def _suppressed(period: Period, keys: list[str]) -> set[str]:
     """Fewer than min_cell_size rows or min_cell_sources inputs; a single small cell takes the
     next smallest with it, so it cannot be recovered by subtraction from the total."""
-    size = int(period.spec.get("min_cell_size", 11))
+    size = min_cell_size(period.spec) or 0
     sources = int(period.spec.get("min_cell_sources", 1))
     groups = period.groups
     small = {k for k in keys if groups[k]["n"] < size or groups[k]["sources"] < sources}
@@ -140,7 +151,7 @@ def _suppressed(period: Period, keys: list[str]) -> set[str]:
 
 def _row(period: Period, key: str, is_suppressed: bool) -> list[str]:
     spec, group = period.spec, period.groups[key]
-    size = int(spec.get("min_cell_size", 11))
+    size = min_cell_size(spec) or 0
     label = None if is_suppressed else _quote(str(group["label"]))
     cells = [label, None if is_suppressed else str(group["n"])]
     for c in period.columns:

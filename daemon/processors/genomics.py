@@ -1,8 +1,8 @@
 """Gene-expression tables (CSV, TSV; long or wide): per-gene count, exact mean and sample std.
 
-Each file is reduced to per-gene count, mean and M2 (sum of squared deviations) and the distinct
-(gene, sample) pairs; `merge` combines those with Chan et al.'s parallel update, so the statistics
-are exact over the whole batch however it was split. Runs in worker processes.
+Each file is reduced to per-gene count, mean, M2 (sum of squared deviations), min, max and the
+distinct (gene, sample) pairs; `merge` combines those with Chan et al.'s parallel update, so the
+statistics are exact over the whole batch however it was split. Runs in worker processes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 
+from daemon.processors import genomics_rollup
 from daemon.processors.base import Facts, ProcessorError
 from daemon.processors.genomics_duplicates import PairLedger
 from daemon.processors.genomics_input import open_table
@@ -34,7 +35,7 @@ from daemon.processors.options import GenomicsOptions
 
 RESULT_NAME = "result.csv"
 RESULT_HEADER = ("gene", "n", "mean", "std", "samples")
-STATS_COLUMNS = ("gene", "n", "mean", "m2")
+STATS_COLUMNS = ("gene", "n", "mean", "m2", "sources", "low", "high")
 
 
 def _no_codes() -> Codes:
@@ -51,12 +52,16 @@ def _no_genes() -> pa.Array:
 
 @dataclass(frozen=True, eq=False)
 class GeneStats:
-    """Per gene `n`, `mean` and `m2`, one row a gene, sorted by gene ID (`stats["mean"]`)."""
+    """Per gene `n`, `mean`, `m2`, the input files it has values in (`sources`) and its
+    lowest and highest value, one row a gene, sorted by gene ID (`stats["mean"]`)."""
 
     gene: pa.Array = field(default_factory=_no_genes)
     n: Codes = field(default_factory=_no_codes)
     mean: Floats = field(default_factory=_no_floats)
     m2: Floats = field(default_factory=_no_floats)
+    sources: Codes = field(default_factory=_no_codes)
+    low: Floats = field(default_factory=_no_floats)
+    high: Floats = field(default_factory=_no_floats)
 
     def __len__(self) -> int:
         return len(self.n)
@@ -93,12 +98,16 @@ def _reduce(cells: Cells) -> GenomicsPartial:
     mean = _sums(genes, values, size) / per
     mean += _sums(genes, values - mean[genes], size) / per
     m2 = _sums(genes, (values - mean[genes]) ** 2, size)
+    low, high = np.full(size, np.inf), np.full(size, -np.inf)
+    np.minimum.at(low, genes, values)
+    np.maximum.at(high, genes, values)
     has = n > 0
     row = np.cumsum(has) - 1  # a gene's row among the genes that have a value
     width = len(cells.sample_ids)
     pairs = sorted_unique(row[genes] * width + cells.samples, int(has.sum()) * width)
     genes_kept = cells.gene_ids.take(arrow_codes(np.flatnonzero(has)))
-    stats = GeneStats(genes_kept, n[has], mean[has], m2[has])
+    one_source = np.ones(len(genes_kept), dtype=np.int64)
+    stats = GeneStats(genes_kept, n[has], mean[has], m2[has], one_source, low[has], high[has])
     return GenomicsPartial(stats, cells.sample_ids, pairs)
 
 
@@ -222,8 +231,13 @@ class GenomicsProcessor:
         mean = _sums(by, n_by * mean_by, size) / n
         m2 = _sums(by, m2_in[order], size) + _sums(by, n_by * (mean_by - mean[by]) ** 2, size)
         samples, pairs = _merge_pairs(parts, genes, len(gene_ids))
-        stats = GeneStats(gene_ids, n.astype(np.int64), mean, m2)
+        sources, low, high = _merge_ranges(parts, by, order)
+        stats = GeneStats(gene_ids, n.astype(np.int64), mean, m2, sources, low, high)
         return GenomicsPartial(stats, samples, pairs)
+
+    def rollup_partial(self, merged: GenomicsPartial) -> dict[str, Any]:
+        """The batch's mergeable statistics as JSON, for the pipeline's rollup."""
+        return genomics_rollup.rollup_partial(merged.stats)
 
     def write(self, merged: GenomicsPartial, folder: Path) -> list[str]:
         stats = merged.stats
@@ -246,6 +260,23 @@ def _std_cells(m2: Floats, n: Codes) -> list[float | str]:
     with np.errstate(divide="ignore", invalid="ignore"):
         std: list[float] = ((m2 / (n - 1)) ** 0.5).tolist()
     return [s if k >= 2 else "" for s, k in zip(std, n.tolist(), strict=True)]
+
+
+def _merge_ranges(
+    parts: list[GenomicsPartial], by: Codes, order: Codes
+) -> tuple[Codes, Floats, Floats]:
+    """Per merged gene its sources (added up), lowest and highest value; `by` is each part row's
+    merged gene in `order`, sorted, and every gene has a row, so each run of `by` is one gene."""
+    starts = np.flatnonzero(np.concatenate(([True], by[1:] != by[:-1])))
+
+    def column(name: str) -> Any:
+        return np.concatenate([p.stats[name] for p in parts])[order]
+
+    return (
+        np.add.reduceat(column("sources"), starts),
+        np.minimum.reduceat(column("low"), starts),
+        np.maximum.reduceat(column("high"), starts),
+    )
 
 
 def _merge_pairs(

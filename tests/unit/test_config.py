@@ -65,6 +65,20 @@ def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     assert str(caught.value).startswith(key)
 
 
+@pytest.mark.parametrize("kind", ["emr", "genomics"])
+@pytest.mark.parametrize("period", ["all", "day"])
+def test_rollup_is_kept_by_kinds_with_mergeable_statistics(
+    tmp_path: Path, kind: str, period: str
+) -> None:
+    """`rollup` on an emr or a genomics pipeline is a setting; on imaging, an error naming it."""
+    text = f'[[pipeline]]\nname = "p"\nkind = "{kind}"\nrollup = "{period}"\n'
+    assert load_settings(write(tmp_path, text)).pipeline[0].rollup == period
+    imaging = text.replace(f'"{kind}"', '"imaging"')
+    with pytest.raises(ConfigError, match=r"'imaging' \(only emr, genomics") as caught:
+        load_settings(write(tmp_path, imaging))
+    assert caught.value.key == "pipeline[0].rollup"
+
+
 def test_unknown_kind_lists_the_known_ones(tmp_path: Path) -> None:
     """The message for an unknown kind lists every registered kind."""
     with pytest.raises(ConfigError, match=r"known: emr, .*genomics.*imaging"):
