@@ -7,6 +7,7 @@ reported once and remembered until they change (memory.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import secrets
@@ -153,22 +154,13 @@ class Intake:
         now = self._monotonic()
         self._is_scan_capped = False
         for name, pipeline in self._pipelines.items():
-            folder = self._settings.paths.inbox / name
-            seen: list[str] = []  # names, not DirEntries: a backlog may hold 100,000
-            try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        seen.append(entry.name)
-                        self._scan_entry(pipeline, entry, now)
-            except FileNotFoundError:
-                folder.mkdir(parents=True, exist_ok=True)
-                continue
-            except OSError:
-                continue
-            self._refused.keep_only(name, seen)
+            visit = functools.partial(self._scan_entry, pipeline, now=now)
+            seen = _scan_folder(self._settings.paths.inbox / name, visit)
+            if seen is not None:
+                self._refused.keep_only(name, seen)
         return len(self._candidates) - before
 
-    def _scan_entry(self, pipeline: Pipeline, entry: os.DirEntry[str], now: float) -> None:
+    def _scan_entry(self, pipeline: Pipeline, entry: os.DirEntry[str], *, now: float) -> None:
         if is_ignored(entry.name):
             return
         # A refused entry costs a dict look-up (a link keeps its inode for life: not even an
@@ -363,6 +355,23 @@ class Intake:
         """Recovery: claims whose journal intent was written but not their outcome."""
         args = (self._settings, self._pipelines, self._audit, self._service_uid, self._group_key)
         return recovery.finish_interrupted_claims(self._journal, *args)
+
+
+def _scan_folder(folder: Path, visit: Callable[[os.DirEntry[str]], None]) -> list[str] | None:
+    """Visit each entry as listed; return the names seen (names, not DirEntries: a backlog may
+    hold 100,000), None when the folder cannot be listed (a missing one is made again)."""
+    seen: list[str] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                seen.append(entry.name)
+                visit(entry)
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        return None
+    except OSError:
+        return None
+    return seen
 
 
 def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:
