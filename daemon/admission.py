@@ -5,7 +5,7 @@ Main loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from daemon.audit import AuditLog
 from daemon.audit.events import FileDuplicate
@@ -31,20 +31,29 @@ class Admission:
         self._batcher = batcher
         self._pipelines = pipelines
 
-    def admit(self, incoming: IncomingFile, now: float) -> list[Sealed]:
-        """Add it to its open batch; return what that seals."""
-        pipeline = self._pipelines().get(incoming.pipeline)
-        if pipeline is None:
-            return []  # removed by a reload while it settled: recovery quarantines it
-        if pipeline.duplicates == "skip" and self.is_duplicate(incoming):
-            return []
-        return self._batcher.add(incoming, now)
+    def admit(self, files: Sequence[IncomingFile], now: float) -> list[Sealed]:
+        """Add each to its open batch (a claim group's earlier publishers looked up at once, not
+        one query a file); return what that seals."""
+        pipelines = self._pipelines()
+        skip = {p.name for p in pipelines.values() if p.duplicates == "skip"}
+        skip &= {f.pipeline for f in files}
+        published = {
+            name: self._journal.publishers_of(name, [f.sha256 for f in files if f.pipeline == name])
+            for name in skip
+        }
+        sealed: list[Sealed] = []
+        for incoming in files:
+            if incoming.pipeline not in pipelines:
+                continue  # removed by a reload while it settled: recovery quarantines it
+            earlier = published.get(incoming.pipeline, {}).get(incoming.sha256)
+            if earlier is not None:
+                self._record_duplicate(incoming, earlier)
+            else:
+                sealed += self._batcher.add(incoming, now)
+        return sealed
 
-    def is_duplicate(self, incoming: IncomingFile) -> bool:
-        """True (and recorded, audited, disposed of) when an earlier batch published it."""
-        earlier = self._journal.publisher_of(incoming.pipeline, incoming.sha256)
-        if earlier is None:
-            return False
+    def _record_duplicate(self, incoming: IncomingFile, earlier: str) -> None:
+        """An earlier batch published its content: recorded, audited, disposed of."""
         self._journal.mark_duplicates([(incoming.file_id, earlier)])
         self._audit.record(
             FileDuplicate(
@@ -55,4 +64,3 @@ class Admission:
             )
         )
         self._disposal.dispose()
-        return True

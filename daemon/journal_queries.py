@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,8 @@ from typing import Any
 from daemon.models import TERMINAL_FILE_STATES, BatchState, Facts, FileState
 
 _TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
+# Values in one `IN (...)`: well under SQLite's limit on bound parameters.
+_IN_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +76,19 @@ class JournalQueries:
         """Claimed files not yet in a sealed batch, oldest first."""
         return self._files(f"state='{FileState.RECEIVED}' ORDER BY received_at, id")
 
-    def publisher_of(self, pipeline: str, sha256: str) -> str | None:
-        """The batch that already published this content in this pipeline, if any."""
-        row = self._db.execute(
-            "SELECT batch_id FROM files WHERE pipeline=? AND sha256=? AND "
-            f"state='{FileState.PUBLISHED}' "
-            "LIMIT 1",
-            (pipeline, sha256),
-        ).fetchone()
-        return None if row is None else str(row[0])
+    def publishers_of(self, pipeline: str, hashes: Sequence[str]) -> dict[str, str]:
+        """sha256 → the batch that already published that content in this pipeline."""
+        found: dict[str, str] = {}
+        for start in range(0, len(hashes), _IN_CHUNK):
+            chunk = list(dict.fromkeys(hashes[start : start + _IN_CHUNK]))
+            rows = self._db.execute(
+                "SELECT sha256, batch_id FROM files WHERE pipeline=? AND "
+                f"state='{FileState.PUBLISHED}' AND sha256 IN ({','.join('?' * len(chunk))})",
+                (pipeline, *chunk),
+            )
+            for sha256, batch_id in rows:
+                found.setdefault(str(sha256), str(batch_id))
+        return found
 
     def unfinished_batches(self) -> list[BatchRow]:
         rows = self._db.execute(

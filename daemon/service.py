@@ -312,9 +312,9 @@ class Service:
         now = time.time()
         sealed: list[Sealed] = []
         if not self.gate.paused:
-            for incoming in self.intake.take_settled():
-                self.progress.files_taken += 1
-                sealed += self.admission.admit(incoming, now)
+            taken = self.intake.take_settled()
+            self.progress.files_taken += len(taken)
+            sealed += self.admission.admit(taken, now)
         sealed += self.batcher.seal_due(now)
         if self.once and self.intake.pending == 0:
             sealed += self.batcher.seal_all(now)

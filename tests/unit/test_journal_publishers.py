@@ -1,0 +1,38 @@
+"""`publishers_of`: the batches that already published some contents, one query per chunk (the
+admission of a claim group asks once, not once a file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.journal import Journal
+from daemon.models import Batch, BatchResult, IncomingFile
+
+
+def publish(journal: Journal, pipeline: str, batch_id: str, hashes: list[str]) -> None:
+    files = []
+    for i, sha in enumerate(hashes):
+        name = f"{batch_id}-{i}.csv"
+        (file_id,) = journal.begin_claims([(pipeline, name, f"{pipeline}/{name}", 1000.0)])
+        journal.finish_claims([(file_id, sha, 10)])
+        files.append(IncomingFile(file_id, pipeline, name, Path("/spool") / name, sha, 10, 1000.0))
+    journal.seal_batch(Batch(batch_id, pipeline, "emr", 3, 1001.0, tuple(files)), 1000.0)
+    journal.mark_running(batch_id, 1002.0)
+    facts = {f.file_id: {} for f in files[1:]}
+    quarantined = {files[0].file_id: ("bad_table", "")}  # refused: it published nothing
+    result = BatchResult(batch_id, Path("/out"), 1003.0, facts=facts, quarantined=quarantined)
+    journal.mark_published(result, 1003.0)
+
+
+def test_published_contents_of_one_pipeline_across_chunks(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    hashes = [f"{i:064x}" for i in range(1, 1202)]  # more than two IN chunks
+    publish(journal, "emr", "B1", hashes)
+    publish(journal, "other", "B2", [f"{i:064x}" for i in range(5000, 5003)])
+
+    asked = [*hashes, *hashes[:10], f"{9999:064x}", f"{5001:064x}"]  # repeats, unknown, other
+    found = journal.publishers_of("emr", asked)
+
+    assert found == {sha: "B1" for sha in hashes[1:]}, "the refused input published nothing"
+    assert journal.publishers_of("emr", []) == {}
+    assert journal.publishers_of("other", [f"{5001:064x}"]) == {f"{5001:064x}": "B2"}
