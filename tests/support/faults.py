@@ -64,6 +64,24 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+@contextlib.contextmanager
+def paused_by_full_outbox(service: Service, seed: int, files: int = 4) -> Iterator[Path]:
+    """Start `service` with its outbox on a 3 MiB tmpfs filled to the brim and drop `files` EMR
+    tables: intake pauses. Yields the ballast (unlink it to give the space back); whatever the
+    service left running is killed on the way out."""
+    with tmpfs(service.outbox, 3 * 1024 * 1024):
+        try:
+            service.start()
+            ballast = service.outbox / ".ballast"
+            fill(ballast)
+            rng = random.Random(seed)
+            for i in range(files):
+                service.drop("emr", f"v{i}.csv", emr_csv(rng, rows=30))
+            yield ballast
+        finally:
+            service.kill_all()
+
+
 def fill(path: Path, chunk_bytes: int = 64 * 1024) -> int:
     """Write `path` until the filesystem is full (ENOSPC); return the bytes written."""
     written = 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.support.data import emr_csv
 from tests.support.endpoints import LOOPBACK_ANY_PORT, base_url, gauges, get
-from tests.support.faults import fill, pool_workers, tmpfs
+from tests.support.faults import paused_by_full_outbox, pool_workers
 from tests.support.service import Service
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
@@ -116,30 +116,21 @@ def test_healthz_is_503_while_the_worker_pool_is_broken(make_service: MakeServic
     assert service.stop() == 0
 
 
-def test_healthz_is_503_while_intake_is_paused(make_service: MakeService, tmp_path: Path) -> None:
+def test_healthz_is_503_while_intake_is_paused(make_service: MakeService) -> None:
     """A full outbox pauses intake: /healthz 503 naming the pause, gauge 1; space back: 200."""
     service = make_service([emr(max_files=2, max_wait=1)], service=SERVICE)
-    with tmpfs(tmp_path / "outbox", 3 * 1024 * 1024):
-        try:
-            service.start()
-            base = base_url(service)
-            ballast = service.outbox / ".ballast"
-            fill(ballast)
-            rng = random.Random(2)
-            for i in range(4):
-                service.drop("emr", f"v{i}.csv", emr_csv(rng, rows=30))
-            body = healthz_when(base, 503, 60)
-            assert re.fullmatch(
-                r"degraded: intake paused \((disk_full|audit_unwritable|"
-                r"io_error)\): no files are taken\n",
-                body,
-            ), body
-            assert status_problem(service) == body.removeprefix("degraded: ").strip()
-            assert gauges(service)[("medbatch_intake_paused", ())] == 1
-            ballast.unlink()
-            wait_until(lambda: service.accounted() == 4, 60, message="all published")
-            healthz_when(base, 200, 30)
-            assert gauges(service)[("medbatch_intake_paused", ())] == 0
-            assert service.stop() == 0
-        finally:
-            service.kill_all()
+    with paused_by_full_outbox(service, seed=2) as ballast:
+        base = base_url(service)
+        body = healthz_when(base, 503, 60)
+        assert re.fullmatch(
+            r"degraded: intake paused \((disk_full|audit_unwritable|"
+            r"io_error)\): no files are taken\n",
+            body,
+        ), body
+        assert status_problem(service) == body.removeprefix("degraded: ").strip()
+        assert gauges(service)[("medbatch_intake_paused", ())] == 1
+        ballast.unlink()
+        wait_until(lambda: service.accounted() == 4, 60, message="all published")
+        healthz_when(base, 200, 30)
+        assert gauges(service)[("medbatch_intake_paused", ())] == 0
+        assert service.stop() == 0

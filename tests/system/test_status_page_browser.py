@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from tests.support.browser import chromium_page, screenshot
 from tests.support.data import emr_csv
 from tests.support.endpoints import LOOPBACK_ANY_PORT, base_url
-from tests.support.faults import fill, tmpfs
+from tests.support.faults import paused_by_full_outbox
 from tests.support.service import Service
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
@@ -104,34 +103,25 @@ def test_page_shows_published_batches_and_quarantine(make_service: MakeService) 
     assert service.stop() == 0
 
 
-def test_page_shows_the_paused_banner(make_service: MakeService, tmp_path: Path) -> None:
+def test_page_shows_the_paused_banner(make_service: MakeService) -> None:
     """With the outbox full, intake pauses: the page shows the paused and degraded banners
     and the files waiting; when space returns the banners go by themselves."""
     service = make_service([emr(max_files=2, max_wait=1)], service=SERVICE)
-    with tmpfs(tmp_path / "outbox", 3 * 1024 * 1024):
-        try:
-            service.start()
-            base = base_url(service)
-            ballast = service.outbox / ".ballast"
-            fill(ballast)
-            rng = random.Random(4)
-            for i in range(4):
-                service.drop("emr", f"v{i}.csv", emr_csv(rng, rows=30))
-            with chromium_page() as page:
-                page.goto(base + "/")
-                banner = page.locator("#banner-paused")
-                expect(banner).to_be_visible(timeout=SEEN_MS)
-                expect(banner).to_have_text(
-                    re.compile(r"Intake paused \((disk_full|audit_unwritable|io_error)\)")
-                )
-                expect(page.locator("#banner-degraded")).to_contain_text("intake paused")
-                expect(page.locator("#service-state")).to_have_text("degraded")
-                screenshot(page, "status-page-paused")
-                # When space returns, the page says so without being reloaded by anyone
-                ballast.unlink()
-                expect(page.locator("#banner-ok")).to_be_visible(timeout=SEEN_MS)
-                expect(banner).to_have_count(0)
-            wait_until(lambda: service.accounted() == 4, 60, message="all published")
-            assert service.stop() == 0
-        finally:
-            service.kill_all()
+    with paused_by_full_outbox(service, seed=4) as ballast:
+        base = base_url(service)
+        with chromium_page() as page:
+            page.goto(base + "/")
+            banner = page.locator("#banner-paused")
+            expect(banner).to_be_visible(timeout=SEEN_MS)
+            expect(banner).to_have_text(
+                re.compile(r"Intake paused \((disk_full|audit_unwritable|io_error)\)")
+            )
+            expect(page.locator("#banner-degraded")).to_contain_text("intake paused")
+            expect(page.locator("#service-state")).to_have_text("degraded")
+            screenshot(page, "status-page-paused")
+            # When space returns, the page says so without being reloaded by anyone
+            ballast.unlink()
+            expect(page.locator("#banner-ok")).to_be_visible(timeout=SEEN_MS)
+            expect(banner).to_have_count(0)
+        wait_until(lambda: service.accounted() == 4, 60, message="all published")
+        assert service.stop() == 0

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from daemon.processors.emr import EmrProcessor
 from daemon.processors.options import EmrOptions, is_code, is_person_identifier
 from daemon.processors.tables import is_publishable_header
+from tests.unit.processors.emr_run import emr_result
 
 PERSON = [
     "full_name", "PatientsName", "Patient MRN", "Phone Number", "Home Address", "E-mail Address",
@@ -51,18 +51,8 @@ def test_more_identifiers_can_be_declared() -> None:
 
 
 def publish(tmp_path: Path, tables: list[str], **options: Any) -> tuple[pd.DataFrame, list[Any]]:
-    proc = EmrProcessor(EmrOptions(**options))
-    partials, facts = [], []
-    for i, text in enumerate(tables):
-        path = tmp_path / f"in{i}.csv"
-        path.write_text(text)
-        partial, fact = proc.read(path, path.name)
-        partials.append(partial)
-        facts.append(fact)
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    proc.write(proc.merge(partials), out)
-    return pd.read_csv(out / "result.csv", keep_default_na=False, dtype=str), facts
+    result, facts = emr_result(tmp_path, [t.encode() for t in tables], **options)
+    return pd.read_csv(result, keep_default_na=False, dtype=str), facts
 
 
 def rows(group: str, n: int, value: float = 1.0) -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 
 from daemon.processors.emr import EmrProcessor
 from daemon.processors.options import EmrOptions
+from tests.unit.processors.emr_run import emr_result
 
 STATISTICS = ("n", "mean", "std", "min", "max", "median", "p90", "p5")
 
@@ -38,18 +39,8 @@ def make_tables(seed: int, files: int = 3, rows: int = 400) -> list[bytes]:
 
 
 def run(tmp_path: Path, tables: list[bytes], **options: Any) -> tuple[pd.DataFrame, list[Any]]:
-    proc = EmrProcessor(EmrOptions(min_cell_size=1, **options))
-    partials, facts = [], []
-    for i, content in enumerate(tables):
-        path = tmp_path / f"t{i}.csv"
-        path.write_bytes(content)
-        partial, fact = proc.read(path, path.name)
-        partials.append(partial)
-        facts.append(fact)
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    proc.write(proc.merge(partials), out)
-    return pd.read_csv(out / "result.csv", keep_default_na=True), facts
+    result, facts = emr_result(tmp_path, tables, min_cell_size=1, **options)
+    return pd.read_csv(result, keep_default_na=True), facts
 
 
 def expected(frame: pd.DataFrame, column: str, statistic: str) -> pd.Series:
