@@ -10,6 +10,7 @@ import time
 import structlog
 
 from daemon.audit import TolerantAuditLog
+from daemon.audit.events import AuditEvent
 from daemon.audit.reconcile import RECONCILE_SLACK_S, reconcile
 from daemon.health import HEARTBEAT_S, Health, write_health
 from daemon.journal import Journal
@@ -106,5 +107,5 @@ class HeartbeatMonitor:
             return
         folder = self._audit.folder
         rebuilt = reconcile(self._journal, self._audit, folder, since - RECONCILE_SLACK_S)
-        log.info("audit.recovered", lines_rebuilt=rebuilt)
+        log.info(AuditEvent.AUDIT_RECOVERED, lines_rebuilt=rebuilt)
         gate.resume()

@@ -53,6 +53,20 @@ class Reason(enum.StrEnum):
     START_FAILED = "start_failed"
     INCOMPLETE = "incomplete"
     DUPLICATE_OF = "duplicate_of"
+    # Why intake could not take an inbox entry: one code per cause.
+    PERMISSION_DENIED = "permission_denied"  # EACCES/EPERM opening it: left in the inbox
+    VANISHED = "vanished"  # ENOENT between the listing and the claim: nothing to account
+    CHANGED_AFTER_CHECK = "changed_after_check"  # inode/size/mtime/owner/links moved under us
+    SYMLINK = "symlink"  # a link (lstat, or ELOOP from O_NOFOLLOW)
+    CLAIM_FAILED = "claim_failed"  # the rename into the spool was refused (EXDEV, EPERM …)
+    TOO_LARGE = "too_large"
+    HARD_LINK = "hard_link"
+    OWNER_NOT_ALLOWED = "owner_not_allowed"
+    DIRECTORY = "directory"
+    FIFO = "fifo"
+    SOCKET = "socket"
+    DEVICE = "device"
+    NOT_REGULAR_FILE = "not_regular_file"
 
 
 # A batch_by pipeline's group for files whose header names no series or study.

@@ -11,6 +11,7 @@ import structlog
 
 from daemon.audit import AuditLog
 from daemon.audit.events import (
+    AuditEvent,
     BatchFailed,
     BatchPublished,
     BatchRetried,
@@ -169,12 +170,12 @@ class IntakeGate(Listener):
         if self.paused == reason:
             return
         self.paused = reason
-        log.error("intake.paused", reason=reason)
+        log.error(AuditEvent.INTAKE_PAUSED, reason=reason)
         self._audit.record(IntakePaused(reason=reason))
         write_paused(self._journal, reason)
 
     def resume(self) -> None:
-        log.info("intake.resumed", after=self.paused)
+        log.info(AuditEvent.INTAKE_RESUMED, after=self.paused)
         self._audit.record(IntakeResumed(after=self.paused))
         self.paused = None
         write_paused(self._journal, None)
@@ -188,7 +189,7 @@ class OperationalLog(Listener):
         match outcome:
             case Sealed(batch=b):
                 log.info(
-                    "batch.sealed",
+                    AuditEvent.BATCH_SEALED,
                     pipeline=b.pipeline,
                     batch_id=b.batch_id,
                     files=len(b.files),
@@ -197,7 +198,7 @@ class OperationalLog(Listener):
                 )
             case Committed(batch=b, result=r, run_s=run_s) if r.is_published:
                 log.info(
-                    "batch.published",
+                    AuditEvent.BATCH_PUBLISHED,
                     pipeline=b.pipeline,
                     batch_id=b.batch_id,
                     files=len(r.facts),
@@ -213,18 +214,18 @@ class OperationalLog(Listener):
                 )  # fmt: skip
             case Retrying(batch=b, reason=reason, delay_s=delay_s, is_counted=is_counted):
                 log.info(
-                    "batch.retried", pipeline=b.pipeline, batch_id=b.batch_id,
+                    AuditEvent.BATCH_RETRIED, pipeline=b.pipeline, batch_id=b.batch_id,
                     attempt=b.attempt, reason=reason, delay_s=delay_s, counted=is_counted,
                 )  # fmt: skip
             case SplitUp(batch=b, children=children, reason=reason):
                 log.warning(
-                    "batch.split", pipeline=b.pipeline, batch_id=b.batch_id, reason=reason,
+                    AuditEvent.BATCH_SPLIT, pipeline=b.pipeline, batch_id=b.batch_id, reason=reason,
                     into=[c.batch_id for c in children],
                 )  # fmt: skip
             case GaveUp(batch=b, reason=reason):
                 log.error(
-                    "batch.failed", pipeline=b.pipeline, batch_id=b.batch_id, reason=reason,
-                    files=len(b.files), attempts=b.attempt,
+                    AuditEvent.BATCH_FAILED, pipeline=b.pipeline, batch_id=b.batch_id,
+                    reason=reason, files=len(b.files), attempts=b.attempt,
                 )  # fmt: skip
             case _:
                 pass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from daemon.audit import AuditLog
-from daemon.audit.events import DaemonRecovered
+from daemon.audit.events import AuditEvent, DaemonRecovered
 from daemon.audit.reconcile import RECONCILE_SLACK_S, reconcile
 from daemon.batch_flow import BatchFlow
 from daemon.batcher import Batcher
@@ -69,7 +69,7 @@ class Recovery:
         )
         if any(found.payload().values()):
             self.audit.record(found)
-            log.info("daemon.recovered", **found.payload())
+            log.info(AuditEvent.DAEMON_RECOVERED, **found.payload())
         return found
 
     def _rerun_batches(self) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import structlog
 
 from daemon.audit import AuditLog, load_name_key
-from daemon.audit.events import ConfigRejected
+from daemon.audit.events import AuditEvent, ConfigRejected
 from daemon.config import Settings, load_settings
 from daemon.errors import ConfigError, MedbatchError
 
@@ -21,7 +21,7 @@ def reloaded_settings(current: Settings, audit: AuditLog) -> tuple[Settings, byt
         settings = _load(current)
         return settings, name_key_for(settings)
     except MedbatchError as exc:
-        log.error("config.rejected", error=str(exc))
+        log.error(AuditEvent.CONFIG_REJECTED, error=str(exc))
         audit.record(ConfigRejected(reason=str(exc)))
         return None
 

@@ -21,6 +21,7 @@ import structlog
 from daemon import __version__
 from daemon.audit import TolerantAuditLog, load_chain_key
 from daemon.audit.events import (
+    AuditEvent,
     ConfigReloaded,
     DaemonDraining,
     DaemonStarted,
@@ -229,7 +230,7 @@ class Service:
         if self.status_server is not None:
             self.status_server.close()
         self._notifier.close()
-        log.info("daemon.stopped", interrupted=in_flight)
+        log.info(AuditEvent.DAEMON_STOPPED, interrupted=in_flight)
 
     def _drain(self) -> None:
         """Finish in-flight batches, up to the graceful timeout (or a second SIGTERM)."""
@@ -388,6 +389,7 @@ class Service:
             assert self.monitor is not None
             self.periodic.reschedule(service.tick_s, service.rescan_s, self.monitor.interval_s)
         self.intake.scan()
-        self.audit.record(ConfigReloaded(pipelines=len(settings.pipeline), workers=workers.count))
-        log.info("config.reloaded", pipelines=len(settings.pipeline), workers=workers.count)
+        reloaded = ConfigReloaded(pipelines=len(settings.pipeline), workers=workers.count)
+        self.audit.record(reloaded)
+        log.info(AuditEvent.CONFIG_RELOADED, **reloaded.payload())
         self._notifier.ready()

@@ -14,6 +14,7 @@ from daemon.cli.output import printable
 from daemon.config import Settings
 from daemon.journal_queries import JournalQueries
 from daemon.liveness import NOT_STARTED, assess
+from daemon.models import BatchState, FileState
 
 
 def _service_state(journal: JournalQueries, now: float) -> dict[str, Any]:
@@ -51,15 +52,15 @@ def _pipeline_report(journal: JournalQueries, settings: Settings, now: float) ->
                 else {"files": opened[0], "age_s": round(max(0.0, now - opened[1]), 1)}
             ),
             "waiting_batches": by_priority,
-            "in_flight": batches.get((name, "running"), 0),
+            "in_flight": batches.get((name, BatchState.RUNNING), 0),
             "published_today": {
-                "batches": batches_today.get((name, "published"), 0),
-                "files": files_today.get((name, "published"), 0),
+                "batches": batches_today.get((name, BatchState.PUBLISHED), 0),
+                "files": files_today.get((name, FileState.PUBLISHED), 0),
             },
-            "published_files": files.get((name, "published"), 0),
-            "quarantined": files.get((name, "quarantined"), 0),
-            "quarantined_today": files_today.get((name, "quarantined"), 0),
-            "duplicates": files.get((name, "duplicate"), 0),
+            "published_files": files.get((name, FileState.PUBLISHED), 0),
+            "quarantined": files.get((name, FileState.QUARANTINED), 0),
+            "quarantined_today": files_today.get((name, FileState.QUARANTINED), 0),
+            "duplicates": files.get((name, FileState.DUPLICATE), 0),
             "oldest_waiting_s": (
                 round(max(0.0, now - oldest[name]), 1) if name in oldest else None
             ),

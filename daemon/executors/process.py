@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 from pebble import ProcessExpired, ProcessPool
 
+from daemon.audit.events import AuditEvent
 from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
 from daemon.models import BatchResult, BatchTask, IncomingFile
@@ -185,7 +186,7 @@ class ProcessExecutor:
         if len(parts) < 2:
             inner.add_done_callback(relay)
         else:
-            log.debug("batch.split", batch_id=batch_id, shares=len(parts))
+            log.debug(AuditEvent.BATCH_SPLIT, batch_id=batch_id, shares=len(parts))
             self._run_split(pool, task, parts, relay)
         return outer
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Pipeline
-from daemon.intake import reasons
 from daemon.intake.refusal import identity, refusal
+from daemon.models import Reason
 
 log = structlog.get_logger()
 
@@ -46,7 +46,7 @@ class Lease(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    reason: str
+    reason: Reason
     errno_name: str | None = None
     st: os.stat_result | None = None
 
@@ -96,10 +96,10 @@ def open_checked(inbox_fd: int, name: str, pipeline: Pipeline) -> Opened | Refus
     try:
         pinned = os.open(name, _OPEN_PINNED, dir_fd=inbox_fd)
     except FileNotFoundError as exc:
-        return Refusal(reasons.VANISHED, errno_name(exc))
+        return Refusal(Reason.VANISHED, errno_name(exc))
     except OSError as exc:
-        reason = reasons.PERMISSION_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else None
-        return Refusal(reason or reasons.CLAIM_FAILED, errno_name(exc))
+        reason = Reason.PERMISSION_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else None
+        return Refusal(reason or Reason.CLAIM_FAILED, errno_name(exc))
     try:
         st = os.fstat(pinned)
         reason = refusal(pipeline, st)
@@ -109,8 +109,8 @@ def open_checked(inbox_fd: int, name: str, pipeline: Pipeline) -> Opened | Refus
             fd = os.open(f"/proc/self/fd/{pinned}", _REOPEN)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
-                return Refusal(reasons.PERMISSION_DENIED, errno_name(exc), st)
-            return Refusal(reasons.CLAIM_FAILED, errno_name(exc), st)
+                return Refusal(Reason.PERMISSION_DENIED, errno_name(exc), st)
+            return Refusal(Reason.CLAIM_FAILED, errno_name(exc), st)
         return Opened(fd, st)
     finally:
         os.close(pinned)
@@ -134,9 +134,9 @@ def move_into_spool(inbox_fd: int, name: str, target: Path, st: os.stat_result) 
     try:
         os.rename(name, target, src_dir_fd=inbox_fd)
     except FileNotFoundError as exc:
-        return Refusal(reasons.VANISHED, errno_name(exc))
+        return Refusal(Reason.VANISHED, errno_name(exc))
     except OSError as exc:
-        return Refusal(reasons.CLAIM_FAILED, errno_name(exc), st)
+        return Refusal(Reason.CLAIM_FAILED, errno_name(exc), st)
     return check_moved(target, st)
 
 
@@ -145,11 +145,11 @@ def check_moved(target: Path, st: os.stat_result) -> Refusal | None:
     try:
         moved = os.lstat(target)
     except FileNotFoundError as exc:
-        return Refusal(reasons.VANISHED, errno_name(exc))
+        return Refusal(Reason.VANISHED, errno_name(exc))
     if stat.S_ISLNK(moved.st_mode):
-        return Refusal(reasons.SYMLINK, None, moved)
+        return Refusal(Reason.SYMLINK, None, moved)
     if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
-        return Refusal(reasons.CHANGED_AFTER_CHECK, None, moved)
+        return Refusal(Reason.CHANGED_AFTER_CHECK, None, moved)
     return None
 
 
@@ -169,7 +169,7 @@ def take_bytes(
         if isinstance(outcome, str):
             return Refusal(outcome)
         if identity(os.fstat(fd)) != identity(st) or outcome.size != st.st_size:
-            return Refusal(reasons.CHANGED_AFTER_CHECK)
+            return Refusal(Reason.CHANGED_AFTER_CHECK)
         if copy_fd is not None:
             os.fchmod(copy_fd, PRIVATE_MODE)
             os.fsync(copy_fd)
@@ -190,13 +190,13 @@ def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Re
     try:
         fd = os.open(path, _OPEN_SPOOLED)
     except FileNotFoundError as exc:
-        return Refusal(reasons.VANISHED, errno_name(exc))
+        return Refusal(Reason.VANISHED, errno_name(exc))
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return Refusal(reasons.SYMLINK, errno_name(exc))
+            return Refusal(Reason.SYMLINK, errno_name(exc))
         if exc.errno in (errno.EACCES, errno.EPERM):
-            return Refusal(reasons.PERMISSION_DENIED, errno_name(exc))
-        return Refusal(reasons.CLAIM_FAILED, errno_name(exc))
+            return Refusal(Reason.PERMISSION_DENIED, errno_name(exc))
+        return Refusal(Reason.CLAIM_FAILED, errno_name(exc))
     try:
         st = os.fstat(fd)
         reason = refusal(pipeline, st)
@@ -207,7 +207,7 @@ def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Re
         os.close(fd)
 
 
-def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | str:
+def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | Reason:
     """sha256 and size (copying to `copy_fd` on the way), reading at most one chunk past the
     limit (a file still growing)."""
     digest = hashlib.sha256()
@@ -216,7 +216,7 @@ def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | str
         digest.update(chunk)
         size += len(chunk)
         if size > max_bytes:
-            return reasons.TOO_LARGE
+            return Reason.TOO_LARGE
         if copy_fd is not None:
             view = memoryview(chunk)
             while view:

@@ -22,9 +22,9 @@ from pathlib import Path
 import structlog
 
 from daemon.audit import AuditLog, load_name_key
-from daemon.audit.events import FileReceived, FileRejected
+from daemon.audit.events import AuditEvent, FileReceived, FileRejected
 from daemon.config import Pipeline, Settings
-from daemon.intake import claim, reasons, recovery
+from daemon.intake import claim, recovery
 from daemon.intake.claim import Lease, Opened, Refusal, Taken
 from daemon.intake.dicom_group import group_for
 from daemon.intake.memory import RefusalMemory
@@ -32,7 +32,7 @@ from daemon.intake.recovery import Refused
 from daemon.intake.refusal import is_ignored, kind_of, recorded_name, spool_suffix
 from daemon.intake.settle import Candidate, Candidates, settled, signature_of
 from daemon.journal import Journal
-from daemon.models import IncomingFile
+from daemon.models import IncomingFile, Reason
 
 log = structlog.get_logger()
 
@@ -319,7 +319,7 @@ class Intake:
         target = plan.spool_path
         st = plan.opened.st
         moved = claim.move_into_spool(inbox_fd, plan.raw_name, target, st)
-        if moved is not None and moved.reason in (reasons.VANISHED, reasons.CLAIM_FAILED):
+        if moved is not None and moved.reason in (Reason.VANISHED, Reason.CLAIM_FAILED):
             # Left in the inbox (a read-only or sticky folder, a mount point): reported once.
             self._refuse_in_inbox(plan.pipeline.name, plan.raw_name, moved)
             return None
@@ -331,7 +331,7 @@ class Intake:
 
     def _refuse_in_inbox(self, pipeline: str, raw_name: str, refused: Refusal) -> None:
         """Leave the entry alone and report it once; remember it until it changes."""
-        if refused.reason == reasons.VANISHED:
+        if refused.reason == Reason.VANISHED:
             log.info("intake.vanished", pipeline=pipeline, reason=refused.reason,
                      errno=refused.errno_name)  # fmt: skip
             return
@@ -343,7 +343,7 @@ class Intake:
         if self._journal.record_rejected(pipeline, name, inode, refused.reason, self._clock()):
             rejected = FileRejected(pipeline=pipeline, file=name, reason=refused.reason, size=size)
             self._audit.record(rejected)
-            _log_refusal("file.rejected", pipeline, refused, inode)
+            _log_refusal(AuditEvent.FILE_REJECTED, pipeline, refused, inode)
 
     # -- recovery -------------------------------------------------------------------------
 

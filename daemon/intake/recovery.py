@@ -11,14 +11,14 @@ from pathlib import Path
 import structlog
 
 from daemon.audit import AuditLog
-from daemon.audit.events import FileQuarantined
+from daemon.audit.events import AuditEvent, FileQuarantined
 from daemon.config import Pipeline, Settings
 from daemon.disposal import published_names, quarantine
-from daemon.intake import claim, reasons
+from daemon.intake import claim
 from daemon.intake.claim import Refusal
 from daemon.intake.dicom_group import group_for
 from daemon.journal import Journal
-from daemon.models import IncomingFile
+from daemon.models import IncomingFile, Reason
 
 log = structlog.get_logger()
 
@@ -66,7 +66,9 @@ def quarantine_refused(
         audit.record(
             FileQuarantined(pipeline=r.pipeline, file=r.name, file_id=r.file_id, reason=r.reason)
         )
-        log.warning("file.quarantined", pipeline=r.pipeline, file_id=r.file_id, reason=r.reason)
+        log.warning(
+            AuditEvent.FILE_QUARANTINED, pipeline=r.pipeline, file_id=r.file_id, reason=r.reason
+        )
         pipeline = next((p for p in settings.pipeline if p.name == r.pipeline), None)
         as_name, shown = published_names(settings.paths.state, pipeline, r.name)
         sidecar = {
@@ -111,7 +113,7 @@ def finish_interrupted_claims(
         pipeline = pipelines[row.pipeline]
         outcome = claim.take_spooled(spooled, pipeline, service_uid)
         if isinstance(outcome, Refusal):
-            if outcome.reason == reasons.VANISHED:
+            if outcome.reason == Reason.VANISHED:
                 dropped.append(row.id)
                 continue
             refused.append(Refused(row.id, row.pipeline, row.name, row.spool_name, outcome.reason))

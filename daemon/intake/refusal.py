@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from daemon.config import Pipeline
-from daemon.intake import reasons
+from daemon.models import Reason
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
@@ -30,30 +30,30 @@ def recorded_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def kind_of(mode: int) -> str:
+def kind_of(mode: int) -> Reason:
     if stat.S_ISLNK(mode):
-        return reasons.SYMLINK
+        return Reason.SYMLINK
     if stat.S_ISDIR(mode):
-        return reasons.DIRECTORY
+        return Reason.DIRECTORY
     if stat.S_ISFIFO(mode):
-        return reasons.FIFO
+        return Reason.FIFO
     if stat.S_ISSOCK(mode):
-        return reasons.SOCKET
+        return Reason.SOCKET
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return reasons.DEVICE
-    return reasons.NOT_REGULAR_FILE
+        return Reason.DEVICE
+    return Reason.NOT_REGULAR_FILE
 
 
-def refusal(pipeline: Pipeline, st: os.stat_result) -> str | None:
+def refusal(pipeline: Pipeline, st: os.stat_result) -> Reason | None:
     """Why an entry must not be taken, or None: the same checks on the lstat and on the fd."""
     if not stat.S_ISREG(st.st_mode):
         return kind_of(st.st_mode)
     if st.st_nlink > 1 and not pipeline.allow_hard_links:
-        return reasons.HARD_LINK
+        return Reason.HARD_LINK
     if pipeline.allowed_uids is not None and st.st_uid not in pipeline.allowed_uids:
-        return reasons.OWNER_NOT_ALLOWED
+        return Reason.OWNER_NOT_ALLOWED
     if st.st_size > pipeline.max_file_bytes:
-        return reasons.TOO_LARGE
+        return Reason.TOO_LARGE
     return None
 
 

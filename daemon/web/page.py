@@ -13,6 +13,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from daemon.liveness import Verdict, assess
+from daemon.models import BatchState
 from daemon.web.audit_tail import safe_reason, tail
 from daemon.web.downloads import PAGE_LINKS
 from daemon.web.queries import JournalReader, PipelineView
@@ -75,7 +76,7 @@ class StatusPage:
         links: dict[str, list[str]] = {}
         for view in views:
             for batch in view.recent:
-                if batch.state != "published":
+                if batch.state != BatchState.PUBLISHED:
                     continue
                 folder = self._outbox / view.name / batch.batch_id
                 links[batch.batch_id] = [n for n in PAGE_LINKS if (folder / n).is_file()]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.models import BatchState, FileState
+
 RECENT_BATCHES = 10
 QUARANTINE_ROWS = 20
 LISTED_BATCHES = 20
@@ -90,14 +92,14 @@ class JournalQueries:
     def oldest_waiting(self) -> dict[str, float]:
         rows = self._db.execute(
             "SELECT pipeline, min(received_at) FROM files "
-            "WHERE state IN ('received', 'batched') GROUP BY pipeline"
+            f"WHERE state IN ('{FileState.RECEIVED}', '{FileState.BATCHED}') GROUP BY pipeline"
         ).fetchall()
         return {str(p): float(t) for p, t in rows}
 
     def last_publish(self) -> dict[str, float]:
         rows = self._db.execute(
             "SELECT pipeline, max(finished_at) FROM batches "
-            "WHERE state='published' AND finished_at IS NOT NULL GROUP BY pipeline"
+            f"WHERE state='{BatchState.PUBLISHED}' AND finished_at IS NOT NULL GROUP BY pipeline"
         ).fetchall()
         return {str(p): float(t) for p, t in rows}
 
@@ -117,25 +119,26 @@ class JournalQueries:
     def published_folder(self, pipeline: str, batch_id: str) -> str | None:
         """The folder the journal recorded for a published batch of `pipeline`, else None."""
         row = self._db.execute(
-            "SELECT folder FROM batches WHERE id=? AND pipeline=? AND state='published'",
+            "SELECT folder FROM batches WHERE id=? AND pipeline=? "
+            f"AND state='{BatchState.PUBLISHED}'",
             (batch_id, pipeline),
         ).fetchone()
         return None if row is None or row[0] is None else str(row[0])
 
     def _fill_open(self, views: dict[str, PipelineView]) -> None:
         for p, n, since in self._db.execute(
-            "SELECT pipeline, count(*), min(received_at) FROM files WHERE state='received' "
-            "GROUP BY pipeline"
+            "SELECT pipeline, count(*), min(received_at) FROM files "
+            f"WHERE state='{FileState.RECEIVED}' GROUP BY pipeline"
         ):
             views[p].open_files, views[p].open_since = int(n), float(since)
 
     def _fill_batches(self, views: dict[str, PipelineView]) -> None:
         lists = (
-            ("waiting", "state='sealed'", "sealed_at", "priority, sealed_at"),
-            ("in_flight", "state='running'", "started_at", "started_at"),
+            ("waiting", f"state='{BatchState.SEALED}'", "sealed_at", "priority, sealed_at"),
+            ("in_flight", f"state='{BatchState.RUNNING}'", "started_at", "started_at"),
             (
                 "recent",
-                "state NOT IN ('sealed', 'running')",
+                f"state NOT IN ('{BatchState.SEALED}', '{BatchState.RUNNING}')",
                 "finished_at",
                 "finished_at DESC",
             ),
@@ -152,14 +155,14 @@ class JournalQueries:
 
     def _fill_throughput(self, views: dict[str, PipelineView], since: float) -> None:
         for p, n in self._db.execute(
-            "SELECT pipeline, count(*) FROM files WHERE state='published' AND done_at >= ? "
-            "GROUP BY pipeline",
+            "SELECT pipeline, count(*) FROM files "
+            f"WHERE state='{FileState.PUBLISHED}' AND done_at >= ? GROUP BY pipeline",
             (since,),
         ):
             views[p].files_last_hour = int(n)
         for p, n in self._db.execute(
-            "SELECT pipeline, count(*) FROM batches WHERE state='published' AND finished_at >= ? "
-            "GROUP BY pipeline",
+            "SELECT pipeline, count(*) FROM batches "
+            f"WHERE state='{BatchState.PUBLISHED}' AND finished_at >= ? GROUP BY pipeline",
             (since,),
         ):
             views[p].batches_last_hour = int(n)
@@ -167,13 +170,14 @@ class JournalQueries:
     def _fill_quarantine(self, views: dict[str, PipelineView]) -> None:
         for p, reason, n in self._db.execute(
             "SELECT pipeline, coalesce(reason, ''), count(*) FROM files "
-            "WHERE state='quarantined' GROUP BY pipeline, reason"
+            f"WHERE state='{FileState.QUARANTINED}' GROUP BY pipeline, reason"
         ):
             views[p].quarantine_by_reason[str(reason)] = int(n)
         for view in views.values():
             rows = self._db.execute(
                 "SELECT id, sha256, reason, batch_id, done_at FROM files "
-                "WHERE pipeline=? AND state='quarantined' ORDER BY done_at DESC, id DESC LIMIT ?",
+                f"WHERE pipeline=? AND state='{FileState.QUARANTINED}' "
+                "ORDER BY done_at DESC, id DESC LIMIT ?",
                 (view.name, QUARANTINE_ROWS),
             ).fetchall()
             view.quarantine.extend(QuarantineLine(*row) for row in rows)
