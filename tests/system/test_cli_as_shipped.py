@@ -138,3 +138,23 @@ def test_trace_points_at_the_real_quarantined_copy(make_service: MakeService) ->
         assert done.returncode == 0, done.stdout + done.stderr
         copies = [line for line in done.stdout.splitlines() if "quarantined copy" in line]
         assert len(set(copies)) == n and all("(not there" not in c for c in copies), done.stdout
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
+def test_run_once_says_what_it_left_in_the_inbox_and_exits_1(
+    make_service: MakeService, kind: str
+) -> None:
+    """An entry intake cannot take stays in the inbox: `run --once` still publishes the rest,
+    then exits 1 and says how many it left, so a cron job notices."""
+    service = make_service([EMR])
+    service.drop("emr", "good.csv", emr_csv(random.Random(3), rows=12))
+    stuck = service.inbox / "emr" / "stuck.csv"
+    {"symlink": lambda: stuck.symlink_to("/etc/passwd"), "fifo": lambda: os.mkfifo(stuck),
+     "folder": stuck.mkdir}[kind]()  # fmt: skip
+
+    done = service.run("run", "--once", timeout_s=60)
+
+    assert done.returncode == 1, done.stderr
+    assert "1 left in the inbox" in done.stdout and "0 unfinished" in done.stdout
+    assert len(service.manifests("emr")) == 1
+    assert os.path.lexists(stuck)
