@@ -36,3 +36,19 @@ def test_published_contents_of_one_pipeline_across_chunks(tmp_path: Path) -> Non
     assert found == {sha: "B1" for sha in hashes[1:]}, "the refused input published nothing"
     assert journal.publishers_of("emr", []) == {}
     assert journal.publishers_of("other", [f"{5001:064x}"]) == {f"{5001:064x}": "B2"}
+
+
+def test_the_look_up_goes_by_content_not_through_every_published_row(tmp_path: Path) -> None:
+    """Published rows are most of a journal: a look-up planned on the (state, pipeline) index
+    would read all of them for every claim group, a cost that grows with the service's age."""
+    journal = Journal(tmp_path / "journal.db")
+    publish(journal, "emr", "B1", [f"{i:064x}" for i in range(1, 50)])
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+
+    journal.publishers_of("emr", [f"{i:064x}" for i in range(1, 5)])
+
+    (query,) = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plan = journal._db.execute(f"EXPLAIN QUERY PLAN {query}").fetchall()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "files_by_sha (pipeline=? AND sha256=?)" in details, details
