@@ -225,8 +225,14 @@ def canonical(obj: dict[str, object]) -> str:
 
 def line_hash(prev: str, line_without_hash: dict[str, object], key: bytes | None = None) -> str:
     """HMAC-SHA256 with `key` for a line marked keyed, plain SHA-256 for an older one."""
-    data = (prev + canonical(line_without_hash)).encode("ascii")
-    if line_without_hash.get("chain") == CHAIN_HMAC:
+    is_keyed = line_without_hash.get("chain") == CHAIN_HMAC
+    return text_hash(prev, canonical(line_without_hash), key if is_keyed else None, is_keyed)
+
+
+def text_hash(prev: str, canonical_text: str, key: bytes | None, is_keyed: bool) -> str:
+    """`line_hash` of a line already in canonical form."""
+    data = (prev + canonical_text).encode("ascii")
+    if is_keyed:
         if key is None:
             raise ValueError("a keyed audit line needs the chain key")
         return hmac.new(key, data, hashlib.sha256).hexdigest()

@@ -22,8 +22,8 @@ from daemon.audit.verify import (
     FUTURE_SKEW_S,
     GENESIS_HASH,
     canonical,
-    line_hash,
     log_files,
+    text_hash,
 )
 from daemon.errors import MedbatchError
 from daemon.fsutil import fsync_dir, iso_utc_ms, write_all
@@ -125,9 +125,12 @@ class AuditLog:
         if self._chain_key is not None:
             line["chain"] = CHAIN_HMAC
         line["prev"] = self._hash
-        digest = line_hash(self._hash, line, self._chain_key)
+        # Serialised once: the hash covers the canonical text, and the line on disk is that
+        # text with the hash added last (verify re-derives the canonical form from the fields).
+        text = canonical(line)
+        digest = text_hash(self._hash, text, self._chain_key, self._chain_key is not None)
         line["hash"] = digest
-        data = (canonical(line) + "\n").encode("ascii")
+        data = f'{text[:-1]},"hash":"{digest}"}}\n'.encode("ascii")
         if ts[:10] != self._day:
             self._open_day(ts[:10])
         self._write(data)

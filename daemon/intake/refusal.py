@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from daemon.config import Pipeline
 from daemon.models import Reason
@@ -20,7 +19,8 @@ def is_ignored(name: str) -> bool:
 
 def spool_suffix(name: str) -> str:
     """The input's extension, sanitised: processors detect formats by it."""
-    suffix = Path(name).suffix.lower()
+    dot = name.rfind(".")  # as `PurePath(name).suffix`, without building a path per file
+    suffix = name[dot:].lower() if dot > 0 else ""
     return suffix if 1 < len(suffix) <= 10 and set(suffix) <= _SUFFIX_CHARS else ""
 
 

@@ -71,8 +71,8 @@ def rehash(raw: bytes) -> bytes:
     line = json.loads(raw)
     del line["hash"]
     body = json.dumps(line, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    line["hash"] = hashlib.sha256((line["prev"] + body).encode("ascii")).hexdigest()
-    return json.dumps(line, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    digest = hashlib.sha256((line["prev"] + body).encode("ascii")).hexdigest()
+    return f'{body[:-1]},"hash":"{digest}"}}\n'.encode()
 
 
 @pytest.fixture
@@ -93,7 +93,8 @@ def test_empty_log_starts_at_genesis(tmp_path: Path) -> None:
 
 
 def test_line_format_and_hash(tmp_path: Path) -> None:
-    """A line is canonical sorted JSON with ts, seq, event, fields, prev and its sha256 hash."""
+    """A line is the canonical JSON (sorted keys, no spaces) of ts, seq, event, fields and prev,
+    the text its sha256 hash covers, with that hash added last."""
     with AuditLog(tmp_path, clock=Clock(f"{DAY1}T10:00:00.123456")) as log:
         returned = log.append(AuditEvent.BATCH_SEALED, batch_id="b1", reason=None, files=3)
     raw = day_file(tmp_path, DAY1).read_bytes()
