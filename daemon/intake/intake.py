@@ -27,6 +27,7 @@ from daemon.config import Pipeline, Settings
 from daemon.intake import claim, recovery
 from daemon.intake.claim import Lease, Opened, Refusal, Taken
 from daemon.intake.dicom_group import group_for
+from daemon.intake.listing import Passes
 from daemon.intake.memory import RefusalMemory
 from daemon.intake.recovery import Refused
 from daemon.intake.refusal import is_ignored, kind_of, recorded_name, spool_suffix
@@ -46,7 +47,7 @@ OPEN_CHUNK = min(CLAIM_CHUNK, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2
 BUSY_RETRY_S = 1.0
 # Candidates a rescan may hold at once (about 300 bytes each): a producer who drops a million
 # files costs bounded memory; the rest are found when the backlog drains.
-MAX_PENDING = 50_000
+MAX_PENDING = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class Intake:
         self._candidates = Candidates()
         self._refused = RefusalMemory()
         self._unsafe_inboxes: set[str] = set()
-        self._is_scan_capped = False
+        self._passes = Passes()  # inbox listings the cap on candidates cut short
         self._service_uid = os.geteuid()
         if threading.current_thread() is threading.main_thread():
             # A writer opening a file we hold a lease on makes the kernel send us SIGIO, whose
@@ -96,12 +97,13 @@ class Intake:
         for name in self._pipelines:
             (self._spool / name).mkdir(parents=True, exist_ok=True, mode=0o750)
         self._candidates.drop_pipelines_except(set(self._pipelines))
+        self._passes.keep_only(set(self._pipelines))
         self._refused.forget_pipelines_except(self._pipelines)
 
     @property
     def pending(self) -> int:
-        """Candidates waiting, plus one while a capped rescan left entries unlisted."""
-        return len(self._candidates) + int(self._is_scan_capped)
+        """Candidates waiting, plus one while a pass cut short by the cap left entries unlisted."""
+        return len(self._candidates) + int(bool(self._passes))
 
     @property
     def left_in_inbox(self) -> int:
@@ -149,13 +151,18 @@ class Intake:
 
     def scan(self) -> int:
         """Offer every new entry of every inbox (start-up and the periodic rescan), skipping
-        refused ones that did not change; count new candidates."""
+        refused ones that did not change; count new candidates. At `MAX_PENDING` candidates
+        the pass stops, and the next scan goes on from there."""
         before = len(self._candidates)
         now = self._monotonic()
-        self._is_scan_capped = False
         for name, pipeline in self._pipelines.items():
-            visit = functools.partial(self._scan_entry, pipeline, now=now)
-            seen = _scan_folder(self._settings.paths.inbox / name, visit)
+            seen = self._passes.go_on(
+                name,
+                self._settings.paths.inbox / name,
+                functools.partial(self._scan_entry, pipeline, now=now),
+                lambda: len(self._candidates) >= MAX_PENDING,
+                functools.partial(self._refused.knows, name),
+            )
             if seen is not None:
                 self._refused.keep_only(name, seen)
         return len(self._candidates) - before
@@ -183,9 +190,6 @@ class Intake:
         if not stat.S_ISREG(st.st_mode):  # waiting cannot make it a file: report it now
             self._refuse_in_inbox(pipeline.name, entry.name, Refusal(kind_of(st.st_mode), st=st))
             return
-        if len(self._candidates) >= MAX_PENDING:
-            self._is_scan_capped = True
-            return
         due = now + pipeline.settle_s
         self._candidates.add(Candidate(pipeline.name, path, signature_of(st), now, due))
 
@@ -199,8 +203,8 @@ class Intake:
         """Claim settled candidates, at most `limit` (the main loop comes back for the rest, so
         batches seal and start while a large backlog is still being claimed); return the files
         now in the spool and journal."""
-        if self._is_scan_capped and len(self._candidates) < MAX_PENDING // 2:
-            self.scan()  # the capped rescan's remainder, now that the backlog drained
+        if self._passes and len(self._candidates) < MAX_PENDING // 2:
+            self.scan()  # the rest of a pass the cap cut short, now that the backlog drained
         ready = settled(self._candidates, self._pipelines, self._monotonic(), limit)
         if not ready:
             return []
@@ -355,23 +359,6 @@ class Intake:
         """Recovery: claims whose journal intent was written but not their outcome."""
         args = (self._settings, self._pipelines, self._audit, self._service_uid, self._group_key)
         return recovery.finish_interrupted_claims(self._journal, *args)
-
-
-def _scan_folder(folder: Path, visit: Callable[[os.DirEntry[str]], None]) -> list[str] | None:
-    """Visit each entry as listed; return the names seen (names, not DirEntries: a backlog may
-    hold 100,000), None when the folder cannot be listed (a missing one is made again)."""
-    seen: list[str] = []
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                seen.append(entry.name)
-                visit(entry)
-    except FileNotFoundError:
-        folder.mkdir(parents=True, exist_ok=True)
-        return None
-    except OSError:
-        return None
-    return seen
 
 
 def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:

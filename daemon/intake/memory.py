@@ -40,6 +40,9 @@ class RefusalMemory:
         found = self._entries.get((pipeline, name))
         return None if found is None else found[0][0]
 
+    def knows(self, pipeline: str, name: str) -> bool:
+        return (pipeline, name) in self._entries
+
     def is_unchanged(self, pipeline: str, name: str, st: os.stat_result) -> bool:
         found = self._entries.get((pipeline, name))
         return found is not None and found[0] == stamp_of(st)

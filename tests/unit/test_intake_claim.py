@@ -259,3 +259,37 @@ def test_recovery_replaces_a_foreign_spooled_file_by_a_private_copy(env: Env) ->
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o600)
     assert taken.sha256 == hashlib.sha256(GOOD).hexdigest()
     assert sorted(p.name for p in spool.iterdir()) == ["1-a.csv"]
+
+
+def test_a_pass_cut_short_by_the_cap_goes_on_where_it_stopped(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog larger than the cap is listed once in all, not again from the top each time
+    the candidates drain: every entry is visited once, and refused entries are kept or
+    forgotten only when the pass has seen the whole folder."""
+    monkeypatch.setattr(intake_module, "MAX_PENDING", 10)
+    for i in range(25):
+        (env.inbox / f"f{i:02d}.csv").write_bytes(GOOD)
+    os.symlink("/etc/passwd", env.inbox / "link.csv")
+    visited: list[str] = []
+    visit = intake_module.Intake._scan_entry
+
+    def counting(
+        self: intake_module.Intake, pipeline: Any, entry: os.DirEntry[str], **kw: Any
+    ) -> None:
+        visited.append(entry.name)
+        visit(self, pipeline, entry, **kw)
+
+    monkeypatch.setattr(intake_module.Intake, "_scan_entry", counting)
+    env.intake.scan()
+    taken = []
+    while env.intake.pending:
+        taken += env.intake.take_settled(limit=7)  # goes on with the pass as the backlog drains
+
+    assert sorted(t.name for t in taken) == [f"f{i:02d}.csv" for i in range(25)]
+    assert sorted(visited) == sorted([*(f"f{i:02d}.csv" for i in range(25)), "link.csv"])
+    assert rejected(env) == [("link.csv", "symlink")] and env.intake.left_in_inbox == 1
+    # a full pass after the link is gone forgets it
+    (env.inbox / "link.csv").unlink()
+    env.intake.scan()
+    assert env.intake.left_in_inbox == 0
