@@ -54,7 +54,10 @@ def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None) -> N
     configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
     contain_library_logs()
     for kind in kinds:
-        load_processor(kind)
+        processor = load_processor(kind)
+        preload = getattr(processor, "preload_optional", None)
+        if memory_limit is not None and preload is not None:
+            preload()  # what some options load on first use would otherwise eat into the cap
     # Under a cgroup limit (the unit's MemoryMax) the OOM killer takes a worker, never the
     # service: raising one's own score needs no privilege.
     with contextlib.suppress(OSError):

@@ -337,6 +337,9 @@ class ProcessExecutor:
             self._rebuilder.join()
             self._rebuilder = None
         pools = [*self._retired, *([self._pool] if self._pool is not None else [])]
+        # Idle workers are stopped, not asked to finish: nothing is lost, and the stop does not
+        # wait for each interpreter's exit (numpy, pyarrow, scikit-image unloading).
+        wait = wait and bool(self._outstanding)
         for pool in pools:
             if wait:
                 pool.close()  # type: ignore[no-untyped-call]

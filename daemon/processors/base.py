@@ -27,6 +27,9 @@ class Processor(Protocol):
     `merge` over the partials of the inputs that were read, then `write` into the batch folder.
     `merge` must be associative: merging the partials of two halves gives the same result as
     merging all of them at once, so results are exact over the batch, however it is split.
+
+    A processor may also have a static `preload_optional()`: it imports what only some options
+    use, which a worker under a memory cap calls before the cap is set.
     """
 
     kind: ClassVar[str]

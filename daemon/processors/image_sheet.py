@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw
-from skimage.transform import resize
 
 from daemon.processors.image_guards import Source
 
@@ -40,6 +39,8 @@ def thumbnail(frame: NDArray[Any], is_8bit: bool, size_px: int) -> NDArray[np.ui
         frame = blocks.mean(axis=(1, 3), dtype=np.float64)
     scale = size_px / max(frame.shape[:2])
     if scale < 1:
+        from skimage.transform import resize  # loads scipy: only for sizes blocks cannot reach
+
         shape = (max(1, round(frame.shape[0] * scale)), max(1, round(frame.shape[1] * scale)))
         frame = resize(frame, shape, preserve_range=True, anti_aliasing=False)  # type: ignore[no-untyped-call]
     small = np.nan_to_num(frame.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)

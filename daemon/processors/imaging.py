@@ -4,7 +4,6 @@ and a numbered contact sheet of thumbnails. Decoding lives in `image_readers`. R
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import warnings
@@ -14,11 +13,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 from numpy.typing import NDArray
 from PIL import Image
-from skimage.color import rgb2gray
-from skimage.transform import resize, rotate
 
 from daemon.processors.base import Facts
 from daemon.processors.image_readers import Decoded, Limits, read_image
@@ -33,7 +29,7 @@ from daemon.processors.imaging_series import (
     write_series,
 )
 from daemon.processors.options import ImagingOptions
-from daemon.processors.tables import neutralise
+from daemon.processors.tables import write_small_csv
 
 Row = dict[str, str | int | float | None]
 
@@ -127,16 +123,30 @@ class ImagingProcessor:
         thumbnails = (Thumbnail(image_key(rows[0]), small),) if is_on_sheet else ()
         return ImagingPartial(tuple(rows), thumbnails), facts
 
+    @staticmethod
+    def preload_optional() -> None:
+        """scikit-image's colour and geometry modules (they load scipy)."""
+        from skimage.color import rgb2gray  # noqa: F401
+        from skimage.transform import resize, rotate  # noqa: F401
+
     def _transform(self, frame: NDArray[Any]) -> NDArray[Any]:
+        # scikit-image's colour and geometry modules load scipy (about 0.3 s of each worker's
+        # start): imported by the options that use them, not by every imaging worker.
         options = self.options
         if frame.dtype == np.bool_:
             frame = frame.astype(np.uint8)
         if options.grey and frame.ndim == 3 and frame.shape[-1] in (3, 4):
             # From float, rgb2gray keeps the stored range (from integers it would scale to 0..1).
+            from skimage.color import rgb2gray
+
             frame = rgb2gray(frame[..., :3].astype(np.float64))
         if options.rotate_deg % 360:
+            from skimage.transform import rotate
+
             frame = rotate(frame, options.rotate_deg, resize=True, preserve_range=True)  # type: ignore[no-untyped-call]
         if options.resize is not None:
+            from skimage.transform import resize
+
             frame = resize(frame, options.resize, preserve_range=True)  # type: ignore[no-untyped-call]
         return frame
 
@@ -188,17 +198,8 @@ class ImagingProcessor:
             }
             for row in merged.rows
         ]
-        table = pd.DataFrame(rows, columns=list(COLUMNS))
-        for column in INT_COLUMNS:
-            table[column] = table[column].astype("Int64")
-        for column in FLOAT_COLUMNS:
-            table[column] = table[column].astype("float64")
-        for column in TEXT_COLUMNS:
-            table[column] = table[column].map(neutralise, na_action="ignore")
         # Text quoted, numbers bare: a CR inside a file name must not start a row of its own.
-        table.to_csv(
-            folder / RESULT_NAME, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
-        )
+        write_small_csv(folder / RESULT_NAME, rows, COLUMNS, ints=INT_COLUMNS, floats=FLOAT_COLUMNS)
         written = [RESULT_NAME]
         if merged.thumbnails:
             sheet = contact_sheet([t.pixels for t in merged.thumbnails])

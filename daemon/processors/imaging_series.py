@@ -4,13 +4,10 @@ description only where a pipeline allows it (free text can name a patient). Runs
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-
-from daemon.processors.tables import neutralise
+from daemon.processors.tables import write_small_csv
 
 Row = dict[str, str | int | float | None]
 
@@ -76,11 +73,4 @@ def _new_series(row: Row, number: int) -> Row:
 
 
 def write_series(rows: Sequence[Row], folder: Path) -> None:
-    table = pd.DataFrame(list(rows), columns=list(SERIES_COLUMNS))
-    for column in _INT_COLUMNS:
-        table[column] = table[column].astype("Int64")
-    for column in ("modality", "series_description"):
-        table[column] = table[column].map(neutralise, na_action="ignore")
-    table.to_csv(
-        folder / SERIES_NAME, index=False, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
-    )
+    write_small_csv(folder / SERIES_NAME, rows, SERIES_COLUMNS, ints=_INT_COLUMNS, floats=())

@@ -1,9 +1,14 @@
 """Table helpers shared by the processors (worker side): the CSV-injection rule, numeric types,
-and which column names may become result headers."""
+which column names may become result headers, and small result tables written without pandas."""
 
 from __future__ import annotations
 
+import csv
+import math
 import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -40,3 +45,35 @@ def is_publishable_header(name: str) -> bool:
     """A column name that may be printed in a result or manifest: plain, short, and not shaped
     like patient data. Operators can still name any column explicitly in `columns`."""
     return bool(_PLAIN.match(name)) and not _LOOKS_PERSONAL.search(name)
+
+
+def write_small_csv(
+    path: Path,
+    rows: Iterable[Mapping[str, object]],
+    columns: tuple[str, ...],
+    *,
+    ints: tuple[str, ...],
+    floats: tuple[str, ...],
+) -> None:
+    """One row per mapping (a missing key is empty): `ints` and `floats` bare, every other
+    column a neutralised, quoted text. The bytes pandas' `to_csv(quoting=QUOTE_NONNUMERIC)`
+    writes for `Int64`/`float64`/text columns, without loading pandas in a worker that only
+    needs a table of a few hundred rows."""
+    kinds = [int if c in ints else float if c in floats else str for c in columns]
+    with path.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(
+            [_cell(row.get(c), kind) for c, kind in zip(columns, kinds, strict=True)]
+            for row in rows
+        )
+
+
+def _cell(value: Any, kind: type) -> object:
+    if value is None:
+        return None  # written as "" (an empty quoted cell), as pandas writes a missing value
+    if kind is str:
+        return neutralise(str(value))
+    if math.isnan(float(value)):
+        return None
+    return kind(value)

@@ -26,7 +26,6 @@ from daemon.config import Settings
 from daemon.liveness import assess
 from daemon.metrics import Metrics, MetricsServerError, StateReading, parse_address
 from daemon.web.downloads import Download, open_published, parse_download_path
-from daemon.web.page import StatusPage
 from daemon.web.queries import JournalReader
 
 log = structlog.get_logger()
@@ -150,6 +149,10 @@ class StatusServer:
             "quarantine": paths.quarantine,
         }
         self._pipelines = [p.name for p in settings.pipeline]
+        # The page's templates (jinja2) load with the server, not with every start of the
+        # service: a `run --once` or an unserved service starts sooner without them.
+        from daemon.web.page import StatusPage
+
         self.page = StatusPage(self._journal, paths.audit, paths.outbox, self._pipelines)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -127,7 +127,16 @@ def test_healthz_is_503_while_intake_is_paused(make_service: MakeService) -> Non
             r"io_error)\): no files are taken\n",
             body,
         ), body
-        assert status_problem(service) == body.removeprefix("degraded: ").strip()
+        # `status` names the same pause (read twice, in turn: the reason may move on from
+        # disk_full to audit_unwritable between the two reads, as the outbox stays full)
+        wait_until(
+            lambda: (
+                status_problem(service)
+                == healthz_when(base, 503, 10).removeprefix("degraded: ").strip()
+            ),
+            30,
+            message="status and /healthz agree",
+        )
         assert gauges(service)[("medbatch_intake_paused", ())] == 1
         ballast.unlink()
         wait_until(lambda: service.accounted() == 4, 60, message="all published")

@@ -29,8 +29,10 @@ def _cap() -> None:
     # Arrow's jemalloc keeps freed address space mapped, so that under RLIMIT_AS one test's
     # freed buffers would count against the next; with malloc they are given back.
     os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
-    import daemon.processors.genomics
-    import daemon.processors.imaging  # noqa: F401 - imported before the cap, as a worker does
+    import daemon.processors.genomics  # noqa: F401 - imported before the cap, as a worker does
+    from daemon.processors.imaging import ImagingProcessor
+
+    ImagingProcessor.preload_optional()  # as a worker with a memory limit does
 
     limit = _address_space_bytes() + BUDGET_BYTES
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
