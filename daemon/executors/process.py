@@ -275,8 +275,8 @@ class ProcessExecutor:
         """A dead worker is replaced by the pool itself; a broken pool is replaced here, on a
         thread (stopping the old pool and warming up the new one take seconds)."""
         with self._lock:
-            if self._is_usable() or self._is_rebuilding():
-                return
+            if self._stopping.is_set() or self._is_usable() or self._is_rebuilding():
+                return  # stopping: a rebuild would stop the old pool beside `shutdown`
             self._rebuilder = threading.Thread(
                 target=self._rebuild, name="medbatch-pool-rebuild", daemon=True
             )
@@ -332,10 +332,11 @@ class ProcessExecutor:
 
     def shutdown(self, *, wait: bool) -> None:
         """`wait`: let running batches finish; else stop the workers now."""
-        self._stopping.set()
-        if self._rebuilder is not None:
-            self._rebuilder.join()
-            self._rebuilder = None
+        with self._lock:  # no rebuild starts after this (`recover` checks under the lock)
+            self._stopping.set()
+            rebuilder, self._rebuilder = self._rebuilder, None
+        if rebuilder is not None:
+            rebuilder.join()
         pools = [*self._retired, *([self._pool] if self._pool is not None else [])]
         # Idle workers are stopped, not asked to finish: nothing is lost, and the stop does not
         # wait for each interpreter's exit (numpy, pyarrow, scikit-image unloading).

@@ -161,6 +161,21 @@ def make_split_task(tmp_path: Path, batch_id: str, contents: list[bytes]) -> Bat
     return BatchTask(batch, {"skip_blank": True}, tmp_path / "outbox" / "p")
 
 
+def test_no_rebuild_starts_once_the_stop_has_begun(tmp_path: Path, pool) -> None:
+    """A stop that kills a running batch's worker makes its report call `recover`: that must
+    not start a rebuild, which would stop the same pool from a second thread beside `shutdown`
+    (pebble's stop is not safe twice at once: a KeyError crashed the service's stop)."""
+    executor, _ = pool
+    executor.submit(make_task(tmp_path, "hang", b"MEDBATCH-TEST-HANG\n"))
+    wait_until(lambda: executor.worker_pids(), 30, message="workers up")
+    executor.shutdown(wait=False)
+
+    executor.recover()  # as a late report of the killed batch does
+
+    assert not executor._is_rebuilding() and executor._pool is None
+    assert not executor.is_healthy()
+
+
 @pytest.mark.parametrize(
     ("sizes", "parts", "expected"),
     [
