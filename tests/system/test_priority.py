@@ -69,6 +69,9 @@ def test_aging_lets_a_routine_batch_through_a_steady_urgent_stream(
     )
     service.start()
     dropped = {"u0": service.drop("urgent", "u0", slow(0.3, "u0"))}
+    # The worker busy first: on a loaded machine the routine file could otherwise be claimed
+    # first and run at once, with no urgent batch yet to overtake.
+    wait_until(lambda: started_batches(service) >= 1, 30, message="u0 started")
     dropped["routine"] = service.drop("routine", "routine", slow(0.1, "routine"))
     for i in range(1, 30):
         dropped[f"u{i}"] = service.drop("urgent", f"u{i}", slow(0.3, f"u{i}"))
