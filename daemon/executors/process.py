@@ -92,6 +92,7 @@ class ProcessExecutor:
         self._stall_s = stall_s
         self._stopping = threading.Event()
         self._stall_watch: threading.Thread | None = None
+        self._warm_up_watch: threading.Thread | None = None
 
     def start(self) -> None:
         """Spawn the workers and return at once: they import the processors while the start-up
@@ -99,10 +100,11 @@ class ProcessExecutor:
         pool, warming = self._spawn_pool()
         with self._lock:
             self._pool = pool
-        threading.Thread(
+        self._warm_up_watch = threading.Thread(
             target=self._watch_warm_up, args=(pool, warming), name="medbatch-pool-warm-up",
             daemon=True,
-        ).start()  # fmt: skip
+        )  # fmt: skip
+        self._warm_up_watch.start()
         if self._stall_watch is None:
             self._stall_watch = threading.Thread(
                 target=self._watch_stalls, name="medbatch-pool-stall-watch", daemon=True
@@ -130,8 +132,10 @@ class ProcessExecutor:
         # Bounded: a pool that breaks while warming up never fails its queued tasks (pebble's
         # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever;
         # a late pool is marked failed, so the batches queued in it are reclaimed (has_lost_work).
-        _, late = wait(warming, timeout=WARM_UP_TIMEOUT_S)
-        if late:
+        deadline, late = time.monotonic() + WARM_UP_TIMEOUT_S, set(warming)
+        while late and not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            _, late = wait(late, timeout=min(left, 0.2))  # a stop ends the watch too
+        if late and not self._stopping.is_set():
             log.warning("pool.warm_up_late", workers=len(late))
             with self._lock:
                 if self._pool is pool or self._pool is None:
@@ -335,8 +339,9 @@ class ProcessExecutor:
         with self._lock:  # no rebuild starts after this (`recover` checks under the lock)
             self._stopping.set()
             rebuilder, self._rebuilder = self._rebuilder, None
-        if rebuilder is not None:
-            rebuilder.join()
+        for thread in (rebuilder, self._warm_up_watch):
+            if thread is not None:
+                thread.join()
         pools = [*self._retired, *([self._pool] if self._pool is not None else [])]
         # Idle workers are stopped, not asked to finish: nothing is lost, and the stop does not
         # wait for each interpreter's exit (numpy, pyarrow, scikit-image unloading).
