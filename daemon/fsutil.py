@@ -5,6 +5,7 @@ Pure functions; safe in the main process and in workers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -78,9 +79,15 @@ def iso_utc(ts: float | None = None) -> str:
 def iso_utc_ms(ms: int) -> str:
     """`iso_utc` of a time in whole milliseconds since the epoch."""
     seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_utc_second(seconds)}.{millis:03d}Z"
 
 
 def utc_day(ts: float) -> str:
     """`YYYY-MM-DD` of `ts` in UTC (audit files, archive folders)."""
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    return _utc_second(int(ts // 1))[:10]
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    # An audit line and an archived input each need one: thousands a second share a few.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))

@@ -124,11 +124,6 @@ def try_lease(fd: int) -> Lease:
     return Lease.HELD
 
 
-def release_lease(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-
-
 def move_into_spool(inbox_fd: int, name: str, target: Path, st: os.stat_result) -> Refusal | None:
     """Rename the entry into the spool; then check that what moved is the inode we checked."""
     try:

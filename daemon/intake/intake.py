@@ -234,8 +234,7 @@ class Intake:
             return self._move_all(list(zip(ids, plans, strict=True)), inbox_fds)
         finally:
             for p in plans:
-                claim.release_lease(p.opened.fd)
-                os.close(p.opened.fd)
+                os.close(p.opened.fd)  # closing the descriptor ends its lease
 
     def _move_all(
         self, claims: list[tuple[int, _Plan]], inbox_fds: dict[str, int]

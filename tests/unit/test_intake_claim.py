@@ -7,6 +7,8 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,17 @@ def test_a_renamed_in_file_nobody_writes_is_taken_at_once(slow: Env) -> None:
     slow.intake.offer("emr", slow.inbox / "a.csv", is_writing=False)
     (taken,) = slow.intake.take_settled()
     assert taken.sha256 == hashlib.sha256(GOOD).hexdigest()
+
+
+def test_no_lease_outlives_the_claim(slow: Env) -> None:
+    """The read lease ends with the claim's descriptor: another process may open the spooled
+    file for writing at once (under a lease its open would wait out lease-break-time)."""
+    (slow.inbox / "a.csv").write_bytes(GOOD)
+    slow.intake.offer("emr", slow.inbox / "a.csv", is_writing=False)
+    (taken,) = slow.intake.take_settled()
+    opener = "import os, sys; os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))"
+    done = subprocess.run([sys.executable, "-c", opener, str(taken.spool_path)], timeout=30)
+    assert done.returncode == 0
 
 
 def test_a_file_seen_without_a_close_waits_for_settle(slow: Env, clock: Clock) -> None:
