@@ -22,8 +22,11 @@ MAX_EXPOSURE = 1.5
 GRACEFUL_TIMEOUT_DEFAULT_S = 60  # the config's graceful_timeout_s default
 EXPOSURE_RE = re.compile(r"Overall exposure level for (?P<unit>\S+): (?P<level>\d+(?:\.\d+)?)")
 
+# CI installs systemd-analyze (.ci/run) and must never leave the unit unchecked: there a
+# missing tool fails the test; a developer's machine without it skips, saying why.
 needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
+    shutil.which("systemd-analyze") is None and not os.environ.get("CI"),
+    reason="systemd-analyze not installed",
 )
 
 
