@@ -1,20 +1,26 @@
 """Disposal: where a finished input goes — archive, deletion or quarantine — and its paths.
 
 Main loop only, after the journal commit (idempotent: a crash in between is finished by
-recovery). `trace` derives the same paths from here.
+recovery), except the renames into the archive: the `Archiver` thread makes them, and the main
+loop marks them disposed when they are done. `trace` derives the same paths from here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import stat
+import threading
 import unicodedata
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from daemon.audit.names import hash_name, hashed_file_name, load_name_key
 from daemon.config import PathsConfig, Pipeline
@@ -22,6 +28,8 @@ from daemon.fsutil import atomic_write, iso_utc, utc_day
 from daemon.journal import FileRow, Journal
 from daemon.models import Facts, FileState
 from daemon.outbox import make_folder
+
+log = structlog.get_logger()
 
 SIDECAR_SUFFIX = ".error.json"
 # Kept inputs are raw patient data, and a sidecar names its input: both private to the service
@@ -130,25 +138,91 @@ def sidecar(
     }
 
 
+Move = tuple[int, str, str]  # (file id, spooled path, archived path)
+
+
+def archive_all(moves: list[Move], folders: set[str]) -> list[int]:
+    """Make the day folders, rename each input into the archive; the ids now out of the spool.
+    A missing source was renamed before a crash (after the commit): done too."""
+    for folder in sorted(folders):
+        make_folder(Path(folder))
+    done = []
+    for file_id, source, target in moves:
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # kept in the spool; the next disposal tries again
+            log.error("disposal.archive_failed", file_id=file_id,
+                      errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)))  # fmt: skip
+            continue
+        done.append(file_id)
+    return done
+
+
+class Archiver:
+    """Renames into the archive on a thread of its own: on ext4 a rename costs ~16 µs of
+    kernel time, a third of a second of the main loop per 20,000 small inputs. The journal
+    stays the main loop's: a finished lot waits in `finished` and `wake` tells the main loop,
+    which marks it disposed. A crash before that leaves the rows undisposed: recovery renames
+    again, and finds the sources gone."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="archiver")
+        self._lock = threading.Lock()
+        self._finished: list[tuple[list[int], list[int]]] = []  # (ids handed over, ids done)
+
+    def move(self, moves: list[Move], folders: set[str]) -> None:
+        self._pool.submit(self._run, moves, folders)
+
+    def _run(self, moves: list[Move], folders: set[str]) -> None:
+        try:
+            done = archive_all(moves, folders)
+        except OSError as exc:  # a day folder that cannot be made: all kept in the spool
+            log.error("disposal.archive_failed", errno=errno.errorcode.get(exc.errno or 0))
+            done = []
+        with self._lock:
+            self._finished.append(([m[0] for m in moves], done))
+        self._wake()
+
+    def take_finished(self) -> list[tuple[list[int], list[int]]]:
+        with self._lock:
+            finished, self._finished = self._finished, []
+        return finished
+
+    def close(self) -> None:
+        """Wait for the renames handed over (the main loop then collects them)."""
+        self._pool.shutdown(wait=True)
+
+
 class Disposal:
-    """Moves terminal inputs out of the spool: archive (or delete) or quarantine."""
+    """Moves terminal inputs out of the spool: archive (or delete) or quarantine.
+
+    With an `Archiver`, the archive renames happen on its thread and `collect()` (main loop)
+    marks them disposed; without one, `dispose()` makes them itself."""
 
     def __init__(
         self,
         paths: PathsConfig,
         journal: Journal,
         pipelines: Callable[[], Mapping[str, Pipeline]],
+        archiver: Archiver | None = None,
     ) -> None:
         self._paths = paths
         self._journal = journal
         self._pipelines = pipelines
+        self._archiver = archiver
+        self._moving: set[int] = set()  # handed to the archiver, not yet collected
 
     def dispose(self) -> int:
         """Dispose of every undisposed terminal input; return how many."""
-        rows = self._journal.undisposed()
+        rows = [r for r in self._journal.undisposed() if r.id not in self._moving]
         pipelines = self._pipelines()
         spool, archive = f"{self._paths.spool}/", str(self._paths.archive)
-        made: set[str] = set()
+        moves: list[Move] = []
+        folders: set[str] = set()
+        done: list[int] = []
         quarantined_as: list[tuple[int, str]] = []
         for row in rows:
             source = spool + row.spool_name
@@ -166,18 +240,41 @@ class Disposal:
                     Path(source).unlink()
                 else:
                     day = _archive_folder(archive, row)
-                    if day not in made:
-                        make_folder(Path(day))
-                        made.add(day)
+                    folders.add(day)
                     # Spool names are unique: the archived copy keeps it, nothing to compare.
-                    os.rename(source, f"{day}/{row.spool_name.rpartition('/')[2]}")
+                    moves.append((row.id, source, f"{day}/{row.spool_name.rpartition('/')[2]}"))
+                    continue
             except FileNotFoundError:
-                continue  # moved before a crash, after the journal commit: already done
+                pass  # moved before a crash, after the journal commit: already done
+            done.append(row.id)
         if quarantined_as:
             self._journal.record_quarantined_as(quarantined_as)
-        if rows:
-            self._journal.mark_disposed(r.id for r in rows)
+        if moves and self._archiver is not None:
+            self._moving.update(m[0] for m in moves)
+            self._archiver.move(moves, folders)
+        elif moves:
+            done += archive_all(moves, folders)
+        if done:
+            self._journal.mark_disposed(done)
         return len(rows)
+
+    def collect(self) -> int:
+        """Main loop: mark the archiver's finished renames disposed; how many."""
+        if self._archiver is None:
+            return 0
+        done: list[int] = []
+        for handed, moved in self._archiver.take_finished():
+            self._moving.difference_update(handed)
+            done += moved
+        if done:
+            self._journal.mark_disposed(done)
+        return len(done)
+
+    def close(self) -> None:
+        """Stop: the renames handed over are finished and marked before the journal closes."""
+        if self._archiver is not None:
+            self._archiver.close()
+            self.collect()
 
     def _published(self, row: FileRow, pipeline: Pipeline | None) -> tuple[str, str]:
         return published_names(self._paths.state, pipeline, row.name)

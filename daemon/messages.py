@@ -25,10 +25,16 @@ class BatchDone:
     future: Future[BatchResult]
 
 
-Message = PathSeen | BatchDone | SignalReceived | Tick | Rescan | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Archived:
+    """The archiver thread finished a lot of renames: the main loop marks them disposed."""
+
+
+Message = PathSeen | BatchDone | Archived | SignalReceived | Tick | Rescan | Heartbeat
 MessageQueue = queue.SimpleQueue[Message]
 
 __all__ = [
+    "Archived",
     "BatchDone",
     "Heartbeat",
     "Message",

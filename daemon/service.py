@@ -13,7 +13,6 @@ import queue
 import signal
 import time
 from collections import Counter
-from concurrent.futures import Future
 from typing import assert_never
 
 import structlog
@@ -35,6 +34,7 @@ from daemon.executors import Executor, make_executor
 from daemon.heartbeat import HeartbeatMonitor
 from daemon.journal import Journal
 from daemon.messages import (
+    Archived,
     BatchDone,
     Heartbeat,
     Message,
@@ -45,7 +45,7 @@ from daemon.messages import (
     Tick,
 )
 from daemon.metrics import Metrics
-from daemon.models import BatchResult, Reason
+from daemon.models import Reason
 from daemon.notify import Notifier
 from daemon.outcome_listeners import Progress
 from daemon.periodic import Periodic
@@ -147,7 +147,8 @@ class Service:
         self._open_records()
         assert self.journal is not None and self.audit is not None
         parts = wire(self.settings, self.journal, self.audit, self.metrics, self.progress,
-                      self._notifier, lambda: by_name(self.settings))  # fmt: skip
+                     self._notifier, lambda: by_name(self.settings),
+                     lambda: self._messages.put(Archived()))  # fmt: skip
         self.intake, self.batcher, self.dispatcher, self.gate = parts[:4]
         self.disposal, self.flow, self.admission = parts[4:]
         self._checkpoint()
@@ -155,7 +156,8 @@ class Service:
                  self.disposal).run()  # fmt: skip
         _recover_rollups(self.flow, self.journal)
         self._checkpoint()
-        self.executor = make_executor(self.settings, kinds(self.settings), self._on_done)
+        self.executor = make_executor(self.settings, kinds(self.settings),
+                                      lambda b, f: self._messages.put(BatchDone(b, f)))  # fmt: skip
         self.flow.executor = self.executor
         self.executor.start()
         self._checkpoint()
@@ -214,6 +216,7 @@ class Service:
             self._drain()
             in_flight = len(self.flow.inflight)
             self.executor.shutdown(wait=not in_flight)
+            self.disposal.close()  # the archiver's renames finish and are marked
         if self.audit is not None and self.journal is not None:
             reason = None if self._is_ready or self._stopping else Reason.START_FAILED
             self.audit.record(
@@ -250,10 +253,8 @@ class Service:
             log.warning("daemon.drain_timeout", in_flight=len(self.flow.inflight))
 
     def _is_finished(self) -> bool:
-        if self._stopping:
-            return True
-        if not self.once:
-            return False
+        if self._stopping or not self.once:
+            return self._stopping
         return self.intake.pending == 0 and not self.batcher.open_batches() and self.flow.is_idle
 
     def _wait_and_handle(self) -> None:
@@ -280,6 +281,8 @@ class Service:
                     self.intake.offer(pipeline, path, is_writing=is_writing)
             case BatchDone(batch_id=batch_id, future=future):
                 self.flow.on_done(batch_id, future)
+            case Archived():
+                self.disposal.collect()
             case SignalReceived(signum=signum):
                 self._handle_signal(signum)
             case Tick():
@@ -312,6 +315,9 @@ class Service:
         assert self.audit is not None
         now = time.time()
         sealed: list[Sealed] = []
+        can_publish = self.gate.paused != Reason.AUDIT_UNWRITABLE
+        if can_publish:
+            self.flow.dispatch()  # a slot freed since the last step gets its batch before a claim
         if not self.gate.paused:
             taken = self.intake.take_settled()
             self.progress.files_taken += len(taken)
@@ -322,18 +328,13 @@ class Service:
         for s in sealed:
             self.flow.seal(s)
         self.flow.release_delayed()
-        if self.gate.paused != Reason.AUDIT_UNWRITABLE:
-            # Nothing is published while its audit line could not be written.
+        if can_publish:  # nothing is published while its audit line could not be written
             self.flow.dispatch()
         self.audit.sync()
         if self.audit.failing_since is not None:
             self.gate.pause(Reason.AUDIT_UNWRITABLE)
         self.metrics.set_queue_depth(Counter(t.batch.priority for t in self.dispatcher.waiting))
         self.metrics.set_in_flight(len(self.flow.inflight))
-
-    def _on_done(self, batch_id: str, future: Future[BatchResult]) -> None:
-        """Executor thread: hand the outcome to the main loop."""
-        self._messages.put(BatchDone(batch_id, future))
 
     def _heartbeat(self) -> None:
         assert self.executor is not None and self.monitor is not None
@@ -345,8 +346,12 @@ class Service:
             self.watcher.restart(inbox_folders(self.settings))
             self.intake.scan()
         self.requeues.link()
+        # Retention's moment: nothing settling, waiting or in flight, intake not paused.
+        idle = not (
+            self.flow.inflight or self.dispatcher or self.intake.pending or self.gate.paused
+        )
         if not self.once:
-            self.pruner.maybe_step(self.settings, is_idle=self._is_quiet())
+            self.pruner.maybe_step(self.settings, is_idle=idle)
         # Watches set, scheduler ticking: otherwise stop pinging systemd's watchdog. A paused
         # intake or an unreachable cluster is degraded, not hung: `status` says so.
         is_watching = self.once or (self.watcher is not None and self.watcher.is_alive())
@@ -361,11 +366,6 @@ class Service:
             status=f"{self.intake.pending} settling, {len(self.dispatcher)} waiting, "
             f"{len(self.flow.inflight)} in flight, {self.progress.published} published",
         )
-
-    def _is_quiet(self) -> bool:
-        """Retention's moment: nothing settling, waiting or in flight, intake not paused."""
-        busy = self.flow.inflight or self.dispatcher or self.intake.pending
-        return not (busy or self.gate.paused)
 
     def _reload(self) -> None:
         assert self.audit is not None and self.executor is not None

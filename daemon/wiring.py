@@ -11,7 +11,7 @@ from daemon.batch_flow import BatchFlow
 from daemon.batcher import Batcher
 from daemon.config import Pipeline, Settings
 from daemon.dispatcher import PriorityDispatcher
-from daemon.disposal import Disposal
+from daemon.disposal import Archiver, Disposal
 from daemon.intake import Intake
 from daemon.journal import Journal
 from daemon.metrics import Metrics
@@ -39,6 +39,7 @@ def wire(
     progress: Progress,
     notifier: Notifier,
     pipelines: Callable[[], dict[str, Pipeline]],
+    on_archived: Callable[[], None] | None = None,
 ) -> Parts:
     """Intake, batcher, dispatcher and the batch flow with its listeners, in order."""
     workers = settings.workers
@@ -46,7 +47,8 @@ def wire(
     batcher = Batcher(by_name(settings))
     dispatcher = PriorityDispatcher(workers.count, workers.memory_budget, settings.dispatch.aging_s)
     gate = IntakeGate(audit, journal)
-    disposal = Disposal(settings.paths, journal, pipelines)
+    archiver = None if on_archived is None else Archiver(on_archived)
+    disposal = Disposal(settings.paths, journal, pipelines, archiver)
     rollups = Rollups(settings.paths.state, settings.paths.outbox, pipelines)
     listeners = standard_listeners(
         audit, metrics, gate, progress, notifier, disposal, rollups, journal

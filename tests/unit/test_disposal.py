@@ -4,13 +4,14 @@ its name (unsafe, too long, taken twice)."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from daemon.audit.names import hash_name, hashed_file_name, read_name_key
 from daemon.config import Settings
-from daemon.disposal import Disposal, copies_of
+from daemon.disposal import Archiver, Disposal, copies_of
 from daemon.journal import Journal
 
 NAMES = [
@@ -116,3 +117,67 @@ def test_producer_files_named_like_sidecars_are_never_taken_for_one(
         ((_, where),) = copies_of(s.paths, pipelines, row, journal.file_facts(file_id))
         assert where.read_bytes() == b"x" and not where.name.endswith(".error.json")
         assert where.with_name(where.name + ".error.json") in sidecars
+
+
+def _published(journal: Journal, s: Settings, names: list[str]) -> list[int]:
+    ids = journal.begin_claims([("emr", n, n, 100.0) for n in names])
+    for n in names:
+        (s.paths.spool / n).write_bytes(n.encode())
+    journal.finish_claims([(i, "0" * 64, 1) for i in ids])
+    journal._db.executemany(
+        "UPDATE files SET state='published', done_at=1 WHERE id=?", [(i,) for i in ids]
+    )
+    return ids
+
+
+def _undisposed(journal: Journal) -> set[int]:
+    return {r.id for r in journal.undisposed()}
+
+
+def test_the_archiver_thread_renames_and_the_main_loop_marks(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """With an archiver, dispose() hands the renames to its thread: the rows stay undisposed
+    (and are not handed over twice) until collect() marks what the thread moved. A day folder
+    that cannot be made keeps every input in the spool; the next disposal moves them."""
+    s = settings(tmp_path)
+    pipelines = {p.name: p for p in s.pipeline}
+    woken = threading.Event()
+    archiver = Archiver(woken.set)
+    disposal = Disposal(s.paths, journal, lambda: pipelines, archiver)
+    blocker = s.paths.archive / "emr"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")  # a file where the pipeline's archive folder goes
+    ids = _published(journal, s, ["a.csv", "b.csv"])
+
+    assert disposal.dispose() == 2
+    assert woken.wait(10)
+    assert disposal.dispose() == 0, "rows handed over are not handed over again"
+    assert disposal.collect() == 0 and _undisposed(journal) == set(ids)
+    assert (s.paths.spool / "a.csv").is_file(), "kept in the spool"
+
+    blocker.unlink()
+    woken.clear()
+    assert disposal.dispose() == 2 and woken.wait(10)
+    assert disposal.collect() == 2 and _undisposed(journal) == set()
+    rows = [journal._files("id=?", (i,))[0] for i in ids]
+    assert [copies_of(s.paths, pipelines, r, {})[0][1].read_bytes() for r in rows] == [
+        b"a.csv",
+        b"b.csv",
+    ]
+    assert not any((s.paths.spool / n).exists() for n in ("a.csv", "b.csv"))
+
+
+def test_close_waits_for_the_handed_renames_and_marks_them(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """Stop: whatever the archiver was given is archived and marked before the journal closes."""
+    s = settings(tmp_path)
+    pipelines = {p.name: p for p in s.pipeline}
+    disposal = Disposal(s.paths, journal, lambda: pipelines, Archiver(lambda: None))
+    names = [f"f{i}.csv" for i in range(300)]
+    _published(journal, s, names)
+    assert disposal.dispose() == len(names)
+    disposal.close()
+    assert _undisposed(journal) == set()
+    assert not any((s.paths.spool / n).exists() for n in names)
