@@ -79,9 +79,26 @@ def build_manifest(
     return manifest
 
 
+_ONE_LINE = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": "))
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The manifest as JSON, indented, each list item (an input, an output) on a line of its
+    own: easy to read and to grep, and written by the C encoder (`indent` makes json use its
+    pure-Python one, ~20 µs a listed input)."""
+    fields = []
+    for key, value in manifest.items():
+        if isinstance(value, list) and value:
+            items = ",\n".join(f"    {_ONE_LINE.encode(item)}" for item in value)
+            text = f"[\n{items}\n  ]"
+        else:  # JSON text holds no raw newline: each one is a line break of the indentation
+            text = json.dumps(value, indent=2, ensure_ascii=True).replace("\n", "\n  ")
+        fields.append(f"  {_ONE_LINE.encode(key)}: {text}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    path = folder / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=True) + "\n", encoding="utf-8")
+    (folder / "manifest.json").write_text(manifest_text(manifest), encoding="ascii")
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -12,6 +12,7 @@ joined parse fails.
 from __future__ import annotations
 
 import io
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,11 +123,8 @@ def _prepare(processor: EmrProcessor, path: Path, index: int) -> tuple[bytes, by
         or options.encoding not in ("utf-8", "auto")
     ):
         return None
-    try:
-        if not 0 < path.stat().st_size <= min(MAX_JOIN_BYTES, processor.options.max_row_bytes):
-            return None
-        data = path.read_bytes()
-    except OSError:
+    data = _small_file(path, min(MAX_JOIN_BYTES, processor.options.max_row_bytes))
+    if data is None:
         return None
     if any(mark in data for mark in (b'"', b"\r", b"\x00")) or data.startswith(b"\xef\xbb\xbf"):
         return None
@@ -141,6 +139,22 @@ def _prepare(processor: EmrProcessor, path: Path, index: int) -> tuple[bytes, by
         return None
     suffix = b",%d\n" % index
     return header, suffix.join(lines) + suffix if lines else b""
+
+
+def _small_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of a non-empty file of at most `limit` bytes, in one read; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1) if 0 < size <= limit else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if data and len(data) == size else None  # grown or cut meanwhile: read alone
 
 
 def _read_group(
