@@ -56,6 +56,7 @@ class Metrics:
         self._received = Counter(
             "medbatch_files_received", "Files claimed from an inbox.", ["pipeline"], registry=r
         )
+        self._received_by: dict[str, Counter] = {}
         self._rejected = Counter(
             "medbatch_files_rejected",
             "Inbox entries refused unread (symlink, FIFO, too large …).",
@@ -131,7 +132,11 @@ class Metrics:
                 pass
 
     def file_received(self, pipeline: str) -> None:
-        self._received.labels(pipeline).inc()
+        # Once per claimed file: the labelled child is looked up once per pipeline.
+        child = self._received_by.get(pipeline)
+        if child is None:
+            child = self._received_by[pipeline] = self._received.labels(pipeline)
+        child.inc()
 
     def file_rejected(self, pipeline: str, reason: str) -> None:
         self._rejected.labels(pipeline, self._reason(reason)).inc()

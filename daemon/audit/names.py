@@ -4,6 +4,7 @@ keyed hash; the real name stays in the 0600 journal. Key: `<state>/audit-name.ke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -24,6 +25,7 @@ class NameKeyError(MedbatchError):
     """A service key (names, chain) is unreadable or not 32 bytes; refusing to use another."""
 
 
+@functools.lru_cache(maxsize=16384)  # a claimed name is hashed again for its audit line and task
 def hash_name(key: bytes, name: str) -> str:
     """The keyed hash written instead of a file name: stable for one key, useless without it."""
     raw = name.encode("utf-8", "surrogateescape")

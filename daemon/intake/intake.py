@@ -8,6 +8,7 @@ reported once and remembered until they change (memory.py).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import resource
 import secrets
@@ -309,9 +310,7 @@ class Intake:
             return None
         self._candidates.remove(c.path)
         raw_name = c.name
-        spool_name = (
-            f"{pipeline.name}/{time.time_ns():x}-{secrets.token_hex(4)}{spool_suffix(raw_name)}"
-        )
+        spool_name = _spool_name(pipeline.name, raw_name)
         spool_path = Path(f"{self._spool_prefix}{spool_name}")
         return _Plan(pipeline, c, raw_name, recorded_name(raw_name), opened, spool_name,
                      spool_path, now)  # fmt: skip
@@ -358,6 +357,17 @@ class Intake:
         """Recovery: claims whose journal intent was written but not their outcome."""
         args = (self._settings, self._pipelines, self._audit, self._service_uid, self._group_key)
         return recovery.finish_interrupted_claims(self._journal, *args)
+
+
+# A spool name is the claim's time and a per-process sequence from a random start: unique, and
+# without a getrandom() call per file.
+_SPOOL_SEQ = itertools.count(secrets.randbits(32))
+
+
+def _spool_name(pipeline: str, raw_name: str) -> str:
+    return (
+        f"{pipeline}/{time.time_ns():x}-{next(_SPOOL_SEQ) & 0xFFFFFFFF:08x}{spool_suffix(raw_name)}"
+    )
 
 
 def _log_refusal(event: str, pipeline: str, refused: Refusal, inode: int) -> None:
