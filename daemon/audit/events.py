@@ -37,6 +37,9 @@ class AuditEvent(enum.StrEnum):
     FILE_REQUEUED = "file.requeued"
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per event class: payload() runs once a line
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Record:
     """Base of every event: `payload()` is what the line carries besides ts/seq/event/prev/hash
@@ -46,11 +49,14 @@ class Record:
 
     def payload(self) -> dict[str, object]:
         out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in fields(self))
+        for name in names:
+            value = getattr(self, name)
             if value is None:
                 continue
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -109,6 +109,14 @@ class AuditLog:
 
     def append(self, event: AuditEvent, **fields: object) -> dict[str, object]:
         """Write one line; on OSError the file and `head` stay as they were (retry later)."""
+        line, data, now_ms = self._line(event, fields, self._seq, self._hash, self._last_ms)
+        self._write_lines([(line, data, now_ms)])
+        return line
+
+    def _line(
+        self, event: AuditEvent, fields: dict[str, object], seq: int, prev: str, last_ms: int
+    ) -> tuple[dict[str, object], bytes, int]:
+        """The line after (seq, prev) as a dict and as the bytes written, and its time."""
         clash = _RESERVED_FIELDS.intersection(fields)
         if clash:
             raise ValueError(f"reserved audit field(s): {', '.join(sorted(clash))}")
@@ -117,37 +125,66 @@ class AuditLog:
             assert self._name_key is not None
             fields["file"] = hash_name(self._name_key, name)
         # A wall clock stepped back must neither reorder lines nor send one to an older day's file.
-        now_ms = max(int(self._clock() * 1000), self._last_ms)
-        ts = iso_utc_ms(now_ms)
-        seq = self._seq + 1
-        line: dict[str, object] = {"ts": ts, "seq": seq, "event": AuditEvent(event).value}
+        now_ms = max(int(self._clock() * 1000), last_ms)
+        ts, event_name = iso_utc_ms(now_ms), AuditEvent(event).value
+        line: dict[str, object] = {"ts": ts, "seq": seq + 1, "event": event_name}
         line.update((key, value) for key, value in fields.items() if value is not None)
         if self._chain_key is not None:
             line["chain"] = CHAIN_HMAC
-        line["prev"] = self._hash
+        line["prev"] = prev
         # Serialised once: the hash covers the canonical text, and the line on disk is that
         # text with the hash added last (verify re-derives the canonical form from the fields).
         text = canonical(line)
-        digest = text_hash(self._hash, text, self._chain_key, self._chain_key is not None)
+        digest = text_hash(prev, text, self._chain_key, self._chain_key is not None)
         line["hash"] = digest
-        data = f'{text[:-1]},"hash":"{digest}"}}\n'.encode("ascii")
-        if ts[:10] != self._day:
-            self._open_day(ts[:10])
-        self._write(data)
-        self._seq, self._hash, self._last_ms = seq, digest, now_ms
-        return line
+        return line, f'{text[:-1]},"hash":"{digest}"}}\n'.encode("ascii"), now_ms
+
+    def _write_lines(self, lines: list[tuple[dict[str, object], bytes, int]]) -> None:
+        """Write chained lines, one write per UTC day they fall on; `head` follows each write."""
+        start = 0
+        while start < len(lines):
+            day = str(lines[start][0]["ts"])[:10]
+            end = start + 1
+            while end < len(lines) and str(lines[end][0]["ts"]).startswith(day):
+                end += 1
+            if day != self._day:
+                self._open_day(day)
+            self._write(b"".join(data for _, data, _ in lines[start:end]))
+            line, _, now_ms = lines[end - 1]
+            self._seq, self._hash, self._last_ms = (
+                self._seq + end - start,
+                str(line["hash"]),
+                now_ms,
+            )
+            start = end
 
     def record(self, event: Record, *, recovered: bool = False) -> dict[str, object]:
         """Write one typed event (`recovered`: rebuilt from the journal); tell the listeners."""
         line = self.append(event.event, recovered=recovered or None, **event.payload())
         if line:
-            for listener in self._listeners:
-                try:
-                    listener(event)
-                except Exception:
-                    # The line is written; a listener's bug must not look like a failed write.
-                    log.exception("audit.listener_failed", listener=repr(listener))
+            self._tell(event)
         return line
+
+    def record_many(self, events: Sequence[Record]) -> None:
+        """`record` each event, in one write (a claim group's `file.received` lines): the same
+        lines, chained alike; on OSError none is written past the day that failed."""
+        lines = []
+        seq, prev, last_ms = self._seq, self._hash, self._last_ms
+        for event in events:
+            line, data, last_ms = self._line(event.event, event.payload(), seq, prev, last_ms)
+            lines.append((line, data, last_ms))
+            seq, prev = seq + 1, str(line["hash"])
+        self._write_lines(lines)
+        for event in events:
+            self._tell(event)
+
+    def _tell(self, event: Record) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                # The line is written; a listener's bug must not look like a failed write.
+                log.exception("audit.listener_failed", listener=repr(listener))
 
     def sync(self) -> None:
         """Make every appended line durable; an error is raised, never swallowed (caller pauses)."""
@@ -300,6 +337,14 @@ class TolerantAuditLog(AuditLog):
         except OSError as exc:
             self._fail(exc)
             return {}
+
+    def record_many(self, events: Sequence[Record]) -> None:
+        if self.failing_since is not None:
+            return
+        try:
+            super().record_many(events)
+        except OSError as exc:
+            self._fail(exc)
 
     def sync(self) -> None:
         if self.failing_since is None:

@@ -270,8 +270,8 @@ class Intake:
         self._journal.finish_claims(
             received, dropped, [(r.file_id, "", 0, r.reason) for r in refused], groups
         )
-        for f in taken:
-            self._audit.record(
+        self._audit.record_many(
+            [
                 FileReceived(
                     pipeline=f.pipeline,
                     file=f.name,
@@ -279,7 +279,9 @@ class Intake:
                     size=f.size,
                     file_id=f.file_id,
                 )
-            )
+                for f in taken
+            ]
+        )
         recovery.quarantine_refused(refused, self._settings, self._audit, self._journal)
         return taken
 

@@ -501,3 +501,38 @@ def test_listeners_see_each_recorded_event(tmp_path: Path) -> None:
     assert seen == [received, sealed]
     assert first["event"] == "file.received" and first["file_id"] == 1
     assert verify(tmp_path, expected_head=log.head).ok
+
+
+class SteppingClock(Clock):
+    """Each reading 400 ms after the one before: a group of lines crosses midnight."""
+
+    def __call__(self) -> float:
+        self.now += 0.4
+        return self.now
+
+
+def received(i: int) -> FileReceived:
+    return FileReceived(pipeline="emr", file=f"f{i}.csv", sha256=f"{i:064x}", size=i, file_id=i)
+
+
+@pytest.mark.parametrize("chain_key", [None, b"k" * 32])
+def test_record_many_writes_the_lines_record_writes(
+    tmp_path: Path, chain_key: bytes | None
+) -> None:
+    """A claim group's lines written at once are byte for byte those written one by one, across
+    a midnight inside the group (two day files), and the chain verifies; listeners hear each."""
+    start = f"{DAY1}T23:59:58.5"
+    heard: list[Record] = []
+    with AuditLog(tmp_path / "one", clock=SteppingClock(start), chain_key=chain_key) as log:
+        for i in range(8):
+            log.record(received(i))
+    with AuditLog(tmp_path / "many", clock=SteppingClock(start), chain_key=chain_key) as log:
+        log.add_listener(heard.append)
+        log.record_many([received(i) for i in range(8)])
+        assert log.head[0] == 8
+    for day in (DAY1, DAY2):
+        one = day_file(tmp_path / "one", day).read_bytes()
+        assert one and day_file(tmp_path / "many", day).read_bytes() == one
+    assert heard == [received(i) for i in range(8)]
+    report = verify(tmp_path / "many", key=chain_key)
+    assert (report.ok, report.lines, report.files) == (True, 8, 2)
