@@ -166,6 +166,7 @@ def test_the_archiver_thread_renames_and_the_main_loop_marks(
         b"b.csv",
     ]
     assert not any((s.paths.spool / n).exists() for n in ("a.csv", "b.csv"))
+    disposal.close()
 
 
 def test_close_waits_for_the_handed_renames_and_marks_them(
