@@ -185,6 +185,18 @@ class GenomicsProcessor:
     ) -> tuple[list[GenomicsPartial], list[Facts | ProcessorError]]:
         """The batch's files together, so that a (gene, sample) pair repeated across them is
         seen and resolved by the `duplicate_pairs` rule; one outcome per input, in order."""
+        ledger = PairLedger(self.options.duplicate_pairs)
+        partials: list[GenomicsPartial] = []
+        outcomes: list[Facts | ProcessorError] = []
+        if ledger.streams:  # one file's cells in memory at a time
+            for path, _ in inputs:
+                try:
+                    cells, facts = self._cells(path)
+                except ProcessorError as exc:
+                    outcomes.append(exc)
+                    continue
+                self._fold(ledger.take(path, cells), facts, partials, outcomes)
+            return partials, outcomes
         read: list[tuple[Path, Cells]] = []
         parsed: list[tuple[Cells, Facts] | ProcessorError] = []
         for path, _ in inputs:
@@ -195,22 +207,31 @@ class GenomicsProcessor:
                 continue
             read.append((path, cells))
             parsed.append((cells, facts))
-        resolved = iter(PairLedger(self.options.duplicate_pairs).resolve(read))
-        partials: list[GenomicsPartial] = []
-        outcomes: list[Facts | ProcessorError] = []
+        resolved = iter(ledger.resolve(read))
         for item in parsed:
-            outcome = item if isinstance(item, ProcessorError) else next(resolved)
-            if isinstance(outcome, ProcessorError):
-                outcomes.append(outcome)
-                continue
-            assert not isinstance(item, ProcessorError)  # resolved only if read
-            cells, repeats = outcome
-            partial = _reduce(cells)
-            partials.append(partial)
-            n_samples = len(sorted_unique(cells.samples, len(cells.sample_ids)))
-            outcomes.append({**item[1], "duplicate_pairs": repeats, "genes": len(partial.stats),
-                             "samples": n_samples})  # fmt: skip
+            if isinstance(item, ProcessorError):
+                outcomes.append(item)
+            else:
+                self._fold(next(resolved), item[1], partials, outcomes)
         return partials, outcomes
+
+    @staticmethod
+    def _fold(
+        outcome: tuple[Cells, int] | ProcessorError,
+        facts: Facts,
+        partials: list[GenomicsPartial],
+        outcomes: list[Facts | ProcessorError],
+    ) -> None:
+        """One file's resolved cells reduced to its partial, and its facts; or its error."""
+        if isinstance(outcome, ProcessorError):
+            outcomes.append(outcome)
+            return
+        cells, repeats = outcome
+        partial = _reduce(cells)
+        partials.append(partial)
+        n_samples = len(sorted_unique(cells.samples, len(cells.sample_ids)))
+        outcomes.append({**facts, "duplicate_pairs": repeats, "genes": len(partial.stats),
+                         "samples": n_samples})  # fmt: skip
 
     def merge(self, partials: Sequence[GenomicsPartial]) -> GenomicsPartial:
         """Chan et al. for k groups: N = sum n, mean = sum(n mean) / N,

@@ -24,6 +24,13 @@ class PairLedger:
         self.rule = rule
         self._genes: dict[str, int] = {}
         self._samples: dict[str, int] = {}
+        self._seen = _SeenPairs()
+
+    @property
+    def streams(self) -> bool:
+        """Whether files can be resolved one at a time, in batch order (`take`): under "error"
+        and "first" a file's repeats are the pairs of the files before it; "mean" needs all."""
+        return self.rule != "mean"
 
     def _numbers(self, table: dict[str, int], names: Sequence[str]) -> Codes:
         return np.array([table.setdefault(name, len(table)) for name in names], dtype=np.int64)
@@ -31,7 +38,10 @@ class PairLedger:
     def codes(self, cells: Cells) -> Codes:
         genes = self._numbers(self._genes, cells.gene_ids.to_pylist())
         samples = self._numbers(self._samples, cells.sample_ids)
-        return (genes[cells.genes] << SAMPLE_BITS) | samples[cells.samples]
+        pairs = genes[cells.genes]  # a new array: shifted and combined in place
+        pairs <<= SAMPLE_BITS
+        pairs |= samples[cells.samples]
+        return pairs
 
     def resolve(
         self, files: Sequence[tuple[Path, Cells]]
@@ -39,10 +49,30 @@ class PairLedger:
         """Per file, in batch order: its cells with repeats resolved and how many of its values
         were of a pair that an earlier file has (dropped, or folded into one mean), or the
         error that quarantines it ("error" rule). Repeats within one file are replicates: kept."""
+        if self.streams:
+            return [self.take(path, cells) for path, cells in files]
         codes = [self.codes(cells) for _, cells in files]
-        if self.rule == "mean" and files:
-            return _fold_repeats(files, codes)
-        return _refuse_repeats(files, codes, is_error=self.rule == "error")
+        return _fold_repeats(files, codes) if files else []
+
+    def take(self, path: Path, cells: Cells) -> tuple[Cells, int] | ProcessorError:
+        """The next file in batch order ("error", "first"): under "error" a file carrying a pair
+        of an earlier (accepted) file is refused; under "first" its values of such pairs are
+        dropped. Only the pair codes are kept for the files after it, not their cells."""
+        own = self.codes(cells)
+        is_repeat = self._seen.contains(own)
+        repeats = int(np.count_nonzero(is_repeat))
+        if repeats and self.rule == "error":
+            return ProcessorError(
+                path,
+                "duplicate_pairs",
+                f"{repeats} values of (gene, sample) pairs that an earlier file of the batch "
+                'has (duplicate_pairs = "error"; "first" or "mean" resolve them)',
+            )
+        self._seen.add(own)
+        if not repeats:  # the usual file: nothing to drop, nothing to copy
+            return cells, 0
+        keep = ~is_repeat
+        return _subset(cells, keep, cells.values[keep]), repeats
 
 
 # NumPy's `unique`, `isin` and `union1d` hash first (NumPy 2.3+): 30x slower on these codes than
@@ -80,32 +110,6 @@ def _subset(cells: Cells, keep: Flags, values: Floats) -> Cells:
     return cells._replace(
         values=values, genes=cells.genes[keep], samples=cells.samples[keep], rows=cells.rows[keep]
     )
-
-
-def _refuse_repeats(
-    files: Sequence[tuple[Path, Cells]], codes: list[Codes], *, is_error: bool
-) -> list[tuple[Cells, int] | ProcessorError]:
-    """Under "error" a file carrying a pair of an earlier (accepted) file is refused; under
-    "first" its values of such pairs are dropped."""
-    seen = _SeenPairs()
-    out: list[tuple[Cells, int] | ProcessorError] = []
-    for (path, cells), own in zip(files, codes, strict=True):
-        is_repeat = seen.contains(own)
-        repeats = int(np.count_nonzero(is_repeat))
-        if repeats and is_error:
-            out.append(
-                ProcessorError(
-                    path,
-                    "duplicate_pairs",
-                    f"{repeats} values of (gene, sample) pairs that an earlier file of the batch "
-                    'has (duplicate_pairs = "error"; "first" or "mean" resolve them)',
-                )
-            )
-            continue
-        seen.add(own)
-        keep = ~is_repeat
-        out.append((_subset(cells, keep, cells.values[keep]), repeats))
-    return out
 
 
 class _SeenPairs:

@@ -104,3 +104,33 @@ def test_replicates_within_one_file_all_count(tmp_path: Path, rule: str) -> None
     result, outcomes = run(tmp_path, rule, [frame])
     assert outcomes[0]["duplicate_pairs"] == 0
     assert_matches(result, frame)
+
+
+def wide_table(path: Path, n_genes: int, samples: list[str]) -> Path:
+    values = RNG.normal(10.0, 3.0, (n_genes, len(samples))).round(4)
+    frame = pd.DataFrame(values, columns=samples)
+    frame.insert(0, "gene", [f"G{i}" for i in range(n_genes)])
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("rule", ["error", "first"])
+def test_a_batch_holds_one_file_of_cells_at_a_time(tmp_path: Path, rule: str) -> None:
+    """Under "error" and "first" each file is resolved and reduced before the next is read:
+    a batch of eight tables peaks well under eight times one table (a file's cells are ~40
+    bytes a value; what stays for the files after it, its pair codes and its partial's
+    pairs, ~16)."""
+    import tracemalloc
+
+    paths = [wide_table(tmp_path / f"w{i}.csv", 20_000, [f"S{i}_{j}" for j in range(10)])
+             for i in range(8)]  # fmt: skip
+    processor = GenomicsProcessor(GenomicsOptions(gene_column="gene", duplicate_pairs=rule))
+    peaks = []
+    for batch in (paths[:1], paths):
+        tracemalloc.start()
+        _, outcomes = processor.read_many([(p, p.name) for p in batch])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert [o["duplicate_pairs"] for o in outcomes] == [0] * len(batch)  # type: ignore[index]
+    one, eight = peaks
+    assert eight < 4 * one, f"peak {eight >> 20} MiB for 8 tables, {one >> 20} MiB for one"
