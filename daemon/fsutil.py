@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 READ_BYTES = 1 << 20
@@ -31,12 +32,22 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def read_chunks(fd: int, size: int = READ_BYTES) -> Iterator[memoryview]:
+    """What `fd` reads from its offset, a chunk at a time, into one buffer reused for every
+    chunk (`chunk.obj`; each chunk starts at its offset 0 and is valid until the next is read).
+    A fresh `bytes` a chunk would be a fresh mapping each time: 256 page faults a MiB read."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while n := os.readv(fd, [buffer]):
+        yield view[:n]
+
+
 def sha256_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int] | None:
     """sha256 and size of what `fd` reads from its offset; None once past `max_bytes` (read at
     most one chunk past the limit: a file still growing is never read whole)."""
     digest = hashlib.sha256()
     size = 0
-    while chunk := os.read(fd, READ_BYTES):
+    for chunk in read_chunks(fd):
         digest.update(chunk)
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:

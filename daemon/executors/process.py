@@ -16,6 +16,7 @@ attempts as unavailable (uncounted) and rebuilds it.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import threading
 import time
@@ -31,6 +32,7 @@ from daemon.audit.events import AuditEvent
 from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
 from daemon.models import BatchResult, BatchTask, IncomingFile
+from daemon.processors import options_model
 from daemon.worker import finish_batch, init_worker, read_part, run_batch, warm_up
 
 log = structlog.get_logger()
@@ -59,6 +61,12 @@ def shares(files: Sequence[IncomingFile], parts: int) -> list[tuple[int, ...]]:
         out[min(parts - 1, before * parts // total)].append(f.file_id)
         before += f.size
     return [tuple(share) for share in out if share]
+
+
+@functools.cache
+def reads_files_apart(kind: str) -> bool:
+    """Whether a batch of this kind may be read in shares (its options model says)."""
+    return bool(getattr(options_model(kind), "reads_files_apart", True))
 
 
 class ProcessExecutor:
@@ -150,7 +158,7 @@ class ProcessExecutor:
                 idle = self._workers - len(self._running)
             if pool is None:
                 raise RuntimeError("pool rebuilding")
-            is_big = task.batch.n_bytes >= SPLIT_MIN_BYTES
+            is_big = task.batch.n_bytes >= SPLIT_MIN_BYTES and reads_files_apart(task.batch.kind)
             parts = shares(task.batch.files, idle) if is_big else []
             if len(parts) < 2:
                 inner = self._schedule(pool, run_batch, task)

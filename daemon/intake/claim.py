@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Pipeline
+from daemon.fsutil import read_chunks
 from daemon.intake.refusal import identity, refusal
 from daemon.models import Reason
 
@@ -34,7 +35,6 @@ _OPEN_PINNED = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _REOPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_SPOOLED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_COPY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_BYTES = 1 << 20
 COPY_SUFFIX = ".copy"
 
 
@@ -207,13 +207,13 @@ def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | Rea
     limit (a file still growing)."""
     digest = hashlib.sha256()
     size = 0
-    while chunk := os.read(fd, _READ_BYTES):
+    for chunk in read_chunks(fd):
         digest.update(chunk)
         size += len(chunk)
         if size > max_bytes:
             return Reason.TOO_LARGE
         if copy_fd is not None:
-            view = memoryview(chunk)
+            view = chunk
             while view:
                 view = view[os.write(copy_fd, view) :]
     return Taken(digest.hexdigest(), size)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from daemon.fsutil import read_chunks
 from daemon.processors.base import ProcessorError
 from daemon.processors.options import GenomicsOptions
 
@@ -119,10 +120,12 @@ def _count_lines(path: Path, data: bytearray | None) -> int:
     if data is not None:
         return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     lines, last = 0, b"\n"
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
+    with path.open("rb", buffering=0) as fh:
+        for chunk in read_chunks(fh.fileno(), CHUNK_BYTES):
+            buffer = chunk.obj  # counted in place: the chunk is its first len(chunk) bytes
+            assert isinstance(buffer, bytearray)
+            lines += buffer.count(b"\n", 0, len(chunk))
+            last = bytes(chunk[-1:])
     return lines + (last != b"\n")
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Whether a big batch may be read in shares on several workers and merged (each file's
+    # partial stands alone). Not when reading one file depends on the batch's other files.
+    reads_files_apart: ClassVar[bool] = True
 
 
 # Person identifiers, matched inside the normalised name (`identifier_key`): "Patient MRN",
@@ -172,6 +175,8 @@ class ImagingOptions(_Options):
 
 
 class GenomicsOptions(_Options):
+    # A (gene, sample) pair repeated across the batch's files is resolved over them all.
+    reads_files_apart: ClassVar[bool] = False
     layout: Literal["auto", "long", "wide"] = "auto"
     gene_column: str = Field(default="gene", min_length=1)
     # Long layout only: the other two columns (auto-detection looks for all three).

@@ -225,3 +225,39 @@ def test_a_worker_killed_in_one_share_is_a_worker_loss_of_the_batch(
     assert error is not None and executor.is_worker_loss(error)
     executor.submit(make_split_task(tmp_path, "after", [b"c\n", b"d\n"]))
     assert outcomes(done, 1)["after"].result().is_published
+
+
+def genomics_task(tmp_path: Path, batch_id: str) -> BatchTask:
+    """Four wide tables; the third repeats (G1, S1) of the first: under the default rule
+    ("error") it is refused, whichever worker reads which file."""
+    samples = [["S1", "S2"], ["S3"], ["S1", "S4"], ["S5"]]
+    files = []
+    for i, names in enumerate(samples, start=1):
+        rows = [f"G{g},{','.join(f'{g * 0.5 + j:.1f}' for j in range(len(names)))}"
+                for g in range(1, 200)]  # fmt: skip
+        spool = tmp_path / "spool" / f"{batch_id}-{i}.csv"
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        spool.write_text("\n".join(["gene," + ",".join(names), *rows]) + "\n")
+        files.append(IncomingFile(i, "g", spool.name, spool, "0" * 64, spool.stat().st_size, 0.0))
+    batch = Batch(batch_id, "g", "genomics", 3, time.time(), tuple(files))
+    return BatchTask(batch, {"gene_column": "gene"}, tmp_path / "outbox" / "g")
+
+
+def test_a_batch_whose_files_depend_on_each_other_is_never_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Genomics resolves a (gene, sample) pair repeated across the batch's files: read in
+    shares, a file would never see the pairs of another share. Such a batch runs whole, and
+    refuses the repeating file as one read does."""
+    monkeypatch.setattr("daemon.executors.process.SPLIT_MIN_BYTES", 1)
+    done: queue.SimpleQueue[tuple[str, Future[BatchResult]]] = queue.SimpleQueue()
+    executor = ProcessExecutor(2, ["genomics"], lambda b, f: done.put((b, f)), timeout_s=30.0)
+    executor.start()
+    try:
+        executor.submit(genomics_task(tmp_path, "g1"))
+        result = outcomes(done, 1)["g1"].result()
+    finally:
+        executor.shutdown(wait=False)
+    assert result.is_published
+    assert {i: reason for i, (reason, _) in result.quarantined.items()} == {3: "duplicate_pairs"}
+    assert sorted(result.facts) == [1, 2, 4]
