@@ -32,7 +32,7 @@ class BenchOptions:
     idle_s: float = 30.0
     images: int = 200
     genomics_files: int = 20
-    genomics_genes: int = 2000
+    genomics_genes: int = 20000  # a human table: ~20,000 protein-coding genes
     genomics_samples: int = 50
     genomics_max_files: int = 10
 
