@@ -177,14 +177,15 @@ class Archiver:
         self._pool.submit(self._run, moves, folders)
 
     def _run(self, moves: list[Move], folders: set[str]) -> None:
+        done: list[int] = []
         try:
             done = archive_all(moves, folders)
         except OSError as exc:  # a day folder that cannot be made: all kept in the spool
             log.error("disposal.archive_failed", errno=errno.errorcode.get(exc.errno or 0))
-            done = []
-        with self._lock:
-            self._finished.append(([m[0] for m in moves], done))
-        self._wake()
+        finally:  # whatever happened, the lot is handed back (the rest is tried again later)
+            with self._lock:
+                self._finished.append(([m[0] for m in moves], done))
+            self._wake()
 
     def take_finished(self) -> list[tuple[list[int], list[int]]]:
         with self._lock:
