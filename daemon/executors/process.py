@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +62,20 @@ def shares(files: Sequence[IncomingFile], parts: int) -> list[tuple[int, ...]]:
         out[min(parts - 1, before * parts // total)].append(f.file_id)
         before += f.size
     return [tuple(share) for share in out if share]
+
+
+# Set in the service's environment, which spawn gives the workers (pebble starts them, and any
+# replacement, from its own thread), unless the operator set them.
+# NumPy asks for transparent huge pages for every array of 4 MiB or more (MADV_HUGEPAGE); where
+# the kernel's THP defrag is "madvise" (Debian's default), such a fault compacts memory inline,
+# and once a long-running host's memory is fragmented that doubled the workers' CPU on genomics
+# tables (5.5 CPU-s against 2.7, bench/NOTES.md round 5). Read by NumPy when it is imported.
+WORKER_ENVIRONMENT = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+
+
+def _prepare_worker_environment() -> None:
+    for name, value in WORKER_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 @functools.cache
@@ -125,6 +140,7 @@ class ProcessExecutor:
         return pool
 
     def _spawn_pool(self) -> tuple[ProcessPool, list[Future[int]]]:
+        _prepare_worker_environment()
         # spawn, not fork: the main process runs watchdog and scheduler threads.
         pool = ProcessPool(
             max_workers=self._workers,
