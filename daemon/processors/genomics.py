@@ -8,7 +8,7 @@ statistics are exact over the whole batch however it was split. Runs in worker p
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -188,32 +188,30 @@ class GenomicsProcessor:
         ledger = PairLedger(self.options.duplicate_pairs)
         partials: list[GenomicsPartial] = []
         outcomes: list[Facts | ProcessorError] = []
-        if ledger.streams:  # one file's cells in memory at a time
-            for path, _ in inputs:
-                try:
-                    cells, facts = self._cells(path)
-                except ProcessorError as exc:
-                    outcomes.append(exc)
-                    continue
-                self._fold(ledger.take(path, cells), facts, partials, outcomes)
-            return partials, outcomes
-        read: list[tuple[Path, Cells]] = []
-        parsed: list[tuple[Cells, Facts] | ProcessorError] = []
-        for path, _ in inputs:
-            try:
-                cells, facts = self._cells(path)
-            except ProcessorError as exc:
-                parsed.append(exc)
-                continue
-            read.append((path, cells))
-            parsed.append((cells, facts))
-        resolved = iter(ledger.resolve(read))
-        for item in parsed:
+        parsed: Iterable[tuple[Path, tuple[Cells, Facts] | ProcessorError]]
+        parsed = self._each_parsed(inputs)
+        resolve: Callable[[Path, Cells], tuple[Cells, int] | ProcessorError] = ledger.take
+        if not ledger.streams:  # "mean" needs every file's cells first; else one file at a time
+            parsed = list(parsed)
+            read = [(p, item[0]) for p, item in parsed if not isinstance(item, ProcessorError)]
+            resolved = iter(ledger.resolve(read))
+            resolve = lambda _path, _cells: next(resolved)  # noqa: E731 - in batch order
+        for path, item in parsed:
             if isinstance(item, ProcessorError):
                 outcomes.append(item)
             else:
-                self._fold(next(resolved), item[1], partials, outcomes)
+                self._fold(resolve(path, item[0]), item[1], partials, outcomes)
         return partials, outcomes
+
+    def _each_parsed(
+        self, inputs: Sequence[tuple[Path, str]]
+    ) -> Iterator[tuple[Path, tuple[Cells, Facts] | ProcessorError]]:
+        """Each input's usable cells and facts, or its error, read when asked for."""
+        for path, _ in inputs:
+            try:
+                yield path, self._cells(path)
+            except ProcessorError as exc:
+                yield path, exc
 
     @staticmethod
     def _fold(
