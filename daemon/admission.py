@@ -42,25 +42,30 @@ class Admission:
             for name in skip
         }
         sealed: list[Sealed] = []
+        duplicates: list[tuple[IncomingFile, str]] = []
         for incoming in files:
             if incoming.pipeline not in pipelines:
                 continue  # removed by a reload while it settled: recovery quarantines it
             earlier = published.get(incoming.pipeline, {}).get(incoming.sha256)
             if earlier is not None:
-                self._record_duplicate(incoming, earlier)
+                duplicates.append((incoming, earlier))
             else:
                 sealed += self._batcher.add(incoming, now)
+        if duplicates:
+            self._record_duplicates(duplicates)
         return sealed
 
-    def _record_duplicate(self, incoming: IncomingFile, earlier: str) -> None:
-        """An earlier batch published its content: recorded, audited, disposed of."""
-        self._journal.mark_duplicates([(incoming.file_id, earlier)])
-        self._audit.record(
-            FileDuplicate(
-                pipeline=incoming.pipeline,
-                file_id=incoming.file_id,
-                sha256=incoming.sha256,
-                batch_id=earlier,
+    def _record_duplicates(self, duplicates: list[tuple[IncomingFile, str]]) -> None:
+        """Files an earlier batch published: recorded (one commit), audited, disposed of (once
+        for the claim group, not once a file)."""
+        self._journal.mark_duplicates([(f.file_id, earlier) for f, earlier in duplicates])
+        for incoming, earlier in duplicates:
+            self._audit.record(
+                FileDuplicate(
+                    pipeline=incoming.pipeline,
+                    file_id=incoming.file_id,
+                    sha256=incoming.sha256,
+                    batch_id=earlier,
+                )
             )
-        )
         self._disposal.dispose()

@@ -25,7 +25,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """os.write until every byte is written (a short write is not an error)."""
     view = memoryview(data)
     while view:
@@ -42,9 +42,12 @@ def read_chunks(fd: int, size: int = READ_BYTES) -> Iterator[memoryview]:
         yield view[:n]
 
 
-def sha256_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int] | None:
-    """sha256 and size of what `fd` reads from its offset; None once past `max_bytes` (read at
-    most one chunk past the limit: a file still growing is never read whole)."""
+def sha256_fd(
+    fd: int, max_bytes: int | None = None, copy_fd: int | None = None
+) -> tuple[str, int] | None:
+    """sha256 and size of what `fd` reads from its offset (copied to `copy_fd` on the way);
+    None once past `max_bytes` (read at most one chunk past the limit: a file still growing is
+    never read whole)."""
     digest = hashlib.sha256()
     size = 0
     for chunk in read_chunks(fd):
@@ -52,6 +55,8 @@ def sha256_fd(fd: int, max_bytes: int | None = None) -> tuple[str, int] | None:
         size += len(chunk)
         if max_bytes is not None and size > max_bytes:
             return None
+        if copy_fd is not None:
+            write_all(copy_fd, chunk)
     return digest.hexdigest(), size
 
 

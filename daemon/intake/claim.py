@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 import structlog
 
 from daemon.config import Pipeline
-from daemon.fsutil import read_chunks
+from daemon.fsutil import sha256_fd
 from daemon.intake.refusal import identity, refusal
 from daemon.models import Reason
 
@@ -205,15 +204,5 @@ def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Re
 def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | Reason:
     """sha256 and size (copying to `copy_fd` on the way), reading at most one chunk past the
     limit (a file still growing)."""
-    digest = hashlib.sha256()
-    size = 0
-    for chunk in read_chunks(fd):
-        digest.update(chunk)
-        size += len(chunk)
-        if size > max_bytes:
-            return Reason.TOO_LARGE
-        if copy_fd is not None:
-            view = chunk
-            while view:
-                view = view[os.write(copy_fd, view) :]
-    return Taken(digest.hexdigest(), size)
+    hashed = sha256_fd(fd, max_bytes, copy_fd)
+    return Reason.TOO_LARGE if hashed is None else Taken(*hashed)
