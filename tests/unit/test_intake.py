@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from daemon import fsutil
 from daemon.audit import AuditLog
 from daemon.config import Settings
-from daemon import fsutil
 from daemon.intake import Intake, claim, recorded_name, refusal
 from daemon.journal import Journal
 
