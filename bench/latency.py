@@ -16,6 +16,7 @@ from bench.options import BenchOptions
 from bench.section import SectionResult
 from bench.service import ServiceProcess, ServiceTree, parse_ts, temp_root
 from bench.watch_probe import probe_watchdog
+from daemon.audit.names import hash_name, read_name_key
 
 POLL_S = 0.005
 DROP_TIMEOUT_S = 10.0
@@ -70,17 +71,21 @@ def drop_and_wait(inbox: Path, outbox: Path, name: str, content: bytes) -> Drop:
 def stage_breakdown(tree: ServiceTree, drops: list[Drop]) -> dict[str, float]:
     """Median ms of each stage, from the audit log (ms timestamps) and the manifests."""
     audit = tree.audit()
+    # Names reach the audit log and the manifests as keyed hashes (the default `hash_names`).
+    key = read_name_key(tree.root / "state")
+    published_name = (lambda name: hash_name(key, name)) if key is not None else str
     received = {x["file"]: parse_ts(x["ts"]) for x in audit if x["event"] == "file.received"}
     started = {x["batch_id"]: parse_ts(x["ts"]) for x in audit if x["event"] == "batch.started"}
     batches = {m["inputs"][0]["name"]: m for m in tree.manifests("emr") if m["inputs"]}
     stages: dict[str, list[float]] = {name: [] for name in STAGES}
     for drop in drops:
-        manifest = batches.get(drop.name)
-        if drop.latency_s is None or manifest is None or drop.name not in received:
+        name = published_name(drop.name)
+        manifest = batches.get(name)
+        if drop.latency_s is None or manifest is None or name not in received:
             continue
         batch_started = started[manifest["batch_id"]]
         published = parse_ts(manifest["published_at"])
-        times = (drop.dropped_at, received[drop.name], batch_started, published)
+        times = (drop.dropped_at, received[name], batch_started, published)
         for name, begin, end in zip(STAGES, times, times[1:], strict=False):
             stages[name].append(end - begin)
         stages[STAGES[-1]].append(drop.dropped_at + drop.latency_s - published)

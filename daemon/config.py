@@ -117,6 +117,10 @@ class WorkersConfig(_Model):
     # (RLIMIT_AS): a decoder bomb fails its file with MemoryError there, whatever the host.
     memory_limit: Bytes | None = None
     batch_timeout_s: PositiveSeconds = 600.0
+    # Local workers run this many nice steps below the service: the main loop (claims, journal,
+    # dispatch) keeps its core while they are busy. Off by default: on a host whose other
+    # programs keep the cores busy, niced workers slow down and may reach batch_timeout_s.
+    nice: int = Field(default=0, ge=0, le=19)
     max_attempts: int = Field(default=3, ge=1, le=20)
     scheduler_address: str | None = None
     scheduler_file: Path | None = None

@@ -47,10 +47,11 @@ from daemon.processors.base import Processor
 _T = TypeVar("_T")
 
 
-def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None) -> None:
-    """Pool initializer: Ctrl-C is for the main process (it drains); logs in the service's
-    format; preload the processors; then the memory ceiling, if any."""
+def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None, nice: int = 0) -> None:
+    """Pool initializer: Ctrl-C is for the main process (it drains); `nice` steps below the
+    service; logs in the service's format; preload the processors; then the memory ceiling."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(nice)
     configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
     contain_library_logs()
     for kind in kinds:

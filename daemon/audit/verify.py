@@ -219,8 +219,12 @@ class _ChainChecker:
             raise _ChainError(f"{where}: hash mismatch (line altered)")
 
 
+# Built once: json.dumps with any non-default option builds a new encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical(obj: dict[str, object]) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return _CANONICAL.encode(obj)
 
 
 def line_hash(prev: str, line_without_hash: dict[str, object], key: bytes | None = None) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon import preflight
+from daemon import preflight, startup
 from daemon.config import Settings
 from daemon.instance_lock import InstanceLock
 
@@ -13,5 +13,6 @@ def run(settings: Settings, *, once: bool) -> int:
     preflight.check(settings, bind=True)
     from daemon.service import Service
 
+    startup.tune_garbage_collector()
     with InstanceLock(settings.paths.state):
         return Service(settings, once=once).run()

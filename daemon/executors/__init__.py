@@ -53,5 +53,6 @@ def make_executor(settings: Settings, kinds: Iterable[str], on_done: DoneCallbac
 
     workers = settings.workers
     return ProcessExecutor(
-        workers.count, kinds, on_done, workers.batch_timeout_s, memory_limit=workers.memory_limit
-    )
+        workers.count, kinds, on_done, workers.batch_timeout_s,
+        memory_limit=workers.memory_limit, nice=workers.nice,
+    )  # fmt: skip

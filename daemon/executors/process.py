@@ -93,10 +93,10 @@ class ProcessExecutor:
         timeout_s: float,
         stall_s: float = STALL_S,
         memory_limit: int | None = None,
+        nice: int = 0,
     ) -> None:
         self._workers = workers
-        self._memory_limit = memory_limit
-        self._kinds = tuple(sorted(set(kinds)))
+        self._init_args = (tuple(sorted(set(kinds))), memory_limit, nice)
         self._on_done = on_done
         self._timeout_s = timeout_s
         self._pool: ProcessPool | None = None
@@ -145,7 +145,7 @@ class ProcessExecutor:
         pool = ProcessPool(
             max_workers=self._workers,
             initializer=init_worker,
-            initargs=(self._kinds, self._memory_limit),
+            initargs=self._init_args,
             context=multiprocessing.get_context("spawn"),
         )
         # One warm-up per worker starts every worker now, so the first batch does not pay for
@@ -230,8 +230,12 @@ class ProcessExecutor:
             self._queued.pop(inner, None)
 
     def _watch_stalls(self) -> None:
+        """Also rebuilds a pool pebble gave up on while idle (a worker that dies with no task
+        running breaks it): now, not on the next batch's failed attempt."""
         while not self._stopping.wait(min(1.0, self._stall_s / 4)):
-            self.check_stalled(time.monotonic())
+            pool = self._pool  # None while a reload or a rebuild puts another in place
+            if not self.check_stalled(time.monotonic()) and pool is not None and not pool.active:
+                self.recover()
 
     def check_stalled(self, now: float) -> bool:
         """A queued task no free worker took for `stall_s`: fail every outstanding attempt as
@@ -350,7 +354,6 @@ class ProcessExecutor:
         """New kinds need nothing (workers import a processor on first use); a new worker
         count starts a new pool while the old one finishes its batches, so a reload never
         waits for them."""
-        self._kinds = tuple(sorted(set(kinds)))
         if workers != self._workers and self._pool is not None:
             self._workers = workers
             self._pool.close()  # type: ignore[no-untyped-call]

@@ -159,7 +159,7 @@ def take_bytes(
     try:
         if copy_fd is None:
             os.fchmod(fd, PRIVATE_MODE)
-        outcome = _hash_fd(fd, pipeline.max_file_bytes, copy_fd)
+        outcome = _hash_fd(fd, pipeline.max_file_bytes, copy_fd, st.st_size)
         if isinstance(outcome, str):
             return Refusal(outcome)
         if identity(os.fstat(fd)) != identity(st) or outcome.size != st.st_size:
@@ -201,8 +201,10 @@ def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Re
         os.close(fd)
 
 
-def _hash_fd(fd: int, max_bytes: int, copy_fd: int | None = None) -> Taken | Reason:
+def _hash_fd(
+    fd: int, max_bytes: int, copy_fd: int | None = None, expected: int | None = None
+) -> Taken | Reason:
     """sha256 and size (copying to `copy_fd` on the way), reading at most one chunk past the
     limit (a file still growing)."""
-    hashed = sha256_fd(fd, max_bytes, copy_fd)
+    hashed = sha256_fd(fd, max_bytes, copy_fd, expected)
     return Reason.TOO_LARGE if hashed is None else Taken(*hashed)

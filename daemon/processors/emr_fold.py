@@ -120,6 +120,8 @@ class TableFold:
         if self.rows > self.options.max_rows:
             limit = self.options.max_rows
             raise ProcessorError(self.path, "too_many_rows", f"more than max_rows ({limit})")
+        if not piece.num_rows:
+            return  # the header's piece: its columns are in the plan (a partial would cost a merge)
         mask = complete_rows(piece, plan.required or {plan.group})
         piece = piece.filter(mask)
         self.kept += piece.num_rows

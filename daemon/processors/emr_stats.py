@@ -47,19 +47,21 @@ def reduce(
         if keep_values:
             aggregates.append((c, "list"))
     grouped = pa.table(data).group_by("g", use_threads=False).aggregate(aggregates)
-    frame = pd.DataFrame(index=pd.Index(grouped["g"].to_pylist(), dtype=object))
-    frame[N] = grouped["count_all"].to_numpy()
-    frame[SOURCES] = grouped["f_count_distinct"].to_numpy() if file_key is not None else 1
+    index = pd.Index(grouped["g"].to_pylist(), dtype=object)
+    # Built whole, not column by column: each frame[...] = ... on a frame costs ~0.2 ms, 57 of
+    # them for a 10-column table (most of a one-file batch's time).
+    out: dict[str, object] = {N: grouped["count_all"].to_numpy()}
+    out[SOURCES] = grouped["f_count_distinct"].to_numpy() if file_key is not None else 1
     for c, p in positional.items():
         count = grouped[f"{p}_count"].to_numpy()
-        frame[f"count:{c}"] = count
-        frame[f"sum:{c}"] = _floats(grouped[f"{p}_sum"], 0.0)
-        frame[f"m2:{c}"] = _floats(grouped[f"{p}_variance"], 0.0) * count
-        frame[f"min:{c}"] = _floats(grouped[f"{p}_min"], np.nan)
-        frame[f"max:{c}"] = _floats(grouped[f"{p}_max"], np.nan)
+        out[f"count:{c}"] = count
+        out[f"sum:{c}"] = _floats(grouped[f"{p}_sum"], 0.0)
+        out[f"m2:{c}"] = _floats(grouped[f"{p}_variance"], 0.0) * count
+        out[f"min:{c}"] = _floats(grouped[f"{p}_min"], np.nan)
+        out[f"max:{c}"] = _floats(grouped[f"{p}_max"], np.nan)
         if keep_values:
-            frame[f"values:{c}"] = pd.Series(_value_lists(grouped[f"{p}_list"]), index=frame.index)
-    return frame
+            out[f"values:{c}"] = pd.Series(_value_lists(grouped[f"{p}_list"]), index=index)
+    return pd.DataFrame(out, index=index)
 
 
 def merge(partials: Sequence[pd.DataFrame], keep_values: bool) -> pd.DataFrame:
@@ -71,26 +73,31 @@ def merge(partials: Sequence[pd.DataFrame], keep_values: bool) -> pd.DataFrame:
         return partials[0]
     frame = pd.concat(partials, sort=False)
     columns = list(dict.fromkeys(c for p in partials for c in value_columns(p)))
-    for c in columns:
-        for part in ("count", "sum", "m2"):
-            frame[f"{part}:{c}"] = frame[f"{part}:{c}"].fillna(0.0)
+    counts, sums, m2s = ([f"{part}:{c}" for c in columns] for part in ("count", "sum", "m2"))
+    filled = frame[counts + sums + m2s].fillna(0.0)
     grouped = frame.groupby(level=0, sort=False)
-    adds = [N, SOURCES] + [f"{p}:{c}" for c in columns for p in ("count", "sum")]
-    out = grouped[adds].sum()
-    for c in columns:
-        count, total = frame[f"count:{c}"], frame[f"sum:{c}"]
-        mean = (out[f"sum:{c}"] / out[f"count:{c}"].where(out[f"count:{c}"] > 0)).reindex(
-            frame.index
+    out = filled[counts + sums].groupby(level=0, sort=False).sum()
+    out.insert(0, SOURCES, grouped[SOURCES].sum())
+    out.insert(0, N, grouped[N].sum())
+    # Chan et al., every column at once: each part's M2 plus its count times the squared
+    # distance of its mean from the merged mean, summed per group.
+    count = filled[counts].to_numpy(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        merged_count = out[counts].to_numpy(np.float64)
+        merged_mean = out[sums].to_numpy(np.float64) / np.where(
+            merged_count > 0, merged_count, np.nan
         )
-        own = total / count.where(count > 0)
-        spread = (count * (own - mean.to_numpy()) ** 2).fillna(0.0)
-        out[f"m2:{c}"] = (frame[f"m2:{c}"] + spread).groupby(level=0, sort=False).sum()
-        out[f"min:{c}"] = grouped[f"min:{c}"].min()
-        out[f"max:{c}"] = grouped[f"max:{c}"].max()
-        if keep_values:
-            out[f"values:{c}"] = grouped[f"values:{c}"].agg(_concat)
+        mean = pd.DataFrame(merged_mean, index=out.index).reindex(frame.index).to_numpy()
+        own = filled[sums].to_numpy(np.float64) / np.where(count > 0, count, np.nan)
+    spread = np.nan_to_num(count * (own - mean) ** 2, nan=0.0)
+    m2 = pd.DataFrame(filled[m2s].to_numpy(np.float64) + spread, index=frame.index, columns=m2s)
+    parts = [out, m2.groupby(level=0, sort=False).sum()]
+    parts += [grouped[[f"min:{c}" for c in columns]].min()]
+    parts += [grouped[[f"max:{c}" for c in columns]].max()]
+    if keep_values:
+        parts += [grouped[[f"values:{c}" for c in columns]].agg(_concat)]
     order = [N, SOURCES] + [f"{p}:{c}" for c in columns for p in _parts(keep_values)]
-    return out[order]
+    return pd.concat(parts, axis=1)[order]
 
 
 def statistic(partial: pd.DataFrame, column: str, name: str) -> np.ndarray:

@@ -281,3 +281,22 @@ def test_workers_start_without_numpy_asking_for_huge_pages(pool, monkeypatch) ->
         assert b"NUMPY_MADVISE_HUGEPAGE=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     finally:
         chosen.shutdown(wait=False)
+
+
+def test_a_pool_broken_by_an_idle_workers_death_is_rebuilt_without_a_batch(pool) -> None:
+    """pebble gives up on its pool when a worker dies with no task running (a late OOM kill,
+    an operator's kill): the watch rebuilds it at once, so the next batch does not pay a
+    failed attempt, and /healthz is not left at 503 until work arrives."""
+    executor, _ = pool
+    wait_until(lambda: len(executor.worker_pids()) == 2, 30, message="workers up")
+    victim = executor.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: (
+            executor.is_healthy()
+            and len(executor.worker_pids()) == 2
+            and victim not in executor.worker_pids()
+        ),
+        30,
+        message="a healthy pool of 2 without the killed worker",
+    )

@@ -152,11 +152,21 @@ def test_claimed_bytes_cannot_change_after_the_claim(
 
     # When: the service had every chance to claim them, the producer changes them
     service.drop("emr", "marker.csv", good_emr(20))
-    wait_until(lambda: {"marker.csv", "write.csv", "chmod.csv"} <= published_names(service), 30)
-    held["append.csv"].write(APPENDED)
-    held["truncate.csv"].truncate(KEPT_ON_TRUNCATE)
-    for f in held.values():
-        f.close()
+    try:
+        try:
+            wait_until(
+                lambda: {"marker.csv", "write.csv", "chmod.csv"} <= published_names(service),
+                30,
+                message="marker, write and chmod published",
+            )
+        except AssertionError as exc:  # what the service did, to tell a slow run from a bug
+            events = [(x.get("event"), x.get("reason")) for x in service.logs()]
+            raise AssertionError(f"{exc}; published {published_names(service)}; {events}") from None
+        held["append.csv"].write(APPENDED)
+        held["truncate.csv"].truncate(KEPT_ON_TRUNCATE)
+    finally:
+        for f in held.values():
+            f.close()  # also when the wait fails: a leaked descriptor fails a later test
     with (producer / "write.csv").open("r+b") as fh:
         fh.write(b"OVERWRITTEN")
         fh.truncate(30)

@@ -129,6 +129,13 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
+def nice_of(pid: int) -> int:
+    """The process's nice value (field 19 of /proc/<pid>/stat)."""
+    fields = _stat_fields(pid)
+    assert fields is not None, f"no process {pid}"
+    return int(fields[16])
+
+
 def session_pids(sid: int) -> list[int]:
     """Live (not zombie) processes of session `sid`: a service started with its own session
     and every worker it spawned, even after the service itself died (orphans)."""

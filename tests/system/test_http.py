@@ -96,23 +96,39 @@ def test_healthz_gauges_and_no_name_on_any_page(make_service: MakeService, tmp_p
 
 
 def test_healthz_is_503_while_the_worker_pool_is_broken(make_service: MakeService) -> None:
-    """Killing an idle pool worker breaks the pool: /healthz says 503 and why (the same as
-    `status`) until work arrives, the pool is rebuilt and the batch publishes: 200 again."""
+    """Killing an idle pool worker breaks the pool; the watch rebuilds it at once. While the
+    new workers cannot start (stopped here), /healthz says 503 and why (the same as `status`);
+    once they run, 200 again and a batch publishes on the new pool."""
     service = make_service([emr(max_files=1)], service=SERVICE)
     service.start()
     base = base_url(service)
     wait_until(lambda: len(pool_workers(service)) == 2, 30, message="2 pool workers")
     healthz_when(base, 200, 30)
+    old = set(pool_workers(service))
+    stopped: set[int] = set()
+
+    def broken() -> str | None:
+        for pid in set(pool_workers(service)) - old - stopped:
+            os.kill(pid, signal.SIGSTOP)  # the rebuild's workers: stuck before their warm-up
+            stopped.add(pid)
+        code, body = get(f"{base}/healthz")
+        return body if code == 503 else None
+
     # When a worker dies with no batch to blame
-    os.kill(pool_workers(service)[0], signal.SIGKILL)
-    # Then /healthz turns 503 naming the pool, and status gives the same reason
-    body = healthz_when(base, 503, 30)
-    assert body == "degraded: the worker pool is broken (no worker can run a batch)\n"
-    assert status_problem(service) == body.removeprefix("degraded: ").strip()
-    # When work arrives, the pool is rebuilt: healthy again
-    service.drop("emr", "v.csv", emr_csv(random.Random(1)))
-    wait_until(lambda: service.accounted() == 1, 60, message="published on a new pool")
+    os.kill(min(old), signal.SIGKILL)
+    try:
+        # Then, while the new pool cannot start, /healthz is 503 naming the pool, as status is
+        body = wait_until(broken, 30, interval_s=0.01, message="/healthz 503")
+        assert body == "degraded: the worker pool is broken (no worker can run a batch)\n"
+        assert status_problem(service) == body.removeprefix("degraded: ").strip()
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    # Once its workers run, the rebuilt pool is healthy and takes work
     healthz_when(base, 200, 30)
+    assert any(line["event"] == "pool.rebuilt" for line in service.logs())
+    service.drop("emr", "v.csv", emr_csv(random.Random(1)))
+    wait_until(lambda: service.accounted() == 1, 60, message="published on the new pool")
     assert service.stop() == 0
 
 

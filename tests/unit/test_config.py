@@ -48,6 +48,8 @@ def test_processor_options_are_validated_by_the_kind(tmp_path: Path) -> None:
         ('[[pipeline]]\nname = "emr"\nkind = "nope"\n', "pipeline[0].kind"),
         ("[workers]\ncount = 0\n" + MINIMAL, "workers.count"),
         ("[workers]\nsurprise = 1\n" + MINIMAL, "workers.surprise"),
+        ("[workers]\nnice = 20\n" + MINIMAL, "workers.nice"),
+        ("[workers]\nnice = -5\n" + MINIMAL, "workers.nice"),
         (MINIMAL + 'max_wait = "soon"\n', "pipeline[0].max_wait"),
         ('[paths]\noutbox = "../inbox/out"\n' + MINIMAL, "paths.outbox"),
         ('[paths]\nquarantine = "../state/q"\n' + MINIMAL, "paths.state"),

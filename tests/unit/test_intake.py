@@ -4,6 +4,7 @@ happens when the entry changes between the check and the claim."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from daemon import fsutil
 from daemon.audit import AuditLog
 from daemon.config import Settings
 from daemon.intake import Intake, claim, recorded_name, refusal
@@ -244,12 +246,31 @@ def test_recovery_quarantines_a_spooled_link(env: Env, secret: Path) -> None:
     assert (env.root / "quarantine" / "emr" / "a.csv").is_symlink()
 
 
-def test_hashing_stops_past_the_size_limit(tmp_path: Path) -> None:
-    """A file still growing is never read past max_file_bytes + 1 chunk."""
+@pytest.mark.parametrize("expected", [None, 10, 3 << 20])
+def test_hashing_stops_past_the_size_limit(tmp_path: Path, expected: int | None) -> None:
+    """A file still growing is never read past max_file_bytes + 1 chunk, whatever size its
+    stat gave (the buffer is sized from it)."""
     path = tmp_path / "big"
     path.write_bytes(b"x" * (3 << 20))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert claim._hash_fd(fd, 1 << 20) == "too_large"
+        assert claim._hash_fd(fd, 1 << 20, None, expected) == "too_large"
+        assert os.lseek(fd, 0, os.SEEK_CUR) <= (1 << 20) + fsutil.READ_BYTES
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("expected", [None, 0, 5, 1 << 16, 1 << 21])
+def test_hashing_reads_the_whole_file_whatever_size_was_expected(
+    tmp_path: Path, expected: int | None
+) -> None:
+    """The expected size only sizes the buffer: a file that grew since is hashed whole."""
+    data = os.urandom((1 << 20) + 12345)
+    path = tmp_path / "grown"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        taken = claim._hash_fd(fd, 1 << 30, None, expected)
+    finally:
+        os.close(fd)
+    assert taken == claim.Taken(hashlib.sha256(data).hexdigest(), len(data))

@@ -155,10 +155,10 @@ def test_a_file_that_changes_while_read_is_changed_after_check(
         real_hash = claim._hash_fd
         monkeypatch.setattr(claim, "try_lease", lambda fd: claim.Lease.UNAVAILABLE)
 
-        def appending_hash(fd: int, max_bytes: int, copy_fd: int | None = None) -> Any:
+        def appending_hash(fd: int, *args: Any) -> Any:
             with open(f"/proc/self/fd/{fd}", "ab") as producer:
                 producer.write(b"copd,2\n")
-            return real_hash(fd, max_bytes, copy_fd)
+            return real_hash(fd, *args)
 
         monkeypatch.setattr(claim, "_hash_fd", appending_hash)
         assert env.take("a.csv") == []
