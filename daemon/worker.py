@@ -21,6 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import structlog
+
 from daemon import __version__
 from daemon.errors import BatchFailedError, ProcessorError
 from daemon.logs import configure_logging, contain_library_logs
@@ -45,14 +47,16 @@ from daemon.processors import load_processor, options_model
 from daemon.processors.base import Processor
 
 _T = TypeVar("_T")
+log = structlog.get_logger()
 
 
 def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None, nice: int = 0) -> None:
     """Pool initializer: Ctrl-C is for the main process (it drains); `nice` steps below the
     service; logs in the service's format; preload the processors; then the memory ceiling."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(nice)
     configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
+    if nice:
+        _lower_priority(nice)
     contain_library_logs()
     for kind in kinds:
         processor = load_processor(kind)
@@ -65,6 +69,15 @@ def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None, nice
         Path("/proc/self/oom_score_adj").write_text("500")
     if memory_limit is not None:
         cap_address_space(memory_limit)
+
+
+def _lower_priority(steps: int) -> None:
+    """`nice` steps below the service; where a sandbox forbids it (a unit whose system call
+    filter takes setpriority away), the worker runs at the service's priority, said once."""
+    try:
+        os.nice(steps)
+    except OSError as exc:
+        log.warning("worker.nice_refused", nice=steps, errno=errno.errorcode.get(exc.errno or 0))
 
 
 def cap_address_space(limit: int) -> None:

@@ -1,7 +1,8 @@
 """The unit's ExecStart=/ExecReload= run as written, as a non-root user, speaking sd_notify.
 
 PID 1 of the development and CI machines is not systemd (a microVM's own init), so instead of
-the unit the command lines run verbatim, with the unit's User=, UMask= and Environment=.
+the unit the command lines run verbatim, with the unit's User=, UMask=, Environment= and its
+system call sandbox (SystemCallFilter=, SystemCallErrorNumber=, MemoryDenyWriteExecute=).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import contextlib
 import grp
 import os
 import pwd
+import random
 import re
 import shlex
 import signal
 import socket
 import stat
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.acceptance.conftest import REPO, Clone
+from tests.support.data import drop, emr_csv
+from tests.support.seccomp import UnitSandbox
 from tests.support.waiting import wait_until
 
 UNIT = REPO / "systemd" / "medbatch.service"
@@ -136,6 +141,21 @@ class NotifySocket:
         return self.messages.index(message, after)
 
 
+def max_files(config: Path, pipeline: str) -> int:
+    settings = tomllib.loads(config.read_text())
+    return int(next(p for p in settings["pipeline"] if p["name"] == pipeline)["max_files"])
+
+
+def unit_sandbox(directives: dict[str, list[str]]) -> UnitSandbox:
+    """The unit's system call filter, for a child process (Popen's `preexec_fn`)."""
+    assert directives["NoNewPrivileges"][-1] == "yes"  # seccomp_load sets it, as systemd does
+    return UnitSandbox(
+        directives["SystemCallFilter"],
+        directives["SystemCallErrorNumber"][-1],
+        directives["MemoryDenyWriteExecute"][-1] == "yes",
+    )
+
+
 def as_written(directive: str, venv: Path, config: Path, mainpid: int = 0) -> list[str]:
     line = unit_directives()[directive][-1]
     line = line.replace(SHIPPED_VENV, str(venv)).replace(SHIPPED_CONFIG, str(config))
@@ -145,10 +165,13 @@ def as_written(directive: str, venv: Path, config: Path, mainpid: int = 0) -> li
 def test_unit_command_lines_as_a_non_root_user(
     clone: Clone, installed: Path, service_account: Account, acceptance_base: Path
 ) -> None:
-    """ExecStart= as written, as User=, reaches READY=1; ExecReload= gives RELOADING=1 then
-    READY=1; SIGTERM (systemctl stop) exits 0; files it writes follow UMask=."""
-    # Given the unit's user, umask and environment, and the folders of the install steps
+    """ExecStart= as written, as User=, in the unit's system call sandbox, reaches READY=1 and
+    publishes a dropped batch (its workers run in the sandbox too); ExecReload= gives
+    RELOADING=1 then READY=1; SIGTERM (systemctl stop) exits 0; files it writes follow UMask=."""
+    # Given the unit's user, umask, environment and system call filter, and the folders of the
+    # install steps
     directives = unit_directives()
+    sandbox = unit_sandbox(directives)
     assert directives["User"][-1] == "medbatch" and directives["Group"][-1] == "medbatch"
     umask = int(directives["UMask"][-1], 8)
     environment = dict(
@@ -164,6 +187,7 @@ def test_unit_command_lines_as_a_non_root_user(
         "extra_groups": [],
         "umask": umask,
         "cwd": "/",
+        "preexec_fn": sandbox.load,  # after the user change, just before exec, as systemd
     }
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -190,6 +214,18 @@ def test_unit_command_lines_as_a_non_root_user(
         ready = notify.wait_for("READY=1", 0)
         assert service.poll() is None
         assert Path(f"/proc/{service.pid}").stat().st_uid == service_account.uid
+        # When a producer drops a full batch (the shipped config's max_files) of EMR files
+        inbox = root / "srv/medbatch/inbox/emr"
+        rng = random.Random(7)
+        for index in range(max_files(config, "emr")):
+            drop(inbox, f"visit-{index:03d}.csv", emr_csv(rng, rows=5))
+        # Then its workers, in the same sandbox, publish it
+        outbox = root / "srv/medbatch/outbox/emr"
+        wait_until(
+            lambda: any(outbox.glob("*/manifest.json")),
+            90,
+            message=f"no batch published; stderr: {(root / 'stderr.log').read_text()[-3000:]}",
+        )
         # When systemctl reload runs ExecReload= (as the same user)
         reload = subprocess.run(
             as_written("ExecReload", installed, config, mainpid=service.pid),
