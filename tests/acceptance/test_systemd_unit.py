@@ -153,6 +153,7 @@ def unit_sandbox(directives: dict[str, list[str]]) -> UnitSandbox:
         directives["SystemCallFilter"],
         directives["SystemCallErrorNumber"][-1],
         directives["MemoryDenyWriteExecute"][-1] == "yes",
+        directives["RestrictAddressFamilies"][-1].split(),
     )
 
 

@@ -3,8 +3,9 @@
 PID 1 of the development and CI machines is not systemd, so the unit's `SystemCallFilter=`,
 `SystemCallErrorNumber=` and `MemoryDenyWriteExecute=` are rebuilt here with libseccomp (the
 library systemd itself uses; on every Debian system, apt links it): the groups are expanded by
-`systemd-analyze syscall-filter`, the lines merged as systemd merges them, and the filter is
-loaded in the child after it took the unit's user, just before exec, as systemd does.
+`systemd-analyze syscall-filter`, the lines merged as systemd merges them, socket() limited to
+`RestrictAddressFamilies=`, and the filter is loaded in the child after it took the unit's user,
+just before exec, as systemd does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import socket
 import subprocess
 from collections.abc import Callable, Iterable
 
@@ -71,7 +73,13 @@ def allowed_calls(filter_lines: list[str]) -> set[str]:
 class UnitSandbox:
     """A seccomp filter built in the parent; `load` (a Popen `preexec_fn`) applies it."""
 
-    def __init__(self, filter_lines: list[str], error_name: str, deny_write_execute: bool) -> None:
+    def __init__(
+        self,
+        filter_lines: list[str],
+        error_name: str,
+        deny_write_execute: bool,
+        address_families: list[str] | None = None,
+    ) -> None:
         path = ctypes.util.find_library("seccomp")
         assert path, "libseccomp is missing (Debian: libseccomp2)"
         self._lib = ctypes.CDLL(path, use_errno=True)
@@ -91,6 +99,9 @@ class UnitSandbox:
         self._ctx = self._lib.seccomp_init(_ACT_ERRNO | denied_errno)
         assert self._ctx, "seccomp_init failed"
         guarded = self._write_execute_guards() if deny_write_execute else {}
+        if address_families is not None:
+            families = [int(getattr(socket, name)) for name in address_families]
+            guarded["socket"] = [(0, 0xFFFFFFFF, families)]
         for name in sorted(self.allowed):
             number = self._lib.seccomp_syscall_resolve_name(name.encode())
             if number == _NR_ERROR:

@@ -30,6 +30,7 @@ def unit_filter(*, without: str = "") -> UnitSandbox:
         lines,
         unit["Service.SystemCallErrorNumber"][-1],
         unit["Service.MemoryDenyWriteExecute"][-1] == "yes",
+        unit["Service.RestrictAddressFamilies"][-1].split(),
     )
 
 
