@@ -111,7 +111,11 @@ class BatchFlow:
         )
 
     def dispatch(self) -> None:
+        """Send the ready batches, unless the executor cannot run work now (a pool being
+        rebuilt, workers that cannot start, a cluster away): they wait, with no failed attempt."""
         assert self.executor is not None
+        if not self.executor.is_healthy():
+            return
         for task in self._dispatcher.pop_ready():
             attempt = self._journal.mark_running(task.batch.batch_id, self._wall())
             task = replace(task, batch=replace(task.batch, attempt=attempt))

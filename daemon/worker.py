@@ -51,13 +51,23 @@ log = structlog.get_logger()
 
 
 def init_worker(kinds: Iterable[str] = (), memory_limit: int | None = None, nice: int = 0) -> None:
-    """Pool initializer: Ctrl-C is for the main process (it drains); `nice` steps below the
-    service; logs in the service's format; preload the processors; then the memory ceiling."""
+    """Pool initializer: Ctrl-C is for the main process (it drains); logs in the service's
+    format, library records contained; `nice` steps below the service; preload the processors;
+    then the memory ceiling. A start-up that fails says so, by the error's type only (pebble
+    then ends the worker, and the executor waits longer before each next pool)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(os.environ.get("MEDBATCH_LOG_LEVEL", "INFO"))
+    contain_library_logs()
+    try:
+        _start(tuple(kinds), memory_limit, nice)
+    except BaseException as exc:
+        log.error("worker.start_failed", error=type(exc).__name__)
+        raise
+
+
+def _start(kinds: tuple[str, ...], memory_limit: int | None, nice: int) -> None:
     if nice:
         _lower_priority(nice)
-    contain_library_logs()
     for kind in kinds:
         processor = load_processor(kind)
         preload = getattr(processor, "preload_optional", None)

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -32,6 +32,7 @@ from pebble import ProcessExpired, ProcessPool
 from daemon.audit.events import AuditEvent
 from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
+from daemon.executors.starts import StartFailures
 from daemon.models import BatchResult, BatchTask, IncomingFile
 from daemon.processors import options_model
 from daemon.worker import finish_batch, init_worker, read_part, run_batch, warm_up
@@ -116,6 +117,7 @@ class ProcessExecutor:
         self._stopping = threading.Event()
         self._stall_watch: threading.Thread | None = None
         self._warm_up_watch: threading.Thread | None = None
+        self._starts = StartFailures()
 
     def start(self) -> None:
         """Spawn the workers and return at once: they import the processors while the start-up
@@ -129,25 +131,17 @@ class ProcessExecutor:
         )  # fmt: skip
         self._warm_up_watch.start()
         if self._stall_watch is None:
-            self._stall_watch = threading.Thread(
-                target=self._watch_stalls, name="medbatch-pool-stall-watch", daemon=True
-            )
+            self._stall_watch = threading.Thread(target=self._watch_stalls, daemon=True,
+                                                 name="medbatch-pool-stall-watch")  # fmt: skip
             self._stall_watch.start()
-
-    def _new_pool(self) -> ProcessPool:
-        pool, warming = self._spawn_pool()
-        self._watch_warm_up(pool, warming)
-        return pool
 
     def _spawn_pool(self) -> tuple[ProcessPool, list[Future[int]]]:
         _prepare_worker_environment()
         # spawn, not fork: the main process runs watchdog and scheduler threads.
         pool = ProcessPool(
-            max_workers=self._workers,
-            initializer=init_worker,
-            initargs=self._init_args,
+            max_workers=self._workers, initializer=init_worker, initargs=self._init_args,
             context=multiprocessing.get_context("spawn"),
-        )
+        )  # fmt: skip
         # One warm-up per worker starts every worker now, so the first batch does not pay for
         # the imports (init_worker loads the processors).
         return pool, [pool.schedule(warm_up) for _ in range(self._workers)]
@@ -156,9 +150,7 @@ class ProcessExecutor:
         # Bounded: a pool that breaks while warming up never fails its queued tasks (pebble's
         # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever;
         # a late pool is marked failed, so the batches queued in it are reclaimed (has_lost_work).
-        deadline, late = time.monotonic() + WARM_UP_TIMEOUT_S, set(warming)
-        while late and not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
-            _, late = wait(late, timeout=min(left, 0.2))  # a stop ends the watch too
+        late = self._starts.watch(warming, self._stopping, WARM_UP_TIMEOUT_S)
         if late and not self._stopping.is_set():
             log.warning("pool.warm_up_late", workers=len(late))
             with self._lock:
@@ -321,19 +313,28 @@ class ProcessExecutor:
         return self._rebuilder is not None and self._rebuilder.is_alive()
 
     def _rebuild(self) -> None:
+        """Stop the broken pool; start pools until one's workers start, or the executor stops."""
         log.warning("pool.rebuilding")
         with self._lock:
             old, self._pool, self._pool_failed = self._pool, None, False
             self._running.clear()
             self._queued.clear()
-        if old is not None:
-            old.stop()  # type: ignore[no-untyped-call]
-            old.join(timeout=10)
-        try:
-            pool = self._new_pool()
-        except (RuntimeError, OSError) as exc:
-            log.error("pool.rebuild_failed", error=type(exc).__name__)
-            return  # the next submit or heartbeat tries again
+        while True:
+            if old is not None:
+                old.stop()  # type: ignore[no-untyped-call]
+                old.join(timeout=10)
+            if self._stopping.is_set() or self._starts.wait(self._stopping):
+                return
+            try:
+                pool, warming = self._spawn_pool()
+                self._watch_warm_up(pool, warming)
+            except (RuntimeError, OSError) as exc:
+                self._starts.failed(exc)
+                old = None
+                continue
+            if pool.active:
+                break
+            old = pool  # not one of its workers started (its warm-up said why)
         with self._lock:
             self._pool = pool
         log.info("pool.rebuilt", workers=self._workers)

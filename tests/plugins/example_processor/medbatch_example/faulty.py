@@ -5,11 +5,15 @@ A file containing `MEDBATCH-TEST-CRASH` kills the worker with SIGKILL while it i
 worker stuck in C code), `MEDBATCH-TEST-SLEEP-<seconds>` is merely slow, and
 `MEDBATCH-TEST-WRITE-CRASH` kills the worker after it wrote its result into the staging folder
 (before the publish). Runs in worker processes.
+
+While the file that `MEDBATCH_TEST_BROKEN_START` names exists, the module fails to import in a
+worker process (the service's own import is untouched): no worker of the pool can start.
 """
 
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import re
 import signal
@@ -20,6 +24,10 @@ from typing import ClassVar
 
 from daemon.processors.base import Facts
 from medbatch_example.linecount import LineCountOptions, LineCountProcessor
+
+_BROKEN_START = os.environ.get("MEDBATCH_TEST_BROKEN_START")
+if _BROKEN_START and multiprocessing.parent_process() is not None and os.path.exists(_BROKEN_START):
+    raise ImportError("faulty: a worker's start-up broken on purpose")
 
 CRASH = b"MEDBATCH-TEST-CRASH"
 SEGV = b"MEDBATCH-TEST-SEGV"
