@@ -19,7 +19,7 @@ import socket
 import stat
 import subprocess
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import pytest
 
 from tests.acceptance.conftest import REPO, Clone
 from tests.support.data import drop, emr_csv
+from tests.support.faults import png_bytes
 from tests.support.seccomp import UnitSandbox
 from tests.support.waiting import wait_until
 
@@ -141,6 +142,18 @@ class NotifySocket:
         return self.messages.index(message, after)
 
 
+def genomics_table(rng: random.Random) -> bytes:
+    rows = [f"G{g},{rng.gauss(50, 12):.6f},{rng.gauss(50, 12):.6f}" for g in range(30)]
+    return ("gene,S1,S2\n" + "\n".join(rows) + "\n").encode()
+
+
+CONTENT: dict[str, Callable[[random.Random, int], tuple[str, bytes]]] = {
+    "emr": lambda rng, i: (f"visit-{i:03d}.csv", emr_csv(rng, rows=5)),
+    "imaging": lambda rng, i: (f"scan-{i:03d}.png", png_bytes(rng)),
+    "genomics": lambda rng, i: (f"run-{i:03d}.csv", genomics_table(rng)),
+}
+
+
 def max_files(config: Path, pipeline: str) -> int:
     settings = tomllib.loads(config.read_text())
     return int(next(p for p in settings["pipeline"] if p["name"] == pipeline)["max_files"])
@@ -215,18 +228,22 @@ def test_unit_command_lines_as_a_non_root_user(
         ready = notify.wait_for("READY=1", 0)
         assert service.poll() is None
         assert Path(f"/proc/{service.pid}").stat().st_uid == service_account.uid
-        # When a producer drops a full batch (the shipped config's max_files) of EMR files
-        inbox = root / "srv/medbatch/inbox/emr"
-        rng = random.Random(7)
-        for index in range(max_files(config, "emr")):
-            drop(inbox, f"visit-{index:03d}.csv", emr_csv(rng, rows=5))
-        # Then its workers, in the same sandbox, publish it
-        outbox = root / "srv/medbatch/outbox/emr"
-        wait_until(
-            lambda: any(outbox.glob("*/manifest.json")),
-            90,
-            message=f"no batch published; stderr: {(root / 'stderr.log').read_text()[-3000:]}",
-        )
+        # When producers drop a full batch (the shipped config's max_files) into each pipeline
+        srv = root / "srv/medbatch"
+        for pipeline, make in CONTENT.items():
+            rng = random.Random(7)
+            for index in range(max_files(config, pipeline)):
+                name, data = make(rng, index)
+                drop(srv / "inbox" / pipeline, name, data)
+        # Then the workers, in the same sandbox, publish each: every processor's libraries
+        # (pyarrow, scikit-image, Pillow, pandas) run under the filter
+        for pipeline in CONTENT:
+            wait_until(
+                lambda pipeline=pipeline: any((srv / "outbox" / pipeline).glob("*/manifest.json")),
+                90,
+                message=f"no {pipeline} batch published; stderr: "
+                f"{(root / 'stderr.log').read_text()[-3000:]}",
+            )
         # When systemctl reload runs ExecReload= (as the same user)
         reload = subprocess.run(
             as_written("ExecReload", installed, config, mainpid=service.pid),
