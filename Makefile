@@ -14,7 +14,7 @@ PIP := $(BIN)/python -m pip --quiet --quiet
 CONFIG ?= config/medbatch.toml
 PYTEST_ARGS ?=
 
-.PHONY: install dev run once test test-unit test-system test-acceptance lint format bench clean
+.PHONY: install dev bytecode run once test test-unit test-system test-acceptance lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,16 +35,23 @@ $(BENCH_STAMP): $(DEV_STAMP)
 
 install: $(RUN_STAMP)
 
+# The package's bytecode, written ahead (an editable install writes none, and where
+# PYTHONDONTWRITEBYTECODE is set, as in many container images, Python never writes it): every
+# start of the service and of each worker process would otherwise compile ~100 modules again
+# (~50 ms each). Up-to-date files are skipped, so this costs a few ms when nothing changed.
+bytecode: $(RUN_STAMP)
+	$(BIN)/python -m compileall -q daemon
+
 dev: $(DEV_STAMP)
 
-run: $(RUN_STAMP)
+run: bytecode
 	$(BIN)/medbatch run --config $(CONFIG)
 
-once: $(RUN_STAMP)
+once: bytecode
 	$(BIN)/medbatch run --once --config $(CONFIG)
 
 # Two processes (the machine's two cores); the acceptance tier's tests stay in one of them.
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) bytecode
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-unit: $(DEV_STAMP)
@@ -66,7 +73,7 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff format daemon tests bench
 	$(BIN)/ruff check --fix daemon tests bench
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) bytecode
 	$(BIN)/python -m bench
 
 clean:
