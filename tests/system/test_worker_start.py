@@ -4,6 +4,7 @@ batch meanwhile, so none fails or is quarantined, and publishes once workers sta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.support.service import Service
@@ -45,6 +46,17 @@ def test_a_pool_that_cannot_start_is_retried_ever_later_and_loses_nothing(
     assert all(r["counted"] is False for r in events(service, "batch.retried"))
     assert service.quarantined() == []
     assert service.process is not None and service.process.poll() is None
+    # And `medbatch status` says it is degraded, and why
+    report = wait_until(
+        lambda: (
+            (r := json.loads(service.run("status", "--json", timeout_s=30).stdout))["state"]
+            == "degraded"
+            and r
+        ),
+        30,
+        message="status to say degraded",
+    )
+    assert "worker pool" in str(report["problem"]), report
     # When the workers can start again
     broken.unlink()
     # Then the next pool starts and the batch is published, every file once
