@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import threading
+import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,11 @@ SIDECAR_SUFFIX = ".error.json"
 PRIVATE_MODE = 0o600
 # NAME_MAX is 255 bytes: room for ".error.json" and a ".NNN" collision counter.
 SAFE_NAME_MAX_BYTES = 200
+# Inputs the archive or quarantine refused (a folder that cannot be made, a full or read-only
+# disk) are tried again this long after, doubling up to RETRY_MAX_S, even when no batch finishes
+# meanwhile: they wait in the spool, never lost, and leave as soon as the cause is gone.
+RETRY_S = 10.0
+RETRY_MAX_S = 600.0
 
 
 def safe_name(name: str) -> str:
@@ -215,6 +221,23 @@ class Disposal:
         self._pipelines = pipelines
         self._archiver = archiver
         self._moving: set[int] = set()  # handed to the archiver, not yet collected
+        self._failures = 0  # dispositions in a row that left inputs behind
+        self._retry_at: float | None = None  # monotonic
+
+    def retry_due(self) -> None:
+        """Heartbeat: inputs left behind by a refused disposition are tried again when due."""
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = None
+            self.dispose()
+
+    def _note(self, *, left_behind: bool) -> None:
+        if not left_behind:
+            self._failures = 0
+            return
+        self._failures += 1
+        wait_s = min(RETRY_S * 2 ** (self._failures - 1), RETRY_MAX_S)
+        self._retry_at = time.monotonic() + wait_s
+        log.warning("disposal.retry_scheduled", failures=self._failures, retry_in_s=wait_s)
 
     def dispose(self) -> int:
         """Dispose of every undisposed terminal input; return how many."""
@@ -247,6 +270,10 @@ class Disposal:
                     continue
             except FileNotFoundError:
                 pass  # moved before a crash, after the journal commit: already done
+            except OSError as exc:  # kept in the spool, tried again (retry_due)
+                log.error("disposal.failed", file_id=row.id, state=row.state,
+                          errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)))  # fmt: skip
+                continue
             done.append(row.id)
         if quarantined_as:
             self._journal.record_quarantined_as(quarantined_as)
@@ -257,6 +284,10 @@ class Disposal:
             done += archive_all(moves, folders)
         if done:
             self._journal.mark_disposed(done)
+        handed = len(moves) if self._archiver is not None else 0  # `collect` tells of those
+        kept = len(rows) - len(done) - handed
+        if kept or not handed:
+            self._note(left_behind=kept > 0)
         return len(rows)
 
     def collect(self) -> int:
@@ -264,11 +295,14 @@ class Disposal:
         if self._archiver is None:
             return 0
         done: list[int] = []
-        for handed, moved in self._archiver.take_finished():
+        finished = self._archiver.take_finished()
+        for handed, moved in finished:
             self._moving.difference_update(handed)
             done += moved
         if done:
             self._journal.mark_disposed(done)
+        if finished:
+            self._note(left_behind=any(len(moved) < len(handed) for handed, moved in finished))
         return len(done)
 
     def close(self) -> None:

@@ -128,8 +128,7 @@ class Service:
                 if console is not None:
                     console.report()
             if self.once and self.journal is not None:
-                unfinished = self.journal.unfinished_count()
-                left = self.intake.left_in_inbox
+                unfinished, left = self.journal.unfinished_count(), self.intake.left_in_inbox
         finally:
             try:
                 self._stop()
@@ -346,6 +345,7 @@ class Service:
             self.watcher.restart(inbox_folders(self.settings))
             self.intake.scan()
         self.requeues.link()
+        self.disposal.retry_due()
         # Retention's moment: nothing settling, waiting or in flight, intake not paused.
         idle = not (
             self.flow.inflight or self.dispatcher or self.intake.pending or self.gate.paused

@@ -476,3 +476,42 @@ def test_slow_writer_is_not_taken_while_it_writes(
     (item,) = service.published_inputs("emr")
     assert (item["name"], item["rows"], item["sha256"]) == ("slow.csv", 10, sha256(content))
     check_accounting(service, {"slow.csv": sha256(content)})
+
+
+def test_inputs_the_archive_refused_leave_the_spool_once_it_accepts_them(
+    make_service: MakeService,
+) -> None:
+    """An archive that cannot take the published inputs (here its pipeline folder is a file;
+    the same for a full or read-only disk) keeps them in the spool, says so, and tries again by
+    itself, later each time: once the cause is gone they are archived with no new batch."""
+    # Given an archive whose pipeline folder cannot be made
+    service = make_service([emr(max_files=5)])
+    blocker = service.root / "state" / "archive" / "emr"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"not a folder")
+    service.start()
+    rng = random.Random(31)
+    dropped = {f"v{i}.csv": service.drop("emr", f"v{i}.csv", emr_csv(rng)) for i in range(10)}
+    # When its batches publish
+    wait_until(lambda: len(service.published_inputs("emr")) == len(dropped), 60)
+    # Then the inputs stay in the spool, the failure is logged and a retry scheduled
+    wait_until(lambda: count_log(service, "disposal.retry_scheduled") >= 2, 60,
+               message="a second, later retry")  # fmt: skip
+    waits = [
+        e["retry_in_s"] for e in service.logs() if e.get("event") == "disposal.retry_scheduled"
+    ]
+    assert waits[1] > waits[0], waits
+    assert len(list((service.spool / "emr").iterdir())) == len(dropped)
+    assert service.journal("SELECT count(*) FROM files WHERE disposed=0") == [(len(dropped),)]
+    # When the cause is gone (and no new file comes)
+    blocker.unlink()
+    # Then the next retry archives every input, and the spool is empty
+    wait_until(
+        lambda: service.journal("SELECT count(*) FROM files WHERE disposed=0") == [(0,)], 90,
+        message="the inputs archived",
+    )  # fmt: skip
+    assert list((service.spool / "emr").iterdir()) == []
+    archived = [p for p in (service.root / "state" / "archive").rglob("*") if p.is_file()]
+    assert sorted(sha256(p.read_bytes()) for p in archived) == sorted(dropped.values())
+    assert_alive(service, "after the archive came back")
+    assert service.stop() == 0
