@@ -11,23 +11,20 @@ import contextlib
 import grp
 import os
 import pwd
-import random
 import re
 import shlex
 import signal
 import socket
 import stat
 import subprocess
-import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.acceptance.conftest import REPO, Clone
-from tests.support.data import drop, emr_csv
-from tests.support.faults import png_bytes
+from tests.support.faults import PIPELINE_FILES, drop_full_batches
 from tests.support.seccomp import UnitSandbox
 from tests.support.waiting import wait_until
 
@@ -142,23 +139,6 @@ class NotifySocket:
         return self.messages.index(message, after)
 
 
-def genomics_table(rng: random.Random) -> bytes:
-    rows = [f"G{g},{rng.gauss(50, 12):.6f},{rng.gauss(50, 12):.6f}" for g in range(30)]
-    return ("gene,S1,S2\n" + "\n".join(rows) + "\n").encode()
-
-
-CONTENT: dict[str, Callable[[random.Random, int], tuple[str, bytes]]] = {
-    "emr": lambda rng, i: (f"visit-{i:03d}.csv", emr_csv(rng, rows=5)),
-    "imaging": lambda rng, i: (f"scan-{i:03d}.png", png_bytes(rng)),
-    "genomics": lambda rng, i: (f"run-{i:03d}.csv", genomics_table(rng)),
-}
-
-
-def max_files(config: Path, pipeline: str) -> int:
-    settings = tomllib.loads(config.read_text())
-    return int(next(p for p in settings["pipeline"] if p["name"] == pipeline)["max_files"])
-
-
 def unit_sandbox(directives: dict[str, list[str]]) -> UnitSandbox:
     """The unit's system call filter, for a child process (Popen's `preexec_fn`)."""
     assert directives["NoNewPrivileges"][-1] == "yes"  # seccomp_load sets it, as systemd does
@@ -230,20 +210,17 @@ def test_unit_command_lines_as_a_non_root_user(
         assert Path(f"/proc/{service.pid}").stat().st_uid == service_account.uid
         # When producers drop a full batch (the shipped config's max_files) into each pipeline
         srv = root / "srv/medbatch"
-        for pipeline, make in CONTENT.items():
-            rng = random.Random(7)
-            for index in range(max_files(config, pipeline)):
-                name, data = make(rng, index)
-                drop(srv / "inbox" / pipeline, name, data)
+        drop_full_batches(config, srv / "inbox")
         # Then the workers, in the same sandbox, publish each: every processor's libraries
         # (pyarrow, scikit-image, Pillow, pandas) run under the filter
-        for pipeline in CONTENT:
+        for pipeline in PIPELINE_FILES:
             wait_until(
                 lambda pipeline=pipeline: any((srv / "outbox" / pipeline).glob("*/manifest.json")),
                 90,
                 message=f"no {pipeline} batch published; stderr: "
                 f"{(root / 'stderr.log').read_text()[-3000:]}",
             )
+        assert not any((srv / "quarantine").rglob("*.error.json")), "a sample file refused"
         # When systemctl reload runs ExecReload= (as the same user)
         reload = subprocess.run(
             as_written("ExecReload", installed, config, mainpid=service.pid),

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -253,6 +254,31 @@ def png_bytes(rng: random.Random, side: int = 24) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def genomics_table(rng: random.Random, run: int) -> bytes:
+    """A wide table of 30 genes over two samples of its own (a sample measured in two files is
+    a duplicate pair, quarantined by default)."""
+    rows = [f"G{g},{rng.gauss(50, 12):.6f},{rng.gauss(50, 12):.6f}" for g in range(30)]
+    return (f"gene,S{run}a,S{run}b\n" + "\n".join(rows) + "\n").encode()
+
+
+# A small file of each shipped pipeline: (name, content) of the index-th one.
+PIPELINE_FILES: dict[str, Callable[[random.Random, int], tuple[str, bytes]]] = {
+    "emr": lambda rng, i: (f"visit-{i:03d}.csv", emr_csv(rng, rows=5)),
+    "imaging": lambda rng, i: (f"scan-{i:03d}.png", png_bytes(rng)),
+    "genomics": lambda rng, i: (f"run-{i:03d}.csv", genomics_table(rng, i)),
+}
+
+
+def drop_full_batches(config: Path, inbox: Path) -> None:
+    """Into each pipeline of `config` (the shipped one), its max_files files: a batch that seals
+    at once."""
+    for pipeline in tomllib.loads(config.read_text())["pipeline"]:
+        make = PIPELINE_FILES[pipeline["name"]]
+        rng = random.Random(7)
+        for index in range(int(pipeline["max_files"])):
+            drop(inbox / pipeline["name"], *make(rng, index))
 
 
 def sha256(data: bytes) -> str:
