@@ -29,6 +29,7 @@ from tests.support.seccomp import UnitSandbox
 from tests.support.waiting import wait_until
 
 UNIT = REPO / "systemd" / "medbatch.service"
+READONLY_ROOT = REPO / "tests" / "support" / "readonly_root.sh"
 SHIPPED_VENV = "/opt/medbatch/.venv"
 SHIPPED_CONFIG = "/etc/medbatch/medbatch.toml"
 PATHS_RE = re.compile(r'^(?P<key>inbox|outbox|state|quarantine) = "[^"]*"', re.M)
@@ -181,7 +182,7 @@ def test_unit_command_lines_as_a_non_root_user(
         "extra_groups": [],
         "umask": umask,
         "cwd": "/",
-        "preexec_fn": sandbox.load,  # after the user change, just before exec, as systemd
+        "preexec_fn": sandbox.load,  # ExecReload= runs in the unit's filter too
     }
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -192,15 +193,26 @@ def test_unit_command_lines_as_a_non_root_user(
         "NOTIFY_SOCKET": str(notify.path),
         **environment,
     }
+    # The unit's file-system view (ProtectSystem=strict, ReadWritePaths=, PrivateTmp=) is set up
+    # as root; then, as systemd does, the user, the umask and last the system call filter.
+    program = root / "filter.bpf"
+    sandbox.export(program)
+    command = [
+        "unshare", "--mount", "--propagation", "private", "sh", str(READONLY_ROOT),
+        "setpriv", f"--reuid={service_account.uid}", f"--regid={service_account.gid}",
+        "--clear-groups", "--",
+        *sandbox.launcher(program, umask, as_written("ExecStart", installed, config)),
+    ]  # fmt: skip
+    mounts = {"WRITABLE": str(root / "srv/medbatch"), "KEEP": str(acceptance_base)}
     stderr = (root / "stderr.log").open("wb")
     # When systemd would start it
     service = subprocess.Popen(
-        as_written("ExecStart", installed, config),
-        env=env,
+        command,
+        env={**env, **mounts},
+        cwd="/",
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         start_new_session=True,
-        **user,  # type: ignore[call-overload]
     )
     stderr.close()
     try:

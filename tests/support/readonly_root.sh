@@ -23,4 +23,5 @@ awk '{print $5}' /proc/self/mountinfo | while read -r point; do
     *) mount -o remount,bind,ro "$point" ;;
   esac
 done
+unset WRITABLE KEEP
 exec "$@"

@@ -17,6 +17,7 @@ import mmap
 import socket
 import subprocess
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 # libseccomp's ABI (seccomp.h).
 _ACT_ALLOW = 0x7FFF0000
@@ -25,6 +26,23 @@ _CMP_MASKED_EQ = 7
 _NR_ERROR = -1
 _SHM_EXEC = 0o100000
 _ERRNO_NAMES = {name: number for number, name in errno.errorcode.items()}
+
+
+# Run by the system's python3 as the unit's user, inside the file-system sandbox: load the
+# filter `export` wrote (no_new_privs first, as systemd), set the umask, exec the command.
+LAUNCHER = """
+import ctypes, os, sys
+program = open(sys.argv[1], "rb").read()
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+code = ctypes.create_string_buffer(program, len(program))
+libc = ctypes.CDLL(None, use_errno=True)
+filter_ = Program(len(program) // 8, ctypes.cast(code, ctypes.c_void_p))
+if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(filter_), 0, 0):
+    raise OSError(ctypes.get_errno(), "could not load the seccomp filter")
+os.umask(int(sys.argv[2], 8))
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
 
 class _ArgCmp(ctypes.Structure):
@@ -94,6 +112,7 @@ class UnitSandbox:
         ]
         self._lib.seccomp_load.argtypes = [ctypes.c_void_p]
         self._lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        self._lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.allowed = allowed_calls(filter_lines)
         denied_errno = _ERRNO_NAMES[error_name]
         self._ctx = self._lib.seccomp_init(_ACT_ERRNO | denied_errno)
@@ -129,6 +148,17 @@ class UnitSandbox:
         else:
             result = self._lib.seccomp_rule_add_array(self._ctx, _ACT_ALLOW, number, 0, None)
         assert result == 0, f"seccomp_rule_add({number}) failed: {result}"
+
+    def export(self, path: Path) -> None:
+        """The filter as a BPF program (what `LAUNCHER` loads)."""
+        with path.open("wb") as out:
+            out.flush()
+            assert self._lib.seccomp_export_bpf(self._ctx, out.fileno()) == 0
+        path.chmod(0o644)
+
+    def launcher(self, program: Path, umask: int, command: list[str]) -> list[str]:
+        """`command` started under the filter exported to `program`, with `umask`."""
+        return ["/usr/bin/python3", "-I", "-c", LAUNCHER, str(program), f"{umask:o}", *command]
 
     @property
     def load(self) -> Callable[[], None]:
