@@ -220,6 +220,10 @@ def test_unit_command_lines_as_a_non_root_user(
         ready = notify.wait_for("READY=1", 0)
         assert service.poll() is None
         assert Path(f"/proc/{service.pid}").stat().st_uid == service_account.uid
+        # And it runs in its own mount namespace, with no_new_privs and a seccomp filter
+        status = Path(f"/proc/{service.pid}/status").read_text()
+        assert "\nSeccomp:\t2\n" in status and "\nNoNewPrivs:\t1\n" in status
+        assert os.readlink(f"/proc/{service.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
         # When producers drop a full batch (the shipped config's max_files) into each pipeline
         srv = root / "srv/medbatch"
         drop_full_batches(config, srv / "inbox")
