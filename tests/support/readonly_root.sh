@@ -16,6 +16,7 @@ for keep in $KEEP; do
   mount --bind "$hold$keep" "$keep"
   umount "$hold$keep"
 done
+find "$hold" -depth -type d -exec rmdir {} +  # empty now: rmdir never removes what it holds
 mount --bind "$WRITABLE" "$WRITABLE"
 awk '{print $5}' /proc/self/mountinfo | while read -r point; do
   case "$point" in
