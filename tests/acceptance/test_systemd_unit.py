@@ -140,17 +140,6 @@ class NotifySocket:
         return self.messages.index(message, after)
 
 
-def unit_sandbox(directives: dict[str, list[str]]) -> UnitSandbox:
-    """The unit's system call filter, for a child process (Popen's `preexec_fn`)."""
-    assert directives["NoNewPrivileges"][-1] == "yes"  # seccomp_load sets it, as systemd does
-    return UnitSandbox(
-        directives["SystemCallFilter"],
-        directives["SystemCallErrorNumber"][-1],
-        directives["MemoryDenyWriteExecute"][-1] == "yes",
-        directives["RestrictAddressFamilies"][-1].split(),
-    )
-
-
 def as_written(directive: str, venv: Path, config: Path, mainpid: int = 0) -> list[str]:
     line = unit_directives()[directive][-1]
     line = line.replace(SHIPPED_VENV, str(venv)).replace(SHIPPED_CONFIG, str(config))
@@ -166,7 +155,7 @@ def test_unit_command_lines_as_a_non_root_user(
     # Given the unit's user, umask, environment and system call filter, and the folders of the
     # install steps
     directives = unit_directives()
-    sandbox = unit_sandbox(directives)
+    sandbox = UnitSandbox.of_unit(directives)
     assert directives["User"][-1] == "medbatch" and directives["Group"][-1] == "medbatch"
     umask = int(directives["UMask"][-1], 8)
     environment = dict(

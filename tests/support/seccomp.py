@@ -16,7 +16,7 @@ import errno
 import mmap
 import socket
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 # libseccomp's ABI (seccomp.h).
@@ -91,6 +91,18 @@ def allowed_calls(filter_lines: list[str]) -> set[str]:
 class UnitSandbox:
     """A seccomp filter built in the parent; `load` (a Popen `preexec_fn`) applies it."""
 
+    @classmethod
+    def of_unit(cls, directives: Mapping[str, list[str]], *, without: str = "") -> UnitSandbox:
+        """The filter a unit's [Service] directives (name → values in order) describe; `without`:
+        one `SystemCallFilter=` line left out (a stricter unit)."""
+        assert directives["NoNewPrivileges"][-1] == "yes"  # seccomp_load sets it, as systemd
+        return cls(
+            [line for line in directives["SystemCallFilter"] if line != without],
+            directives["SystemCallErrorNumber"][-1],
+            directives["MemoryDenyWriteExecute"][-1] == "yes",
+            directives["RestrictAddressFamilies"][-1].split(),
+        )
+
     def __init__(
         self,
         filter_lines: list[str],
@@ -113,7 +125,6 @@ class UnitSandbox:
         self._lib.seccomp_load.argtypes = [ctypes.c_void_p]
         self._lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         self._lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.allowed = allowed_calls(filter_lines)
         denied_errno = _ERRNO_NAMES[error_name]
         self._ctx = self._lib.seccomp_init(_ACT_ERRNO | denied_errno)
         assert self._ctx, "seccomp_init failed"
@@ -121,7 +132,7 @@ class UnitSandbox:
         if address_families is not None:
             families = [int(getattr(socket, name)) for name in address_families]
             guarded["socket"] = [(0, 0xFFFFFFFF, families)]
-        for name in sorted(self.allowed):
+        for name in sorted(allowed_calls(filter_lines)):
             number = self._lib.seccomp_syscall_resolve_name(name.encode())
             if number == _NR_ERROR:
                 continue  # another architecture's call (chown32 …)
@@ -152,7 +163,6 @@ class UnitSandbox:
     def export(self, path: Path) -> None:
         """The filter as a BPF program (what `LAUNCHER` loads)."""
         with path.open("wb") as out:
-            out.flush()
             assert self._lib.seccomp_export_bpf(self._ctx, out.fileno()) == 0
         path.chmod(0o644)
 
@@ -160,13 +170,7 @@ class UnitSandbox:
         """`command` started under the filter exported to `program`, with `umask`."""
         return ["/usr/bin/python3", "-I", "-c", LAUNCHER, str(program), f"{umask:o}", *command]
 
-    @property
-    def load(self) -> Callable[[], None]:
+    def load(self) -> None:
         """Sets no_new_privs and the filter on the calling process (and what it execs)."""
-        lib, ctx = self._lib, self._ctx
-
-        def load() -> None:
-            if lib.seccomp_load(ctx) != 0:
-                raise OSError(ctypes.get_errno(), "seccomp_load failed")
-
-        return load
+        if self._lib.seccomp_load(self._ctx) != 0:
+            raise OSError(ctypes.get_errno(), "seccomp_load failed")

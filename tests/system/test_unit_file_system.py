@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,16 @@ def srv() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def sandboxed(command: list[str], srv: Path, **run: Any) -> subprocess.CompletedProcess[str]:
+    """`command` in the unit's file-system view: `srv` writable, a checkout under /tmp kept."""
+    keep = str(REPO) if str(REPO).startswith("/tmp/") else ""
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", str(SANDBOX), *command],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "WRITABLE": str(srv), "KEEP": keep}, **run,
+    )  # fmt: skip
+
+
 def test_every_pipeline_publishes_with_only_its_own_tree_writable(srv: Path) -> None:
     # Given the shipped config pointing at one tree, and a full batch in each pipeline's inbox
     config = srv / "medbatch.toml"
@@ -41,13 +52,8 @@ def test_every_pipeline_publishes_with_only_its_own_tree_writable(srv: Path) -> 
     config.write_text(PATHS_RE.sub(lambda m: f'{m["key"]} = "{srv / m["key"]}"', text))
     drop_full_batches(config, srv / "inbox")
     # When `run --once` runs with the OS read-only, its tree writable and a private /tmp
-    checkout = [str(REPO)] if str(REPO).startswith("/tmp/") else []
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", str(SANDBOX),
-         sys.executable, "-m", "daemon", "run", "--once", "--config", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "WRITABLE": str(srv), "KEEP": " ".join(checkout)},
-    )  # fmt: skip
+    command = [sys.executable, "-m", "daemon", "run", "--once", "--config", str(config)]
+    done = sandboxed(command, srv, cwd=REPO, timeout=300)
     # Then it exits 0 with every pipeline's batch published
     assert done.returncode == 0, done.stderr[-3000:]
     published = {p.parent.parent.name for p in (srv / "outbox").glob("*/*/manifest.json")}
@@ -61,11 +67,6 @@ def test_the_sandbox_refuses_writes_outside_the_tree(srv: Path) -> None:
         f"touch {srv}/ok && touch /tmp/ok && "
         f"! touch {REPO}/nope 2>/dev/null && ! touch /etc/nope 2>/dev/null && echo confined"
     )
-    checkout = str(REPO) if str(REPO).startswith("/tmp/") else ""
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", str(SANDBOX), "sh", "-c", probe],
-        capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, "WRITABLE": str(srv), "KEEP": checkout},
-    )  # fmt: skip
+    done = sandboxed(["sh", "-c", probe], srv, timeout=60)
     assert done.stdout.strip() == "confined", done.stderr
     assert (srv / "ok").exists() and not (REPO / "nope").exists()

@@ -24,14 +24,8 @@ print(os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def unit_filter(*, without: str = "") -> UnitSandbox:
-    unit = directives(UNIT.read_text())
-    lines = [line for line in unit["Service.SystemCallFilter"] if line != without]
-    return UnitSandbox(
-        lines,
-        unit["Service.SystemCallErrorNumber"][-1],
-        unit["Service.MemoryDenyWriteExecute"][-1] == "yes",
-        unit["Service.RestrictAddressFamilies"][-1].split(),
-    )
+    service = {k.removeprefix("Service."): v for k, v in directives(UNIT.read_text()).items()}
+    return UnitSandbox.of_unit(service, without=without)
 
 
 def start_worker(sandbox: UnitSandbox, nice: int) -> subprocess.CompletedProcess[str]:
