@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bench.options import BENCH
-from daemon.executors.process import WORKER_ENVIRONMENT
+from daemon.executors.spawning import WORKER_ENVIRONMENT
 
 
 @dataclass(frozen=True)

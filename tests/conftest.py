@@ -21,17 +21,19 @@ def _children() -> set[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[1] == me and fields[0] != "Z" and not _is_resource_tracker(entry):
+        if fields[1] == me and fields[0] != "Z" and not _is_multiprocessing_server(entry):
             found.add(int(entry.name))
     return found
 
 
-def _is_resource_tracker(proc: Path) -> bool:
-    """multiprocessing's resource tracker lives as long as the interpreter, by design."""
+def _is_multiprocessing_server(proc: Path) -> bool:
+    """multiprocessing's resource tracker and fork server live as long as the interpreter, by
+    design (the process executor forks its workers from the fork server)."""
     try:
-        return b"resource_tracker" in (proc / "cmdline").read_bytes()
+        cmdline = (proc / "cmdline").read_bytes()
     except OSError:
         return False
+    return b"resource_tracker" in cmdline or b"multiprocessing.forkserver" in cmdline
 
 
 @pytest.fixture(autouse=True)

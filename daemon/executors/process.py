@@ -1,12 +1,14 @@
-"""ProcessExecutor: a spawn-context worker pool (pebble) where one dead worker costs one batch.
+"""ProcessExecutor: a worker pool (pebble) where one dead worker costs one batch.
 
 With the standard library's pool, one worker killed by the OOM killer or a segfault breaks the
 whole pool and fails every running batch (BrokenProcessPool), and a running task cannot be
 stopped on a timeout (pebble#25). pebble reports a dead worker on the one task it was running,
 with its exit code, kills a worker whose task outlives its timeout, and starts a new one.
 The dispatcher never submits more batches than there are workers, so no queue inside the pool
-ever decides the order. A broken pool is rebuilt on a thread of its own: the main loop never
-waits for it (systemd's WatchdogSec), attempts submitted meanwhile fail as unavailable.
+ever decides the order. Workers are forked from a fork server (spawning.py). The first pool
+starts, and a broken one is rebuilt, on a thread of its own: the main loop never waits for it
+(systemd's WatchdogSec); batches submitted while the first starts wait for it, those submitted
+during a rebuild fail as unavailable (uncounted).
 
 A worker killed while it holds pebble's channel lock (taking a task, or sending a result) leaves
 the lock taken for good: no worker can take a task again, and pebble never calls the pool broken
@@ -17,11 +19,9 @@ attempts as unavailable (uncounted) and rebuilds it.
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -32,57 +32,18 @@ from pebble import ProcessExpired, ProcessPool
 from daemon.audit.events import AuditEvent
 from daemon.errors import ExecutorUnavailableError
 from daemon.executors import DoneCallback
+from daemon.executors.spawning import prepare_worker_environment, worker_context
+from daemon.executors.split import SPLIT_MIN_BYTES, reads_files_apart, run_split, shares
 from daemon.executors.starts import StartFailures
-from daemon.models import BatchResult, BatchTask, IncomingFile
-from daemon.processors import options_model
-from daemon.worker import finish_batch, init_worker, read_part, run_batch, warm_up
+from daemon.models import BatchResult, BatchTask
+from daemon.worker import init_worker, run_batch, warm_up
 
 log = structlog.get_logger()
 
 WARM_UP_TIMEOUT_S = 30.0
-# A batch this big is read on every idle worker, in shares of about equal bytes (issue 13.3):
-# below it, the extra tasks and the partials' trip through this process cost more than they save.
-SPLIT_MIN_BYTES = 32 << 20
 # A queued task that no free worker took for this long means a wedged pool; as long as a worker's
-# start-up (spawn, imports) may take under load, like the warm-up's bound.
+# start-up (the fork server's imports) may take under load, like the warm-up's bound.
 STALL_S = 30.0
-
-Relay = Callable[["Future[Any]"], None]
-
-
-def shares(files: Sequence[IncomingFile], parts: int) -> list[tuple[int, ...]]:
-    """File ids in at most `parts` contiguous shares of about equal bytes. Contiguous, so the
-    shares' partials put end to end are in the order one worker reading them all gives."""
-    parts = min(parts, len(files))
-    total = sum(f.size for f in files)
-    if parts < 2 or total <= 0:
-        return [tuple(f.file_id for f in files)]
-    out: list[list[int]] = [[] for _ in range(parts)]
-    before = 0
-    for f in files:
-        out[min(parts - 1, before * parts // total)].append(f.file_id)
-        before += f.size
-    return [tuple(share) for share in out if share]
-
-
-# Set in the service's environment, which spawn gives the workers (pebble starts them, and any
-# replacement, from its own thread), unless the operator set them.
-# NumPy asks for transparent huge pages for every array of 4 MiB or more (MADV_HUGEPAGE); where
-# the kernel's THP defrag is "madvise" (Debian's default), such a fault compacts memory inline,
-# and once a long-running host's memory is fragmented that doubled the workers' CPU on genomics
-# tables (5.5 CPU-s against 2.7, bench/NOTES.md round 5). Read by NumPy when it is imported.
-WORKER_ENVIRONMENT = {"NUMPY_MADVISE_HUGEPAGE": "0"}
-
-
-def _prepare_worker_environment() -> None:
-    for name, value in WORKER_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
-
-
-@functools.cache
-def reads_files_apart(kind: str) -> bool:
-    """Whether a batch of this kind may be read in shares (its options model says)."""
-    return bool(getattr(options_model(kind), "reads_files_apart", True))
 
 
 class ProcessExecutor:
@@ -98,6 +59,7 @@ class ProcessExecutor:
     ) -> None:
         self._workers = workers
         self._init_args = (tuple(sorted(set(kinds))), memory_limit, nice)
+        self._context = worker_context(kinds)
         self._on_done = on_done
         self._timeout_s = timeout_s
         self._pool: ProcessPool | None = None
@@ -116,31 +78,47 @@ class ProcessExecutor:
         self._stall_s = stall_s
         self._stopping = threading.Event()
         self._stall_watch: threading.Thread | None = None
-        self._warm_up_watch: threading.Thread | None = None
+        self._warm_up_watch: threading.Thread | None = None  # starts the pool, then watches
+        # While the first pool starts: the batches submitted meanwhile, to submit when it is up.
+        self._early: list[tuple[BatchTask, Future[BatchResult]]] | None = None
         self._starts = StartFailures()
 
     def start(self) -> None:
-        """Spawn the workers and return at once: they import the processors while the start-up
-        scan and the first claims run, and the first batch queues behind their warm-up."""
-        pool, warming = self._spawn_pool()
+        """Start the workers on a thread and return at once: the fork server imports the
+        processors while the start-up scan and the first claims run. Batches submitted before
+        the pool is there wait for it, as they would queue behind its warm-up."""
         with self._lock:
-            self._pool = pool
+            self._early = []
         self._warm_up_watch = threading.Thread(
-            target=self._watch_warm_up, args=(pool, warming), name="medbatch-pool-warm-up",
-            daemon=True,
-        )  # fmt: skip
+            target=self._start_pool, name="medbatch-pool-start", daemon=True
+        )
         self._warm_up_watch.start()
         if self._stall_watch is None:
             self._stall_watch = threading.Thread(target=self._watch_stalls, daemon=True,
                                                  name="medbatch-pool-stall-watch")  # fmt: skip
             self._stall_watch.start()
 
+    def _start_pool(self) -> None:
+        try:
+            pool, warming = self._spawn_pool()
+        except (RuntimeError, OSError) as exc:
+            self._starts.failed(exc)
+            pool, warming = None, []
+        with self._lock:
+            self._pool, self._pool_failed = pool, pool is None
+            early, self._early = self._early or [], None
+        for task, outer in early:
+            self._submit(task, outer)
+        if pool is None:
+            self.recover()
+        else:
+            self._watch_warm_up(pool, warming)
+
     def _spawn_pool(self) -> tuple[ProcessPool, list[Future[int]]]:
-        _prepare_worker_environment()
-        # spawn, not fork: the main process runs watchdog and scheduler threads.
+        prepare_worker_environment()
         pool = ProcessPool(
             max_workers=self._workers, initializer=init_worker, initargs=self._init_args,
-            context=multiprocessing.get_context("spawn"),
+            context=self._context,
         )  # fmt: skip
         # One warm-up per worker starts every worker now, so the first batch does not pay for
         # the imports (init_worker loads the processors).
@@ -158,8 +136,16 @@ class ProcessExecutor:
                     self._pool_failed = True  # the next submit or reclaim builds another
 
     def submit(self, task: BatchTask) -> Future[BatchResult]:
-        batch_id = task.batch.batch_id
         outer: Future[BatchResult] = Future()
+        with self._lock:
+            if self._early is not None:  # the first pool is starting
+                self._early.append((task, outer))
+                return outer
+        self._submit(task, outer)
+        return outer
+
+    def _submit(self, task: BatchTask, outer: Future[BatchResult]) -> None:
+        batch_id = task.batch.batch_id
         try:
             with self._lock:
                 pool = self._pool if self._is_usable() else None
@@ -177,7 +163,7 @@ class ProcessExecutor:
             self.recover()
             outer.set_exception(ExecutorUnavailableError(f"worker pool: {type(exc).__name__}"))
             self._on_done(batch_id, outer)
-            return outer
+            return
 
         def relay(done: Future[BatchResult]) -> None:
             with self._lock:
@@ -207,8 +193,7 @@ class ProcessExecutor:
             inner.add_done_callback(relay)
         else:
             log.debug(AuditEvent.BATCH_SPLIT, batch_id=batch_id, shares=len(parts))
-            self._run_split(pool, task, parts, relay)
-        return outer
+            run_split(functools.partial(self._schedule, pool), task, parts, relay)
 
     def _schedule(self, pool: ProcessPool, function: Callable[..., Any], *args: Any) -> Future[Any]:
         inner = pool.schedule(function, args=args, timeout=self._timeout_s)
@@ -252,43 +237,6 @@ class ProcessExecutor:
         self.recover()
         return True
 
-    def _run_split(
-        self, pool: ProcessPool, task: BatchTask, parts: list[tuple[int, ...]], relay: Relay
-    ) -> None:
-        """Each share read on its own worker; when all are read, one task merges and publishes.
-        The first share to fail (a dead worker, a timeout) is the attempt's outcome."""
-        reads: list[Future[tuple[list[Any], list[Any]]]] = [
-            self._schedule(pool, read_part, task, ids) for ids in parts
-        ]
-        left = [len(reads)]
-        count_lock = threading.Lock()
-
-        def on_read(_: Future[Any]) -> None:
-            with count_lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            failed = next((r for r in reads if r.cancelled() or r.exception() is not None), None)
-            if failed is not None:
-                relay(failed)
-                return
-            partials: list[Any] = []
-            outcomes: list[Any] = []
-            for r in reads:
-                read, told = r.result()
-                partials += read
-                outcomes += told
-            final: Future[BatchResult]
-            try:
-                final = self._schedule(pool, finish_batch, task, partials, outcomes)
-            except (RuntimeError, OSError):
-                final = Future()
-                final.set_exception(BrokenProcessPool("pool stopped between the shares"))
-            final.add_done_callback(relay)
-
-        for r in reads:
-            r.add_done_callback(on_read)
-
     def is_worker_loss(self, exc: BaseException) -> bool:
         if isinstance(exc, ProcessExpired):
             log.warning("worker.lost", exitcode=exc.exitcode, pid=exc.pid)
@@ -299,7 +247,12 @@ class ProcessExecutor:
         """A dead worker is replaced by the pool itself; a broken pool is replaced here, on a
         thread (stopping the old pool and warming up the new one take seconds)."""
         with self._lock:
-            if self._stopping.is_set() or self._is_usable() or self._is_rebuilding():
+            if (
+                self._stopping.is_set()
+                or self._early is not None  # the first pool is still starting
+                or self._is_usable()
+                or self._is_rebuilding()
+            ):
                 return  # stopping: a rebuild would stop the old pool beside `shutdown`
             self._rebuilder = threading.Thread(
                 target=self._rebuild, name="medbatch-pool-rebuild", daemon=True
@@ -340,6 +293,8 @@ class ProcessExecutor:
         log.info("pool.rebuilt", workers=self._workers)
 
     def is_healthy(self) -> bool:
+        if self._early is not None:
+            return True  # starting, not broken: its batches wait for it
         return self._pool is not None and bool(self._pool.active)
 
     def has_lost_work(self) -> bool:

@@ -163,25 +163,9 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def children_of(pid: int) -> list[int]:
-    """Live children of `pid`, whichever of its threads started them (`Service.worker_pids`
-    reads only the main thread's `children`, and pebble starts replacement workers from its
-    manager thread)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return sorted(found)
-
-
 def pool_workers(service: Service) -> list[int]:
-    """The service's pool workers (its spawned children, not multiprocessing's resource
-    tracker)."""
-    assert service.process is not None
-    return [p for p in children_of(service.process.pid) if "spawn_main" in cmdline(p)]
+    """The service's pool workers (forked by its fork server)."""
+    return service.worker_pids()
 
 
 def services_under(basetemp: str) -> list[int]:

@@ -50,11 +50,21 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _is_resource_tracker(pid: int) -> bool:
+def _cmdline(pid: int) -> bytes:
     try:
-        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return False
+        return b""
+
+
+def _children(pid: int) -> list[int]:
+    """Live children of `pid`, whichever of its threads started them."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(p) for p in (task / "children").read_text().split()]
+    return sorted(found)
 
 
 class Service:
@@ -168,13 +178,17 @@ class Service:
             self.process.wait(timeout=10)
 
     def worker_pids(self) -> list[int]:
-        """The service's worker processes (not multiprocessing's resource tracker)."""
+        """The service's pool workers: the children of its fork server."""
         assert self.process is not None
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        with contextlib.suppress(OSError):
-            pids = [int(p) for p in children.read_text().split()]
-            return [p for p in pids if not _is_resource_tracker(p)]
-        return []
+        servers = [p for p in _children(self.process.pid)
+                   if b"multiprocessing.forkserver" in _cmdline(p)]  # fmt: skip
+        return [worker for server in servers for worker in _children(server)]
+
+    def claimer_pid(self) -> int | None:
+        """The service's claimer process, if it runs one now."""
+        assert self.process is not None
+        found = [p for p in _children(self.process.pid) if b"daemon.intake.claimer" in _cmdline(p)]
+        return found[0] if found else None
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""

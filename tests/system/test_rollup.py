@@ -153,6 +153,8 @@ def test_kill_right_after_publish_counts_each_batch_once(make_service: MakeServi
     for round_ in range(4):
         known = set(published_ids(service))
         service.start()
+        if round_ == 3:  # the batch must reach a worker, not wait in the main process for one
+            wait_until(lambda: len(service.worker_pids()) == 2, 30, message="the workers up")
         dropped |= drop_batch(service, rng, f"k{round_}", contents)
         if round_ == 3:
             # The main process cannot commit: its worker publishes, then the service dies.

@@ -66,3 +66,16 @@ def test_a_pool_that_cannot_start_is_retried_ever_later_and_loses_nothing(
     assert sorted(published) == sorted(dropped)
     assert events(service, "pool.rebuilt")
     assert service.stop() == 0
+
+
+def test_workers_keep_the_operators_numpy_huge_page_choice(make_service: MakeService) -> None:
+    """NUMPY_MADVISE_HUGEPAGE set in the service's environment reaches its workers (forked by
+    the fork server, which the service starts with its environment) unchanged."""
+    service = make_service([faulty(max_files=1)])
+    service.start(env={"NUMPY_MADVISE_HUGEPAGE": "1"})
+    workers = wait_until(lambda: len(w := service.worker_pids()) == 2 and w, 60,
+                         message="two workers")  # fmt: skip
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"NUMPY_MADVISE_HUGEPAGE=1" in environ
+    assert service.stop() == 0
