@@ -30,12 +30,18 @@ class Archived:
     """The archiver thread finished a lot of renames: the main loop marks them disposed."""
 
 
-Message = PathSeen | BatchDone | Archived | SignalReceived | Tick | Rescan | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The claimer sent a chunk's outcomes back: the main loop journals them."""
+
+
+Message = PathSeen | BatchDone | Archived | Claimed | SignalReceived | Tick | Rescan | Heartbeat
 MessageQueue = queue.SimpleQueue[Message]
 
 __all__ = [
     "Archived",
     "BatchDone",
+    "Claimed",
     "Heartbeat",
     "Message",
     "MessageQueue",

@@ -36,6 +36,7 @@ from daemon.journal import Journal
 from daemon.messages import (
     Archived,
     BatchDone,
+    Claimed,
     Heartbeat,
     Message,
     MessageQueue,
@@ -139,7 +140,6 @@ class Service:
         return 1 if unfinished or left else 0
 
     def _start(self) -> None:
-        workers = self.settings.workers
         _log_starting(self.settings, self.once)
         prepare_folders(self.settings)
         # Even a start stopped at once leaves its daemon.started / daemon.stopped pair.
@@ -147,7 +147,7 @@ class Service:
         assert self.journal is not None and self.audit is not None
         parts = wire(self.settings, self.journal, self.audit, self.metrics, self.progress,
                      self._notifier, lambda: by_name(self.settings),
-                     lambda: self._messages.put(Archived()))  # fmt: skip
+                     self._messages.put)  # fmt: skip
         self.intake, self.batcher, self.dispatcher, self.gate = parts[:4]
         self.disposal, self.flow, self.admission = parts[4:]
         self._checkpoint()
@@ -167,8 +167,8 @@ class Service:
         self._heartbeat()
         self.audit.sync()
         self._is_ready = True
-        pipelines = len(self.settings.pipeline)
-        log.info("daemon.ready", pipelines=pipelines, backlog=backlog, workers=workers.count)
+        log.info("daemon.ready", pipelines=len(self.settings.pipeline), backlog=backlog,
+                 workers=self.settings.workers.count)  # fmt: skip
         self._notifier.ready()
         if self._reload_pending:
             self._reload()
@@ -177,9 +177,8 @@ class Service:
         """The journal, then the audit log (its first line: daemon.started)."""
         self.journal, self.audit = journal, audit = _records(self.settings, self.metrics, self.once)
         self.monitor = HeartbeatMonitor(self._notifier, audit, journal)
-        paths = self.settings.paths
         self.pruner = Pruner(Retention(lambda: self.settings, journal), audit.record)
-        self.requeues = Requeues(paths.state, journal, audit.record)
+        self.requeues = Requeues(self.settings.paths.state, journal, audit.record)
 
     def _start_watching(self) -> int:
         self.watcher = InboxWatcher(self._messages)
@@ -216,6 +215,7 @@ class Service:
             in_flight = len(self.flow.inflight)
             self.executor.shutdown(wait=not in_flight)
             self.disposal.close()  # the archiver's renames finish and are marked
+            self.intake.close()  # claims made are journaled; the next start batches them
         if self.audit is not None and self.journal is not None:
             reason = None if self._is_ready or self._stopping else Reason.START_FAILED
             self.audit.record(
@@ -282,6 +282,8 @@ class Service:
                 self.flow.on_done(batch_id, future)
             case Archived():
                 self.disposal.collect()
+            case Claimed():
+                pass  # the next step takes them
             case SignalReceived(signum=signum):
                 self._handle_signal(signum)
             case Tick():
@@ -317,10 +319,9 @@ class Service:
         can_publish = self.gate.paused != Reason.AUDIT_UNWRITABLE
         if can_publish:
             self.flow.dispatch()  # a slot freed since the last step gets its batch before a claim
-        if not self.gate.paused:
-            taken = self.intake.take_settled()
-            self.progress.files_taken += len(taken)
-            sealed += self.admission.admit(taken, now)
+        taken = self.intake.step(is_paused=bool(self.gate.paused))
+        self.progress.files_taken += len(taken)
+        sealed += self.admission.admit(taken, now)
         sealed += self.batcher.seal_due(now)
         if self.once and self.intake.pending == 0:
             sealed += self.batcher.seal_all(now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -13,7 +14,9 @@ from daemon.config import Pipeline, Settings
 from daemon.dispatcher import PriorityDispatcher
 from daemon.disposal import Archiver, Disposal
 from daemon.intake import Intake
+from daemon.intake.claimer import ClaimerProcess
 from daemon.journal import Journal
+from daemon.messages import Archived, Claimed, Message
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.outcome_listeners import IntakeGate, Progress, standard_listeners
@@ -39,15 +42,17 @@ def wire(
     progress: Progress,
     notifier: Notifier,
     pipelines: Callable[[], dict[str, Pipeline]],
-    on_archived: Callable[[], None] | None = None,
+    post: Callable[[Message], None],
 ) -> Parts:
-    """Intake, batcher, dispatcher and the batch flow with its listeners, in order."""
+    """Intake, batcher, dispatcher and the batch flow with its listeners, in order. Claims and
+    archive renames run beside the main loop, and `post` it a message when some are done."""
     workers = settings.workers
-    intake = Intake(settings, journal, audit)
+    claimer = ClaimerProcess(lambda: post(Claimed()), _log_level())
+    intake = Intake(settings, journal, audit, claimer=claimer)
     batcher = Batcher(by_name(settings))
     dispatcher = PriorityDispatcher(workers.count, workers.memory_budget, settings.dispatch.aging_s)
     gate = IntakeGate(audit, journal)
-    archiver = None if on_archived is None else Archiver(on_archived)
+    archiver = Archiver(lambda: post(Archived()))
     disposal = Disposal(settings.paths, journal, pipelines, archiver)
     rollups = Rollups(settings.paths.state, settings.paths.outbox, pipelines)
     listeners = standard_listeners(
@@ -56,3 +61,8 @@ def wire(
     flow = BatchFlow(settings, journal, dispatcher, listeners, rollups=rollups)
     admission = Admission(journal, audit, disposal, batcher, pipelines)
     return Parts(intake, batcher, dispatcher, gate, disposal, flow, admission)
+
+
+def _log_level() -> str:
+    """The service's log level, for the processes it starts."""
+    return logging.getLevelName(logging.getLogger().getEffectiveLevel())

@@ -14,7 +14,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -62,6 +62,44 @@ class Opened:
 class Taken:
     sha256: str
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One claim to make, its intent already in the journal."""
+
+    file_id: int
+    pipeline: str
+    raw_name: str
+    spool_path: str
+    is_settled: bool  # passed the settle rule (what decides when no lease can be had)
+
+
+@dataclass(frozen=True, slots=True)
+class NotYet:
+    """Not taken now, still in the inbox: a writer holds it (`BUSY`), no lease could tell and it
+    has not settled (`UNAVAILABLE`), or its inbox folder could not be opened (None)."""
+
+    lease: Lease | None
+    inode: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """Refused where it is (its check, or a rename the folder would not make): reported once."""
+
+    refusal: Refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """In the spool, but not what was checked (`swapped`), or unreadable there: quarantined."""
+
+    refusal: Refusal
+    swapped: bool = False
+
+
+Outcome = Taken | NotYet | Left | Spooled
 
 
 def errno_name(exc: OSError) -> str:
@@ -145,6 +183,54 @@ def check_moved(target: Path, st: os.stat_result) -> Refusal | None:
     if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
         return Refusal(Reason.CHANGED_AFTER_CHECK, None, moved)
     return None
+
+
+def claim_all(
+    inbox: Path, entries: Sequence[Entry], pipelines: Mapping[str, Pipeline], unsafe: set[str]
+) -> list[Outcome]:
+    """Each entry's outcome, in order (`unsafe`: inbox folders that could not be opened)."""
+    service_uid = os.geteuid()
+    with inbox_fds(inbox, {e.pipeline for e in entries}, unsafe) as fds:
+        return [
+            claim_entry(fds[e.pipeline], e, pipelines[e.pipeline], service_uid)
+            if e.pipeline in fds
+            else NotYet(None)
+            for e in entries
+        ]
+
+
+def claim_entry(inbox_fd: int, entry: Entry, pipeline: Pipeline, service_uid: int) -> Outcome:
+    """Pin, check and lease the entry, move it into the spool, then copy or hash it."""
+    opened = open_checked(inbox_fd, entry.raw_name, pipeline)
+    if isinstance(opened, Refusal):
+        return Left(opened)
+    try:
+        lease = try_lease(opened.fd)
+        if lease is Lease.BUSY or (lease is Lease.UNAVAILABLE and not entry.is_settled):
+            return NotYet(lease, opened.st.st_ino)
+        target = Path(entry.spool_path)
+        moved = move_into_spool(inbox_fd, entry.raw_name, target, opened.st)
+        if moved is not None and moved.reason in (Reason.VANISHED, Reason.CLAIM_FAILED):
+            return Left(moved)  # still in the inbox (a read-only or sticky folder, a mount point)
+        if moved is not None:
+            return Spooled(moved, swapped=True)
+        taken = take_bytes(opened.fd, opened.st, target, pipeline, service_uid)
+        return Spooled(taken) if isinstance(taken, Refusal) else taken
+    finally:
+        os.close(opened.fd)  # closing the descriptor ends its lease
+
+
+def finish_lost(entry: Entry, pipeline: Pipeline) -> Outcome:
+    """An entry its claimer died holding (the claimer is gone): finished as recovery finishes
+    an interrupted claim. Not in the spool: still in the inbox, looked at again."""
+    target = Path(entry.spool_path)
+    if not os.path.lexists(target):
+        return NotYet(None)
+    target.with_name(f".{target.name}{COPY_SUFFIX}").unlink(missing_ok=True)  # half made
+    taken = take_spooled(target, pipeline, os.geteuid())
+    if isinstance(taken, Refusal):
+        return NotYet(None) if taken.reason == Reason.VANISHED else Spooled(taken)
+    return taken
 
 
 def take_bytes(

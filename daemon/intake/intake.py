@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import resource
 import secrets
 import signal
 import stat
@@ -26,7 +25,8 @@ from daemon.audit import AuditLog, load_name_key
 from daemon.audit.events import AuditEvent, FileReceived, FileRejected
 from daemon.config import Pipeline, Settings
 from daemon.intake import claim, recovery
-from daemon.intake.claim import Lease, Opened, Refusal, Taken
+from daemon.intake.claim import Entry, Lease, Left, NotYet, Refusal, Spooled
+from daemon.intake.claimer import Chunk, ClaimerProcess, InProcessClaimer
 from daemon.intake.dicom_group import group_for
 from daemon.intake.listing import Passes
 from daemon.intake.memory import RefusalMemory
@@ -41,9 +41,8 @@ log = structlog.get_logger()
 # Files claimed per main-loop step: two journal commits each chunk, so batching them keeps the
 # fsyncs few, while a bounded chunk keeps the loop responsive to everything else.
 CLAIM_CHUNK = 500
-# Entries held open (with a lease) at once within a step: half the soft fd limit (systemd's
-# 1024 gives a whole claim chunk in one group: two journal commits per step, not eight).
-OPEN_CHUNK = min(CLAIM_CHUNK, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+# Chunks the claimer may hold at once: one it works on, the next waiting for it.
+CHUNKS_HELD = 2
 # How soon to look again at a file someone holds open for writing (its close event is sooner).
 BUSY_RETRY_S = 1.0
 # Candidates a rescan may hold at once (about 300 bytes each): a producer who drops a million
@@ -57,10 +56,10 @@ class _Plan:
     candidate: Candidate
     raw_name: str  # candidate.name
     name: str  # recorded_name(raw_name)
-    opened: Opened
     spool_name: str
-    spool_path: Path  # built once: the claim and the batch use it
+    spool_path: str
     received_at: float
+    is_settled: bool
 
 
 class Intake:
@@ -71,14 +70,17 @@ class Intake:
         audit: AuditLog,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        claimer: ClaimerProcess | InProcessClaimer | None = None,
     ) -> None:
         self._journal = journal
+        self._claimer = InProcessClaimer() if claimer is None else claimer
+        self._claiming: dict[int, tuple[list[int], list[_Plan]]] = {}  # chunks sent, not back
+        self._chunk_ids = itertools.count()
         self._audit = audit
         self._clock = clock
         self._monotonic = monotonic
         self._candidates = Candidates()
         self._refused = RefusalMemory()
-        self._unsafe_inboxes: set[str] = set()
         self._passes = Passes()  # inbox listings the cap on candidates cut short
         self._service_uid = os.geteuid()
         if threading.current_thread() is threading.main_thread():
@@ -200,73 +202,106 @@ class Intake:
 
     # -- claiming -------------------------------------------------------------------------
 
+    def step(self, *, is_paused: bool) -> list[IncomingFile]:
+        """The main loop's turn: what the claimer finished, in the spool and journal; unless
+        intake is paused, the claimer kept busy (the next chunk is sent before this one is
+        journaled, and another after)."""
+        if not is_paused:
+            self.send_settled()
+        taken = self.collect()
+        if not is_paused:
+            self.send_settled()
+        return taken
+
     def take_settled(self, limit: int = CLAIM_CHUNK) -> list[IncomingFile]:
+        """Send settled candidates to be claimed, then take what came back (with the in-process
+        claimer, that same chunk): the files now in the spool and journal."""
+        self.send_settled(limit)
+        return self.collect()
+
+    def send_settled(self, limit: int = CLAIM_CHUNK) -> None:
         """Claim settled candidates, at most `limit` (the main loop comes back for the rest, so
-        batches seal and start while a large backlog is still being claimed); return the files
-        now in the spool and journal."""
+        batches seal and start while a large backlog is still being claimed): their intent
+        rows are committed, then the claimer gets them. At most `CHUNKS_HELD` at a time."""
+        if len(self._claiming) >= CHUNKS_HELD:
+            return
         if self._passes and len(self._candidates) < MAX_PENDING // 2:
             self.scan()  # the rest of a pass the cap cut short, now that the backlog drained
         ready = settled(self._candidates, self._pipelines, self._monotonic(), limit)
         if not ready:
-            return []
+            return
+        now = self._clock()
+        plans = []
+        for c, is_settled in ready:
+            spool_name = _spool_name(c.pipeline, c.name)
+            c.is_claiming = True
+            plans.append(_Plan(self._pipelines[c.pipeline], c, c.name, recorded_name(c.name),
+                               spool_name, f"{self._spool_prefix}{spool_name}", now,
+                               is_settled))  # fmt: skip
+        ids = self._journal.begin_claims(
+            (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
+        )
+        entries = [Entry(i, p.pipeline.name, p.raw_name, p.spool_path, p.is_settled)
+                   for i, p in zip(ids, plans, strict=True)]  # fmt: skip
+        chunk_id = next(self._chunk_ids)
+        self._claiming[chunk_id] = (ids, plans)
+        pipelines = {p.pipeline.name: p.pipeline for p in plans}
+        self._claimer.submit(Chunk(chunk_id, self._settings.paths.inbox, pipelines, entries))
+
+    @property
+    def is_claiming(self) -> bool:
+        return bool(self._claiming)
+
+    def collect(self) -> list[IncomingFile]:
+        """The files of the chunks the claimer finished, now in the spool and journal; a chunk
+        it died holding is finished here, as recovery finishes an interrupted claim."""
         taken: list[IncomingFile] = []
-        with claim.inbox_fds(
-            self._settings.paths.inbox, {c.pipeline for c, _ in ready}, self._unsafe_inboxes
-        ) as inbox_fds:
-            for start in range(0, len(ready), OPEN_CHUNK):
-                taken += self._claim(ready[start : start + OPEN_CHUNK], inbox_fds)
+        for chunk_id, outcomes in self._claimer.take_finished():
+            ids, plans = self._claiming.pop(chunk_id)
+            if outcomes is None:
+                entries = zip(ids, plans, strict=True)
+                outcomes = [claim.finish_lost(Entry(i, p.pipeline.name, p.raw_name, p.spool_path,
+                                                    p.is_settled), p.pipeline)
+                            for i, p in entries]  # fmt: skip
+            taken += self._apply(ids, plans, outcomes)
         return taken
 
-    def _claim(
-        self, ready: list[tuple[Candidate, bool]], inbox_fds: dict[str, int]
-    ) -> list[IncomingFile]:
-        now = self._clock()
-        plans: list[_Plan] = []
-        try:
-            for c, is_settled in ready:
-                plan = self._plan(c, is_settled, inbox_fds.get(c.pipeline), now)
-                if plan is not None:
-                    plans.append(plan)
-            if not plans:
-                return []
-            ids = self._journal.begin_claims(
-                (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
-            )
-            return self._move_all(list(zip(ids, plans, strict=True)), inbox_fds)
-        finally:
-            for p in plans:
-                os.close(p.opened.fd)  # closing the descriptor ends its lease
+    def close(self) -> None:
+        """Stop: the chunks the claimer holds come back and are journaled (their files wait in
+        the journal for the next start's batches)."""
+        self._claimer.close()
+        self.collect()
 
-    def _move_all(
-        self, claims: list[tuple[int, _Plan]], inbox_fds: dict[str, int]
+    def _apply(
+        self, ids: list[int], plans: list[_Plan], outcomes: list[claim.Outcome]
     ) -> list[IncomingFile]:
         received, dropped, refused, taken = [], [], [], []
         groups: dict[int, str] = {}
-        for file_id, plan in claims:
-            outcome = self._move_and_hash(plan, inbox_fds[plan.pipeline.name])
-            if isinstance(outcome, Taken):
+        for file_id, plan, outcome in zip(ids, plans, outcomes, strict=True):
+            c = plan.candidate
+            if isinstance(outcome, NotYet):
+                dropped.append(file_id)
+                self._look_again(plan, outcome)
+                continue
+            self._candidates.remove(c.path, c)
+            if isinstance(outcome, Left):
+                dropped.append(file_id)
+                self._refuse_in_inbox(plan.pipeline.name, plan.raw_name, outcome.refusal)
+            elif isinstance(outcome, Spooled):
+                if outcome.swapped:
+                    _log_refusal("file.swapped", plan.pipeline.name, outcome.refusal,
+                                 c.signature[0])  # fmt: skip
+                refused.append(Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name,
+                                       outcome.refusal.reason))  # fmt: skip
+            else:
+                spool_path = Path(plan.spool_path)
                 received.append((file_id, outcome.sha256, outcome.size))
-                group = group_for(plan.pipeline, plan.spool_path, self._group_key)
+                group = group_for(plan.pipeline, spool_path, self._group_key)
                 if group:
                     groups[file_id] = group
-                taken.append(
-                    IncomingFile(
-                        file_id,
-                        plan.pipeline.name,
-                        plan.name,
-                        plan.spool_path,
-                        outcome.sha256,
-                        outcome.size,
-                        plan.received_at,
-                        bool(plan.candidate.is_writing),
-                        group,
-                    )
-                )
-            elif outcome is None:
-                dropped.append(file_id)
-            else:
-                r = Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name, outcome)
-                refused.append(r)
+                taken.append(IncomingFile(file_id, plan.pipeline.name, plan.name, spool_path,
+                                          outcome.sha256, outcome.size, plan.received_at,
+                                          bool(c.is_writing), group))  # fmt: skip
         self._journal.finish_claims(
             received, dropped, [(r.file_id, "", 0, r.reason) for r in refused], groups
         )
@@ -285,53 +320,21 @@ class Intake:
         recovery.quarantine_refused(refused, self._settings, self._audit, self._journal)
         return taken
 
-    def _plan(
-        self, c: Candidate, is_settled: bool, inbox_fd: int | None, now: float
-    ) -> _Plan | None:
-        """Pin and check a candidate, and decide whether it may be taken now."""
-        pipeline = self._pipelines[c.pipeline]
-        if inbox_fd is None:
-            self._candidates.schedule(c, self._monotonic() + max(pipeline.settle_s, BUSY_RETRY_S))
-            return None
-        opened = claim.open_checked(inbox_fd, c.name, pipeline)
-        if isinstance(opened, Refusal):
-            self._candidates.remove(c.path)
-            self._refuse_in_inbox(pipeline.name, c.name, opened)
-            return None
-        lease = claim.try_lease(opened.fd)
-        if lease is Lease.BUSY or (lease is Lease.UNAVAILABLE and not is_settled):
-            os.close(opened.fd)
-            again = self._monotonic()
-            if lease is Lease.UNAVAILABLE:
-                c.is_closed_hint = False  # no kernel word on writers: the settle rule decides
-                again = max(again, c.stable_since + pipeline.settle_s)
-            else:
-                again += max(pipeline.settle_s, BUSY_RETRY_S)
-                log.debug("intake.busy", pipeline=pipeline.name, inode=opened.st.st_ino)
-            self._candidates.schedule(c, again)
-            return None
-        self._candidates.remove(c.path)
-        raw_name = c.name
-        spool_name = _spool_name(pipeline.name, raw_name)
-        spool_path = Path(f"{self._spool_prefix}{spool_name}")
-        return _Plan(pipeline, c, raw_name, recorded_name(raw_name), opened, spool_name,
-                     spool_path, now)  # fmt: skip
-
-    def _move_and_hash(self, plan: _Plan, inbox_fd: int) -> Taken | str | None:
-        """The claim's outcome: taken, None (vanished, or left in the inbox and reported), or
-        the reason the spooled entry is quarantined."""
-        target = plan.spool_path
-        st = plan.opened.st
-        moved = claim.move_into_spool(inbox_fd, plan.raw_name, target, st)
-        if moved is not None and moved.reason in (Reason.VANISHED, Reason.CLAIM_FAILED):
-            # Left in the inbox (a read-only or sticky folder, a mount point): reported once.
-            self._refuse_in_inbox(plan.pipeline.name, plan.raw_name, moved)
-            return None
-        if moved is not None:
-            _log_refusal("file.swapped", plan.pipeline.name, moved, st.st_ino)
-            return moved.reason
-        outcome = claim.take_bytes(plan.opened.fd, st, target, plan.pipeline, self._service_uid)
-        return outcome.reason if isinstance(outcome, Refusal) else outcome
+    def _look_again(self, plan: _Plan, outcome: NotYet) -> None:
+        """Not taken now, still a candidate: when to look again."""
+        c, pipeline = plan.candidate, plan.pipeline
+        c.is_claiming = False
+        if self._candidates.get(c.path) is not c:
+            return  # dropped meanwhile (its pipeline removed by a reload)
+        again = self._monotonic()
+        if outcome.lease is Lease.UNAVAILABLE:
+            c.is_closed_hint = False  # no kernel word on writers: the settle rule decides
+            again = max(again, c.stable_since + pipeline.settle_s)
+        else:
+            again += max(pipeline.settle_s, BUSY_RETRY_S)
+            if outcome.lease is Lease.BUSY:
+                log.debug("intake.busy", pipeline=pipeline.name, inode=outcome.inode)
+        self._candidates.schedule(c, again)
 
     def _refuse_in_inbox(self, pipeline: str, raw_name: str, refused: Refusal) -> None:
         """Leave the entry alone and report it once; remember it until it changes."""

@@ -29,6 +29,7 @@ class Candidate:
     # A close or rename-in was seen: complete unless a writer still holds it (the lease says).
     is_closed_hint: bool = False
     is_urgent: bool = False  # seen by an event, not only by a rescan
+    is_claiming: bool = False  # sent to the claimer: off the heaps until its outcome is back
     seq: int = field(default=0)
 
     @property
@@ -60,14 +61,19 @@ class Candidates:
         self.schedule(candidate, candidate.due)
 
     def schedule(self, candidate: Candidate, due: float) -> None:
-        """(Re)set when to look at `candidate` again; older heap entries become stale."""
+        """(Re)set when to look at `candidate` again; older heap entries become stale. One
+        being claimed is not looked at again before its outcome is back."""
         candidate.due = due
+        if candidate.is_claiming:
+            return
         candidate.seq = next(self._counter)
         heap = self._urgent if candidate.is_urgent else self._backlog
         heapq.heappush(heap, (due, candidate.seq, candidate.path))
 
-    def remove(self, path: str) -> None:
-        self._by_path.pop(path, None)
+    def remove(self, path: str, candidate: Candidate | None = None) -> None:
+        """Forget the candidate at `path` (only if it is `candidate`, when given)."""
+        if candidate is None or self._by_path.get(path) is candidate:
+            self._by_path.pop(path, None)
 
     def drop_pipelines_except(self, pipelines: set[str]) -> None:
         for path in [p for p, c in self._by_path.items() if c.pipeline not in pipelines]:

@@ -1,0 +1,190 @@
+"""The claimer process: claims made in a child beside the main loop, on real files with a real
+journal and audit log. A child that dies holding claims loses none of them; one that cannot
+start leaves the claims to the main loop."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.intake import Intake, claim
+from daemon.intake.claim import Entry, NotYet, Taken
+from daemon.intake.claimer import MAX_FAILED_STARTS, ClaimerProcess
+from tests.support.waiting import wait_until
+from tests.unit.test_intake import GOOD, Env
+
+
+class Woken:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self) -> None:
+        self.event.set()
+
+
+def with_claimer(env: Env, claimer: ClaimerProcess) -> Env:
+    env.intake = Intake(env.settings, env.journal, env.audit, claimer=claimer)
+    return env
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    made = Env(tmp_path)
+    yield made
+    made.intake.close()
+    made.close()
+
+
+def drop(env: Env, count: int) -> dict[str, str]:
+    """`count` distinct files in the inbox: name → sha256."""
+    sums = {}
+    for i in range(count):
+        data = GOOD + f"f{i},{i}\n".encode()
+        (env.inbox / f"f{i:05d}.csv").write_bytes(data)
+        sums[f"f{i:05d}.csv"] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+def claim_everything(env: Env, deadline_s: float = 60) -> list[Any]:
+    """Send and collect until nothing is pending; every file taken."""
+    taken: list[Any] = []
+
+    def drained() -> bool:
+        env.intake.send_settled()
+        taken.extend(env.intake.collect())
+        return env.intake.pending == 0 and not env.intake.is_claiming
+
+    wait_until(drained, deadline_s, 0.005, message="every candidate claimed")
+    return taken
+
+
+def journal_states(env: Env) -> dict[str, int]:
+    rows = env.journal._db.execute("SELECT state, count(*) FROM files GROUP BY state")
+    return dict(rows.fetchall())
+
+
+def test_claims_are_made_in_the_child(env: Env) -> None:
+    """Once its imports are done, the child makes the claims: same outcome as in process, each
+    file once in the spool and the journal, hashed."""
+    claimer = ClaimerProcess(Woken(), "INFO")
+    with_claimer(env, claimer)
+    wait_until(lambda: claimer.pid is not None, 30, message="the claimer ready")
+    assert claimer.pid != os.getpid()
+    sums = drop(env, 300)
+    env.intake.scan()
+    taken = claim_everything(env)
+    assert {t.name: t.sha256 for t in taken} == sums
+    assert journal_states(env) == {"received": 300}
+    assert all(t.spool_path.read_bytes().startswith(GOOD) for t in taken)
+    assert list(env.inbox.iterdir()) == []
+
+
+def test_a_claimer_killed_holding_claims_loses_none(env: Env) -> None:
+    """kill -9 while it works through a chunk: entries it moved are hashed by the main loop,
+    the others are claimed again; each file is received once, none stays half-claimed."""
+    woken = Woken()
+    claimer = ClaimerProcess(woken, "INFO")
+    with_claimer(env, claimer)
+    wait_until(lambda: claimer.pid is not None, 30, message="the claimer ready")
+    first = claimer.pid
+    assert first is not None
+    sums = drop(env, 3000)
+    env.intake.scan()
+    spool = env.root / "state" / "spool" / "emr"
+    os.kill(first, signal.SIGSTOP)  # held mid-way: kill it with part of the chunk moved
+    env.intake.send_settled(limit=3000)
+    os.kill(first, signal.SIGCONT)
+    wait_until(lambda: any(spool.iterdir()), 30, 0.0005, message="the first claims moved")
+    os.kill(first, signal.SIGKILL)
+    moved_when_killed = len(list(spool.iterdir()))
+    taken = claim_everything(env)
+    assert 0 < moved_when_killed < 3000
+    assert sorted(t.name for t in taken) == sorted(sums)
+    assert {t.name: t.sha256 for t in taken} == sums
+    assert journal_states(env) == {"received": 3000}
+    assert len(list(spool.iterdir())) == 3000
+    wait_until(lambda: claimer.pid not in (None, first), 30, message="a new claimer")
+
+
+def test_a_claimer_that_cannot_start_leaves_the_claims_to_the_main_loop(env: Env) -> None:
+    """A child that exits at once, again and again (the main loop claims while each starts):
+    after a few tries the main loop claims for good, says so once, and nothing is lost."""
+    command = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    sums: dict[str, str] = {}
+    taken: list[Any] = []
+    with capture_logs() as logs:
+        claimer = ClaimerProcess(Woken(), "INFO", command=command)
+        with_claimer(env, claimer)
+
+        def given_up() -> bool:
+            name = f"f{len(sums):05d}.csv"
+            (env.inbox / name).write_bytes(GOOD)
+            sums[name] = hashlib.sha256(GOOD).hexdigest()
+            env.intake.scan()
+            taken.extend(claim_everything(env))
+            return any(line["event"] == "intake.claimer_unavailable" for line in logs)
+
+        wait_until(given_up, 30, 0.05, message="the claims left to the main loop")
+        taken += claim_everything(env)
+    assert sorted(t.name for t in taken) == sorted(sums)
+    assert claimer.pid is None
+    assert journal_states(env) == {"received": len(sums)}
+    events = [line["event"] for line in logs]
+    assert events.count("intake.claimer_unavailable") == 1
+    assert events.count("intake.claimer_died") == MAX_FAILED_STARTS
+
+
+def test_an_entry_a_dead_claimer_held_is_finished_like_an_interrupted_claim(env: Env) -> None:
+    """In the spool: hashed (a half-made private copy removed first). Not in the spool: still
+    in the inbox, a candidate again."""
+    pipeline = env.settings.pipeline[0]
+    spool = env.root / "state" / "spool" / "emr"
+    (spool / "1-a.csv").write_bytes(GOOD)
+    (spool / ".1-a.csv.copy").write_bytes(GOOD[:4])
+    moved = Entry(1, "emr", "a.csv", str(spool / "1-a.csv"), is_settled=True)
+    assert claim.finish_lost(moved, pipeline) == Taken(hashlib.sha256(GOOD).hexdigest(), len(GOOD))
+    assert sorted(p.name for p in spool.iterdir()) == ["1-a.csv"]
+    (env.inbox / "b.csv").write_bytes(GOOD)
+    left = Entry(2, "emr", "b.csv", str(spool / "2-b.csv"), is_settled=True)
+    assert claim.finish_lost(left, pipeline) == NotYet(None)
+    assert (env.inbox / "b.csv").exists()
+
+
+def test_the_child_dies_with_the_service(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: a claimer whose service was killed cannot go on moving files that
+    the next start's recovery is looking at."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from daemon.intake.claimer import ClaimerProcess\n"
+        "c = ClaimerProcess(lambda: None, 'INFO')\n"
+        "while c.pid is None: time.sleep(0.01)\n"
+        "print(c.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        return state == "Z"
+
+    wait_until(gone, 10, message="the claimer gone with its parent")
