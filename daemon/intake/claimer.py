@@ -126,6 +126,8 @@ class ClaimerProcess:
     def take_finished(self) -> list[Finished]:
         with self._lock:
             finished, self._finished = self._finished, []
+        if any(outcomes is None for _, outcomes in finished):
+            self._live_link()  # the next child's imports overlap the lost chunks' handling
         return finished
 
     @property
@@ -193,6 +195,7 @@ class ClaimerProcess:
                 chunk_id, outcomes = from_child.recv()
                 if chunk_id == _READY:
                     link.is_ready = True
+                    log.info("intake.claimer_ready", pid=link.child.pid)
                     continue
                 with self._lock:
                     link.held.discard(chunk_id)

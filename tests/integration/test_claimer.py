@@ -167,6 +167,8 @@ def test_the_child_dies_with_the_service(tmp_path: Path) -> None:
     script.write_text(
         "import sys, time\n"
         "from daemon.intake.claimer import ClaimerProcess\n"
+        "from daemon.logs import configure_logging\n"
+        "configure_logging('WARNING')\n"
         "c = ClaimerProcess(lambda: None, 'INFO')\n"
         "while c.pid is None: time.sleep(0.01)\n"
         "print(c.pid, flush=True)\n"
