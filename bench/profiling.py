@@ -46,6 +46,10 @@ def _role(processes: list[str]) -> str:
         return "resource tracker"
     if len(processes) == 1:
         return "main process"
+    if "daemon.intake.claimer" in last:
+        return "claimer"
+    if "forkserver" in last and len(processes) == 2:
+        return "fork server"
     return "workers"
 
 

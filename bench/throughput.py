@@ -32,6 +32,7 @@ def record_run(
         occupancy = round(100 * in_flight_s / (workers * window_s), 1)
         result.add(f"{prefix}_worker_slots_busy_pct", occupancy, "%")
     result.add(f"{prefix}_main_cpu_s", round(run.main_cpu_s, 2), "s")
+    # Every other process: pool workers, the claimer, the fork server (each below).
     result.add(f"{prefix}_workers_cpu_s", round(run.workers_cpu_s, 2), "s")
 
 
@@ -56,6 +57,9 @@ def record_memory(result: SectionResult, prefix: str, run: OnceRun) -> None:
     if workers:
         result.add(f"{prefix}worker_peak_rss_mib", max(w.peak_rss_mib for w in workers), "MiB")
         result.add(f"{prefix}worker_cpu_s", " / ".join(f"{w.cpu_s:.1f}" for w in workers), "s")
+    for name in ("claimer", "helper"):
+        if named := [p for p in run.processes if p.role == name]:
+            result.add(f"{prefix}{name}_cpu_s", round(sum(p.cpu_s for p in named), 2), "s")
 
 
 def record_speedup(

@@ -101,6 +101,7 @@ class Spooled:
 
 
 Outcome = Taken | NotYet | Left | Spooled
+StrPath = str | Path
 
 
 def errno_name(exc: OSError) -> str:
@@ -162,7 +163,9 @@ def try_lease(fd: int) -> Lease:
     return Lease.HELD
 
 
-def move_into_spool(inbox_fd: int, name: str, target: Path, st: os.stat_result) -> Refusal | None:
+def move_into_spool(
+    inbox_fd: int, name: str, target: StrPath, st: os.stat_result
+) -> Refusal | None:
     """Rename the entry into the spool; then check that what moved is the inode we checked."""
     try:
         os.rename(name, target, src_dir_fd=inbox_fd)
@@ -173,7 +176,7 @@ def move_into_spool(inbox_fd: int, name: str, target: Path, st: os.stat_result) 
     return check_moved(target, st)
 
 
-def check_moved(target: Path, st: os.stat_result) -> Refusal | None:
+def check_moved(target: StrPath, st: os.stat_result) -> Refusal | None:
     """A refusal for what now sits at `target` when it is not the checked inode (a swap)."""
     try:
         moved = os.lstat(target)
@@ -209,7 +212,7 @@ def claim_entry(inbox_fd: int, entry: Entry, pipeline: Pipeline, service_uid: in
         lease = try_lease(opened.fd)
         if lease is Lease.BUSY or (lease is Lease.UNAVAILABLE and not entry.is_settled):
             return NotYet(lease, opened.st.st_ino)
-        target = Path(entry.spool_path)
+        target = entry.spool_path  # a string: no Path built a file
         moved = move_into_spool(inbox_fd, entry.raw_name, target, opened.st)
         if moved is not None and moved.reason in (Reason.VANISHED, Reason.CLAIM_FAILED):
             return Left(moved)  # still in the inbox (a read-only or sticky folder, a mount point)
@@ -227,7 +230,7 @@ def finish_lost(entry: Entry, pipeline: Pipeline) -> Outcome:
     target = Path(entry.spool_path)
     if not os.path.lexists(target):
         return NotYet(None)
-    target.with_name(f".{target.name}{COPY_SUFFIX}").unlink(missing_ok=True)  # half made
+    _copy_path(target).unlink(missing_ok=True)  # half made
     taken = take_spooled(target, pipeline, os.geteuid())
     if isinstance(taken, Refusal):
         return NotYet(None) if taken.reason == Reason.VANISHED else Spooled(taken)
@@ -235,14 +238,14 @@ def finish_lost(entry: Entry, pipeline: Pipeline) -> Outcome:
 
 
 def take_bytes(
-    fd: int, st: os.stat_result, target: Path, pipeline: Pipeline, service_uid: int
+    fd: int, st: os.stat_result, target: StrPath, pipeline: Pipeline, service_uid: int
 ) -> Taken | Refusal:
     """Hash the file at `target` (open as `fd`, checked as `st`). A file owned by someone else or
     with another name is replaced by a private copy made while hashing, so nobody can change
     the bytes we keep; a file that changed while read is refused."""
     must_copy = st.st_uid != service_uid or st.st_nlink > 1
-    copy_path = target.with_name(f".{target.name}{COPY_SUFFIX}") if must_copy else target
-    copy_fd = os.open(copy_path, _CREATE_COPY, PRIVATE_MODE) if must_copy else None
+    copy_path = _copy_path(Path(target)) if must_copy else None
+    copy_fd = None if copy_path is None else os.open(copy_path, _CREATE_COPY, PRIVATE_MODE)
     try:
         if copy_fd is None:
             os.fchmod(fd, PRIVATE_MODE)
@@ -251,19 +254,23 @@ def take_bytes(
             return Refusal(outcome)
         if identity(os.fstat(fd)) != identity(st) or outcome.size != st.st_size:
             return Refusal(Reason.CHANGED_AFTER_CHECK)
-        if copy_fd is not None:
+        if copy_fd is not None and copy_path is not None:
             os.fchmod(copy_fd, PRIVATE_MODE)
             os.fsync(copy_fd)
             os.rename(copy_path, target)  # the copy replaces the producer's inode in the spool
             os.close(copy_fd)
-            copy_fd = None
-            must_copy = False  # nothing left to clean up
+            copy_fd, copy_path = None, None  # nothing left to clean up
         return outcome
     finally:
         if copy_fd is not None:
             os.close(copy_fd)
-        if must_copy:
+        if copy_path is not None:
             copy_path.unlink(missing_ok=True)
+
+
+def _copy_path(target: Path) -> Path:
+    """Where a private copy of the spooled `target` is made."""
+    return target.with_name(f".{target.name}{COPY_SUFFIX}")
 
 
 def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Refusal:

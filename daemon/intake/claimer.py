@@ -90,9 +90,10 @@ class _Link:
 
 
 class ClaimerProcess:
-    """The claimer child, and a thread that reads its outcomes and wakes the main loop. A child
-    that keeps dying before it returns a chunk (it cannot start here) leaves the claims to this
-    process, said once."""
+    """The claimer child, and a thread that reads its outcomes and wakes the main loop. The
+    first chunk starts it (its imports do not slow the service's start-up); until it is ready,
+    chunks are claimed in this process. A child that keeps dying before it returns a chunk (it
+    cannot start here) leaves the claims to this process, said once."""
 
     def __init__(
         self, wake: Callable[[], None], log_level: str, command: Sequence[str] = COMMAND
@@ -106,7 +107,10 @@ class ClaimerProcess:
         self._readers: list[threading.Thread] = []
         self._failed_starts = 0
         self._here = InProcessClaimer()
-        self._live_link()  # its imports overlap the service's start-up
+
+    def start(self) -> None:
+        """Start the child now (else the first chunk starts it)."""
+        self._live_link()
 
     def submit(self, chunk: Chunk) -> None:
         link = self._live_link()

@@ -52,14 +52,16 @@ MAX_PENDING = 10_000
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
+    """What the main loop keeps of a claim it sent (the claimer gets its `Entry`)."""
+
     pipeline: Pipeline
     candidate: Candidate
-    raw_name: str  # candidate.name
-    name: str  # recorded_name(raw_name)
+    name: str  # recorded_name(candidate.name)
     spool_name: str
-    spool_path: str
     received_at: float
-    is_settled: bool
+
+
+_Claim = tuple[Entry, _Plan]
 
 
 class Intake:
@@ -74,7 +76,7 @@ class Intake:
     ) -> None:
         self._journal = journal
         self._claimer = InProcessClaimer() if claimer is None else claimer
-        self._claiming: dict[int, tuple[list[int], list[_Plan]]] = {}  # chunks sent, not back
+        self._claiming: dict[int, list[_Claim]] = {}  # chunks sent, not back yet
         self._chunk_ids = itertools.count()
         self._audit = audit
         self._clock = clock
@@ -231,21 +233,22 @@ class Intake:
         if not ready:
             return
         now = self._clock()
-        plans = []
+        plans, staged = [], []
         for c, is_settled in ready:
-            spool_name = _spool_name(c.pipeline, c.name)
             c.is_claiming = True
-            plans.append(_Plan(self._pipelines[c.pipeline], c, c.name, recorded_name(c.name),
-                               spool_name, f"{self._spool_prefix}{spool_name}", now,
-                               is_settled))  # fmt: skip
+            spool_name = _spool_name(c.pipeline, c.name)
+            plans.append(_Plan(self._pipelines[c.pipeline], c, recorded_name(c.name), spool_name,
+                               now))  # fmt: skip
+            staged.append((c.name, f"{self._spool_prefix}{spool_name}", is_settled))
         ids = self._journal.begin_claims(
             (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
         )
-        entries = [Entry(i, p.pipeline.name, p.raw_name, p.spool_path, p.is_settled)
-                   for i, p in zip(ids, plans, strict=True)]  # fmt: skip
+        claims = [(Entry(i, p.pipeline.name, *s), p)
+                  for i, p, s in zip(ids, plans, staged, strict=True)]  # fmt: skip
         chunk_id = next(self._chunk_ids)
-        self._claiming[chunk_id] = (ids, plans)
+        self._claiming[chunk_id] = claims
         pipelines = {p.pipeline.name: p.pipeline for p in plans}
+        entries = [e for e, _ in claims]
         self._claimer.submit(Chunk(chunk_id, self._settings.paths.inbox, pipelines, entries))
 
     @property
@@ -257,13 +260,10 @@ class Intake:
         it died holding is finished here, as recovery finishes an interrupted claim."""
         taken: list[IncomingFile] = []
         for chunk_id, outcomes in self._claimer.take_finished():
-            ids, plans = self._claiming.pop(chunk_id)
+            claims = self._claiming.pop(chunk_id)
             if outcomes is None:
-                entries = zip(ids, plans, strict=True)
-                outcomes = [claim.finish_lost(Entry(i, p.pipeline.name, p.raw_name, p.spool_path,
-                                                    p.is_settled), p.pipeline)
-                            for i, p in entries]  # fmt: skip
-            taken += self._apply(ids, plans, outcomes)
+                outcomes = [claim.finish_lost(e, p.pipeline) for e, p in claims]
+            taken += self._apply(claims, outcomes)
         return taken
 
     def close(self) -> None:
@@ -272,13 +272,11 @@ class Intake:
         self._claimer.close()
         self.collect()
 
-    def _apply(
-        self, ids: list[int], plans: list[_Plan], outcomes: list[claim.Outcome]
-    ) -> list[IncomingFile]:
+    def _apply(self, claims: list[_Claim], outcomes: list[claim.Outcome]) -> list[IncomingFile]:
         received, dropped, refused, taken = [], [], [], []
         groups: dict[int, str] = {}
-        for file_id, plan, outcome in zip(ids, plans, outcomes, strict=True):
-            c = plan.candidate
+        for (entry, plan), outcome in zip(claims, outcomes, strict=True):
+            file_id, c = entry.file_id, plan.candidate
             if isinstance(outcome, NotYet):
                 dropped.append(file_id)
                 self._look_again(plan, outcome)
@@ -286,7 +284,7 @@ class Intake:
             self._candidates.remove(c.path, c)
             if isinstance(outcome, Left):
                 dropped.append(file_id)
-                self._refuse_in_inbox(plan.pipeline.name, plan.raw_name, outcome.refusal)
+                self._refuse_in_inbox(plan.pipeline.name, entry.raw_name, outcome.refusal)
             elif isinstance(outcome, Spooled):
                 if outcome.swapped:
                     _log_refusal("file.swapped", plan.pipeline.name, outcome.refusal,
@@ -294,7 +292,7 @@ class Intake:
                 refused.append(Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name,
                                        outcome.refusal.reason))  # fmt: skip
             else:
-                spool_path = Path(plan.spool_path)
+                spool_path = Path(entry.spool_path)
                 received.append((file_id, outcome.sha256, outcome.size))
                 group = group_for(plan.pipeline, spool_path, self._group_key)
                 if group:

@@ -73,18 +73,36 @@ def journal_states(env: Env) -> dict[str, int]:
     return dict(rows.fetchall())
 
 
-def test_claims_are_made_in_the_child(env: Env) -> None:
-    """Once its imports are done, the child makes the claims: same outcome as in process, each
-    file once in the spool and the journal, hashed."""
+def read_bytes_of(pid: int) -> int:
+    """What the process has read so far (/proc/<pid>/io `rchar`)."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+def ready_claimer(env: Env) -> ClaimerProcess:
+    """A claimer whose child is up: the first file's chunk started it (and was claimed here)."""
     claimer = ClaimerProcess(Woken(), "INFO")
     with_claimer(env, claimer)
+    (env.inbox / "first.csv").write_bytes(GOOD)
+    env.intake.scan()
+    assert [t.name for t in claim_everything(env)] == ["first.csv"]
     wait_until(lambda: claimer.pid is not None, 30, message="the claimer ready")
     assert claimer.pid != os.getpid()
+    return claimer
+
+
+def test_claims_are_made_in_the_child(env: Env) -> None:
+    """Once its imports are done, the child makes the claims (it reads every file to hash it):
+    same outcome as in this process, each file once in the spool and the journal, hashed."""
+    claimer = ready_claimer(env)
+    assert claimer.pid is not None
+    read_before = read_bytes_of(claimer.pid)
     sums = drop(env, 300)
     env.intake.scan()
     taken = claim_everything(env)
     assert {t.name: t.sha256 for t in taken} == sums
-    assert journal_states(env) == {"received": 300}
+    assert read_bytes_of(claimer.pid) - read_before >= sum(t.size for t in taken)
+    assert journal_states(env) == {"received": 301}
     assert all(t.spool_path.read_bytes().startswith(GOOD) for t in taken)
     assert list(env.inbox.iterdir()) == []
 
@@ -92,10 +110,7 @@ def test_claims_are_made_in_the_child(env: Env) -> None:
 def test_a_claimer_killed_holding_claims_loses_none(env: Env) -> None:
     """kill -9 while it works through a chunk: entries it moved are hashed by the main loop,
     the others are claimed again; each file is received once, none stays half-claimed."""
-    woken = Woken()
-    claimer = ClaimerProcess(woken, "INFO")
-    with_claimer(env, claimer)
-    wait_until(lambda: claimer.pid is not None, 30, message="the claimer ready")
+    claimer = ready_claimer(env)
     first = claimer.pid
     assert first is not None
     sums = drop(env, 3000)
@@ -104,15 +119,15 @@ def test_a_claimer_killed_holding_claims_loses_none(env: Env) -> None:
     os.kill(first, signal.SIGSTOP)  # held mid-way: kill it with part of the chunk moved
     env.intake.send_settled(limit=3000)
     os.kill(first, signal.SIGCONT)
-    wait_until(lambda: any(spool.iterdir()), 30, 0.0005, message="the first claims moved")
+    wait_until(lambda: len(list(spool.iterdir())) > 1, 30, 0.0005, message="claims moved")
     os.kill(first, signal.SIGKILL)
-    moved_when_killed = len(list(spool.iterdir()))
+    moved_when_killed = len(list(spool.iterdir())) - 1
     taken = claim_everything(env)
     assert 0 < moved_when_killed < 3000
     assert sorted(t.name for t in taken) == sorted(sums)
     assert {t.name: t.sha256 for t in taken} == sums
-    assert journal_states(env) == {"received": 3000}
-    assert len(list(spool.iterdir())) == 3000
+    assert journal_states(env) == {"received": 3001}
+    assert len(list(spool.iterdir())) == 3001
     wait_until(lambda: claimer.pid not in (None, first), 30, message="a new claimer")
 
 
@@ -170,6 +185,7 @@ def test_the_child_dies_with_the_service(tmp_path: Path) -> None:
         "from daemon.logs import configure_logging\n"
         "configure_logging('WARNING')\n"
         "c = ClaimerProcess(lambda: None, 'INFO')\n"
+        "c.start()\n"
         "while c.pid is None: time.sleep(0.01)\n"
         "print(c.pid, flush=True)\n"
         "time.sleep(60)\n"

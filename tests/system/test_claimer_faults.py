@@ -38,10 +38,12 @@ def test_a_killed_claimer_loses_no_file_and_is_replaced(make_service: MakeServic
     rng = random.Random(1301)
     service = make_service([emr(max_files=500)])
     service.start()
-    # Given a claimer that holds the chunks of 1,000 new files (stopped: it cannot finish them)
+    # Given a claimer (the first file starts it) that holds the chunks of 1,000 new files
+    # (stopped: it cannot finish them)
+    dropped = {"first.csv": service.drop("emr", "first.csv", emr_csv(rng, rows=3))}
     first = new_claimer(service, [])
     os.kill(first, signal.SIGSTOP)
-    dropped = {
+    dropped |= {
         f"v{i:04d}.csv": service.drop("emr", f"v{i:04d}.csv", emr_csv(rng, rows=3))
         for i in range(1000)
     }
