@@ -91,9 +91,10 @@ class _Link:
 
 class ClaimerProcess:
     """The claimer child, and a thread that reads its outcomes and wakes the main loop. The
-    first chunk starts it (its imports do not slow the service's start-up); until it is ready,
-    chunks are claimed in this process. A child that keeps dying before it returns a chunk (it
-    cannot start here) leaves the claims to this process, said once."""
+    second chunk starts it (the first is claimed here at once: neither the child's start nor
+    its imports delay the service's first claim); until it is ready, chunks are claimed here.
+    A child that keeps dying before it returns a chunk (it cannot start here) leaves the claims
+    to this process, said once."""
 
     def __init__(
         self, wake: Callable[[], None], log_level: str, command: Sequence[str] = COMMAND
@@ -107,13 +108,15 @@ class ClaimerProcess:
         self._readers: list[threading.Thread] = []
         self._failed_starts = 0
         self._here = InProcessClaimer()
+        self._has_submitted = False
 
     def start(self) -> None:
         """Start the child now (else the first chunk starts it)."""
         self._live_link()
 
     def submit(self, chunk: Chunk) -> None:
-        link = self._live_link()
+        link = self._live_link() if self._has_submitted else None
+        self._has_submitted = True
         if link is None or not link.is_ready:
             self._here.submit(chunk)
             with self._lock:

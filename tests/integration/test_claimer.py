@@ -80,12 +80,13 @@ def read_bytes_of(pid: int) -> int:
 
 
 def ready_claimer(env: Env) -> ClaimerProcess:
-    """A claimer whose child is up: the first file's chunk started it (and was claimed here)."""
+    """A claimer whose child is up: the second chunk started it (both were claimed here)."""
     claimer = ClaimerProcess(Woken(), "INFO")
     with_claimer(env, claimer)
-    (env.inbox / "first.csv").write_bytes(GOOD)
-    env.intake.scan()
-    assert [t.name for t in claim_everything(env)] == ["first.csv"]
+    for name in ("first.csv", "second.csv"):
+        (env.inbox / name).write_bytes(GOOD)
+        env.intake.scan()
+        assert [t.name for t in claim_everything(env)] == [name]
     wait_until(lambda: claimer.pid is not None, 30, message="the claimer ready")
     assert claimer.pid != os.getpid()
     return claimer
@@ -102,7 +103,7 @@ def test_claims_are_made_in_the_child(env: Env) -> None:
     taken = claim_everything(env)
     assert {t.name: t.sha256 for t in taken} == sums
     assert read_bytes_of(claimer.pid) - read_before >= sum(t.size for t in taken)
-    assert journal_states(env) == {"received": 301}
+    assert journal_states(env) == {"received": 302}
     assert all(t.spool_path.read_bytes().startswith(GOOD) for t in taken)
     assert list(env.inbox.iterdir()) == []
 
@@ -119,15 +120,15 @@ def test_a_claimer_killed_holding_claims_loses_none(env: Env) -> None:
     os.kill(first, signal.SIGSTOP)  # held mid-way: kill it with part of the chunk moved
     env.intake.send_settled(limit=3000)
     os.kill(first, signal.SIGCONT)
-    wait_until(lambda: len(list(spool.iterdir())) > 1, 30, 0.0005, message="claims moved")
+    wait_until(lambda: len(list(spool.iterdir())) > 2, 30, 0.0005, message="claims moved")
     os.kill(first, signal.SIGKILL)
-    moved_when_killed = len(list(spool.iterdir())) - 1
+    moved_when_killed = len(list(spool.iterdir())) - 2
     taken = claim_everything(env)
     assert 0 < moved_when_killed < 3000
     assert sorted(t.name for t in taken) == sorted(sums)
     assert {t.name: t.sha256 for t in taken} == sums
-    assert journal_states(env) == {"received": 3001}
-    assert len(list(spool.iterdir())) == 3001
+    assert journal_states(env) == {"received": 3002}
+    assert len(list(spool.iterdir())) == 3002
     wait_until(lambda: claimer.pid not in (None, first), 30, message="a new claimer")
 
 

@@ -38,9 +38,12 @@ def test_a_killed_claimer_loses_no_file_and_is_replaced(make_service: MakeServic
     rng = random.Random(1301)
     service = make_service([emr(max_files=500)])
     service.start()
-    # Given a claimer (the first file starts it) that holds the chunks of 1,000 new files
+    # Given a claimer (the second chunk starts it) that holds the chunks of 1,000 new files
     # (stopped: it cannot finish them)
-    dropped = {"first.csv": service.drop("emr", "first.csv", emr_csv(rng, rows=3))}
+    dropped: dict[str, str] = {}
+    for name in ("first.csv", "second.csv"):
+        dropped[name] = service.drop("emr", name, emr_csv(rng, rows=3))
+        wait_until(lambda: service.accounted() == len(dropped), 30, message=f"{name} published")
     first = new_claimer(service, [])
     os.kill(first, signal.SIGSTOP)
     dropped |= {
