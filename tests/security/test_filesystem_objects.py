@@ -216,6 +216,11 @@ def test_symlink_swapped_in_during_the_claim_is_never_followed(make_service: Mak
                 os.replace(inbox / ".l.part", inbox / f"race{k}.csv")
                 swaps["link"] += 1
 
+    races = {f"race{k}.csv" for k in range(RACE_NAMES)}
+
+    def race_quarantines() -> list[object]:
+        return [e["reason"] for e in events(service, "file.quarantined") if e.get("file") in races]
+
     swapper = threading.Thread(target=swap, name="swapper")
     swapper.start()
     try:
@@ -223,6 +228,9 @@ def test_symlink_swapped_in_during_the_claim_is_never_followed(make_service: Mak
         for i in range(6):
             steady[f"steady{i}.csv"] = service.drop("emr", f"steady{i}.csv", good_emr(i))
             wait_until(lambda i=i: f"steady{i}.csv" in published_names(service), 20)
+        # The window between the pin and the rename is some microseconds: swap until a link
+        # has landed in it at least once, so that the check after the rename is exercised.
+        wait_until(race_quarantines, 120, 0.2, message="a link landed between pin and rename")
     finally:
         stop.set()
         swapper.join()
@@ -246,16 +254,12 @@ def test_symlink_swapped_in_during_the_claim_is_never_followed(make_service: Mak
     # Then: the secret was never read, whatever the race did
     assert not leaks(service, [SECRET])
     assert secret.read_bytes() == secret_before and mode_of(secret) == 0o600
-    races = {f"race{k}.csv" for k in range(RACE_NAMES)}
     race_rejections = [r for name in races for r in rejected(service).get(name, [])]
-    race_quarantines = [
-        e["reason"] for e in events(service, "file.quarantined") if e.get("file") in races
-    ]
     # A swap after the pin and before the rename: the moved entry is not the checked inode.
     assert set(race_rejections) <= {"symlink"}
-    assert set(race_quarantines) <= {"symlink", "changed_after_check"}
+    assert set(race_quarantines()) <= {"symlink", "changed_after_check"}
     assert race_rejections, "no swapped-in link was ever seen"
-    assert race_quarantines, "no link ever landed between the lstat and the rename"
+    assert race_quarantines(), "no link ever landed between the lstat and the rename"
     assert published_names(service) & races, "no regular file was ever claimed"
     assert {"steady0.csv", "steady5.csv"} <= published_names(service)
     # Every link that won the race went to quarantine as it was: a link, never a copy.
