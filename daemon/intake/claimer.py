@@ -34,6 +34,7 @@ import structlog
 
 from daemon.config import Pipeline
 from daemon.intake.claim import Entry, Outcome, claim_all
+from daemon.logs import configure_logging
 
 log = structlog.get_logger()
 
@@ -239,8 +240,6 @@ def main(argv: list[str]) -> int:
     _die_with_parent(int(parent_pid))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGIO):
         signal.signal(signum, signal.SIG_IGN)  # SIGIO: a writer opening a file we hold leased
-    from daemon.logs import configure_logging
-
     configure_logging(level)
     from_parent = Connection(int(read_fd), writable=False)
     to_parent = Connection(int(write_fd), readable=False)

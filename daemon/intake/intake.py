@@ -59,6 +59,7 @@ class _Plan:
     name: str  # recorded_name(candidate.name)
     spool_name: str
     received_at: float
+    is_settled: bool
 
 
 _Claim = tuple[Entry, _Plan]
@@ -233,18 +234,17 @@ class Intake:
         if not ready:
             return
         now = self._clock()
-        plans, staged = [], []
+        plans = []
         for c, is_settled in ready:
             c.is_claiming = True
-            spool_name = _spool_name(c.pipeline, c.name)
-            plans.append(_Plan(self._pipelines[c.pipeline], c, recorded_name(c.name), spool_name,
-                               now))  # fmt: skip
-            staged.append((c.name, f"{self._spool_prefix}{spool_name}", is_settled))
+            plans.append(_Plan(self._pipelines[c.pipeline], c, recorded_name(c.name),
+                               _spool_name(c.pipeline, c.name), now, is_settled))  # fmt: skip
         ids = self._journal.begin_claims(
             (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
         )
-        claims = [(Entry(i, p.pipeline.name, *s), p)
-                  for i, p, s in zip(ids, plans, staged, strict=True)]  # fmt: skip
+        claims = [(Entry(i, p.pipeline.name, p.candidate.name,
+                         f"{self._spool_prefix}{p.spool_name}", p.is_settled), p)
+                  for i, p in zip(ids, plans, strict=True)]  # fmt: skip
         chunk_id = next(self._chunk_ids)
         self._claiming[chunk_id] = claims
         pipelines = {p.pipeline.name: p.pipeline for p in plans}
