@@ -20,7 +20,7 @@ from daemon.batcher import Batcher
 from daemon.config import Settings
 from daemon.disposal import Disposal
 from daemon.health import read_health
-from daemon.intake import Intake
+from daemon.intake.intake import Intake
 from daemon.journal import FileRow, Journal
 from daemon.journal_queries import BatchRow
 from daemon.models import Batch, BatchState, FileState, IncomingFile, Reason

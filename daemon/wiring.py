@@ -13,8 +13,8 @@ from daemon.batcher import Batcher
 from daemon.config import Pipeline, Settings
 from daemon.dispatcher import PriorityDispatcher
 from daemon.disposal import Archiver, Disposal
-from daemon.intake import Intake
 from daemon.intake.claimer import ClaimerProcess
+from daemon.intake.intake import Intake
 from daemon.journal import Journal
 from daemon.messages import Archived, Claimed, Message
 from daemon.metrics import Metrics

@@ -22,9 +22,8 @@ from typing import NamedTuple
 
 import structlog
 
-from daemon.config import Pipeline
 from daemon.fsutil import sha256_fd
-from daemon.intake.refusal import identity, refusal
+from daemon.intake.refusal import Rules, identity, refusal
 from daemon.models import Reason
 
 log = structlog.get_logger()
@@ -130,7 +129,7 @@ def inbox_fds(inbox: Path, pipelines: set[str], unsafe: set[str]) -> Iterator[di
             os.close(fd)
 
 
-def open_checked(inbox_fd: int, name: str, pipeline: Pipeline) -> Opened | Refusal:
+def open_checked(inbox_fd: int, name: str, pipeline: Rules) -> Opened | Refusal:
     """Pin `name`, check it, and open that very inode for reading."""
     try:
         pinned = os.open(name, _OPEN_PINNED, dir_fd=inbox_fd)
@@ -190,7 +189,7 @@ def check_moved(target: StrPath, st: os.stat_result) -> Refusal | None:
 
 
 def claim_all(
-    inbox: Path, entries: Sequence[Entry], pipelines: Mapping[str, Pipeline], unsafe: set[str]
+    inbox: Path, entries: Sequence[Entry], pipelines: Mapping[str, Rules], unsafe: set[str]
 ) -> list[Outcome]:
     """Each entry's outcome, in order (`unsafe`: inbox folders that could not be opened)."""
     service_uid = os.geteuid()
@@ -203,7 +202,7 @@ def claim_all(
         ]
 
 
-def claim_entry(inbox_fd: int, entry: Entry, pipeline: Pipeline, service_uid: int) -> Outcome:
+def claim_entry(inbox_fd: int, entry: Entry, pipeline: Rules, service_uid: int) -> Outcome:
     """Pin, check and lease the entry, move it into the spool, then copy or hash it."""
     opened = open_checked(inbox_fd, entry.raw_name, pipeline)
     if isinstance(opened, Refusal):
@@ -224,7 +223,7 @@ def claim_entry(inbox_fd: int, entry: Entry, pipeline: Pipeline, service_uid: in
         os.close(opened.fd)  # closing the descriptor ends its lease
 
 
-def finish_lost(entry: Entry, pipeline: Pipeline) -> Outcome:
+def finish_lost(entry: Entry, pipeline: Rules) -> Outcome:
     """An entry its claimer died holding (the claimer is gone): finished as recovery finishes
     an interrupted claim. Not in the spool: still in the inbox, looked at again."""
     target = Path(entry.spool_path)
@@ -238,7 +237,7 @@ def finish_lost(entry: Entry, pipeline: Pipeline) -> Outcome:
 
 
 def take_bytes(
-    fd: int, st: os.stat_result, target: StrPath, pipeline: Pipeline, service_uid: int
+    fd: int, st: os.stat_result, target: StrPath, pipeline: Rules, service_uid: int
 ) -> Taken | Refusal:
     """Hash the file at `target` (open as `fd`, checked as `st`). A file owned by someone else or
     with another name is replaced by a private copy made while hashing, so nobody can change
@@ -273,7 +272,7 @@ def _copy_path(target: Path) -> Path:
     return target.with_name(f".{target.name}{COPY_SUFFIX}")
 
 
-def take_spooled(path: Path, pipeline: Pipeline, service_uid: int) -> Taken | Refusal:
+def take_spooled(path: Path, pipeline: Rules, service_uid: int) -> Taken | Refusal:
     """Recovery: an entry already in the spool, never followed, read only if a plain file."""
     try:
         fd = os.open(path, _OPEN_SPOOLED)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import structlog
 
-from daemon.config import Pipeline
 from daemon.intake.claim import Entry, Outcome, claim_all
+from daemon.intake.refusal import ClaimRules
 from daemon.logs import configure_logging
 
 log = structlog.get_logger()
@@ -51,7 +51,7 @@ MAX_FAILED_STARTS = 3
 class Chunk:
     chunk_id: int
     inbox: Path
-    pipelines: Mapping[str, Pipeline]  # those of its entries
+    pipelines: Mapping[str, ClaimRules]  # those of its entries
     entries: list[Entry]
 
 

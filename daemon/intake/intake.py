@@ -31,7 +31,7 @@ from daemon.intake.dicom_group import group_for
 from daemon.intake.listing import Passes
 from daemon.intake.memory import RefusalMemory
 from daemon.intake.recovery import Refused
-from daemon.intake.refusal import is_ignored, kind_of, recorded_name, spool_suffix
+from daemon.intake.refusal import ClaimRules, is_ignored, kind_of, recorded_name, spool_suffix
 from daemon.intake.settle import Candidate, Candidates, settled, signature_of
 from daemon.journal import Journal
 from daemon.models import IncomingFile, Reason
@@ -247,7 +247,7 @@ class Intake:
                   for i, p in zip(ids, plans, strict=True)]  # fmt: skip
         chunk_id = next(self._chunk_ids)
         self._claiming[chunk_id] = claims
-        pipelines = {p.pipeline.name: p.pipeline for p in plans}
+        pipelines = {p.pipeline.name: ClaimRules.of(p.pipeline) for p in plans}
         entries = [e for e, _ in claims]
         self._claimer.submit(Chunk(chunk_id, self._settings.paths.inbox, pipelines, entries))
 

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import NamedTuple, Protocol
 
-from daemon.config import Pipeline
 from daemon.models import Reason
+
+
+class Rules(Protocol):
+    """What a claim checks of its pipeline (a config `Pipeline` is one). The claimer process
+    gets `ClaimRules`, so that it imports neither pydantic nor the config."""
+
+    @property
+    def max_file_bytes(self) -> int: ...
+    @property
+    def allow_hard_links(self) -> bool: ...
+    @property
+    def allowed_uids(self) -> tuple[int, ...] | None: ...
+
+
+class ClaimRules(NamedTuple):
+    max_file_bytes: int
+    allow_hard_links: bool
+    allowed_uids: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, pipeline: Rules) -> ClaimRules:
+        return cls(pipeline.max_file_bytes, pipeline.allow_hard_links, pipeline.allowed_uids)
+
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", "~")
 _SUFFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.")
@@ -44,7 +67,7 @@ def kind_of(mode: int) -> Reason:
     return Reason.NOT_REGULAR_FILE
 
 
-def refusal(pipeline: Pipeline, st: os.stat_result) -> Reason | None:
+def refusal(pipeline: Rules, st: os.stat_result) -> Reason | None:
     """Why an entry must not be taken, or None: the same checks on the lstat and on the fd."""
     if not stat.S_ISREG(st.st_mode):
         return kind_of(st.st_mode)

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.intake import Intake, claim
+from daemon.intake import claim
 from daemon.intake.claim import Entry, NotYet, Taken
 from daemon.intake.claimer import MAX_FAILED_STARTS, ClaimerProcess
+from daemon.intake.intake import Intake
 from tests.support.waiting import wait_until
 from tests.unit.test_intake import GOOD, Env
 

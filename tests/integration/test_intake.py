@@ -12,7 +12,7 @@ import pytest
 
 from daemon.audit import AuditLog, read_lines
 from daemon.config import Settings, load_settings
-from daemon.intake import Intake
+from daemon.intake.intake import Intake
 from daemon.journal import Journal
 from daemon.models import IncomingFile
 from daemon.watcher import InboxWatcher, PathSeen

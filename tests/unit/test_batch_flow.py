@@ -18,7 +18,7 @@ from daemon.config import Settings
 from daemon.dispatcher import PriorityDispatcher
 from daemon.disposal import Disposal
 from daemon.errors import BatchFailedError
-from daemon.intake import Intake
+from daemon.intake.intake import Intake
 from daemon.journal import Journal
 from daemon.metrics import Metrics
 from daemon.models import BatchResult, BatchTask, Reason

@@ -17,7 +17,9 @@ import pytest
 from daemon import fsutil
 from daemon.audit import AuditLog
 from daemon.config import Settings
-from daemon.intake import Intake, claim, recorded_name, refusal
+from daemon.intake import claim
+from daemon.intake.intake import Intake
+from daemon.intake.refusal import recorded_name, refusal
 from daemon.journal import Journal
 
 GOOD = b"diagnosis,age\nflu,1\n"
