@@ -241,7 +241,7 @@ class Disposal:
 
     def dispose(self) -> int:
         """Dispose of every undisposed terminal input; return how many."""
-        rows = [r for r in self._journal.undisposed() if r.id not in self._moving]
+        rows = self._journal.undisposed(skip=self._moving)
         pipelines = self._pipelines()
         spool, archive = f"{self._paths.spool}/", str(self._paths.archive)
         moves: list[Move] = []

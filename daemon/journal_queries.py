@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +102,10 @@ class JournalQueries:
     def batch_files(self, batch_id: str) -> list[FileRow]:
         return self._files("batch_id=? ORDER BY id", (batch_id,))
 
-    def undisposed(self) -> list[FileRow]:
-        """Terminal files whose spooled copy has not been archived, quarantined or deleted."""
-        return self._files(f"disposed=0 AND state IN ({_TERMINAL}) ORDER BY id")
+    def undisposed(self, skip: Container[int] = ()) -> list[FileRow]:
+        """Terminal files whose spooled copy has not been archived, quarantined or deleted,
+        but those in `skip` (renames already under way: no row built for them)."""
+        return self._files(f"disposed=0 AND state IN ({_TERMINAL}) ORDER BY id", skip=skip)
 
     def meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -259,7 +260,9 @@ class JournalQueries:
         row = self._db.execute("SELECT facts FROM files WHERE id=?", (file_id,)).fetchone()
         return {} if row is None or row[0] is None else dict(json.loads(row[0]))
 
-    def _files(self, where: str, params: tuple[Any, ...] = ()) -> list[FileRow]:
+    def _files(
+        self, where: str, params: tuple[Any, ...] = (), skip: Container[int] = ()
+    ) -> list[FileRow]:
         # A read-only look at a journal that no service of this version migrated yet has none.
         group_key = "group_key" if self._has_group_key() else "NULL"
         rows = self._db.execute(
@@ -267,4 +270,4 @@ class JournalQueries:
             f"reason, {group_key} FROM files WHERE {where}",
             params,
         ).fetchall()
-        return [FileRow(*row) for row in rows]
+        return [FileRow(*row) for row in rows if row[0] not in skip]
