@@ -277,5 +277,5 @@ def published_task(task: BatchTask, settings: Settings) -> BatchTask:
     if pipeline is not None and not pipeline.hash_names:
         return task
     key = load_name_key(settings.paths.state)
-    files = tuple(replace(f, name=hash_name(key, f.name)) for f in task.batch.files)
+    files = tuple(f.named(hash_name(key, f.name)) for f in task.batch.files)
     return replace(task, batch=replace(task.batch, files=files))
