@@ -5,8 +5,9 @@ between another checkout of the repository and this one (the machine drifts, so 
     python -m bench.ab /tmp/before [--pairs 5] [--files 20000]
 
 Both run with this checkout's interpreter and libraries: `python -m daemon` from the other
-checkout's folder imports its `daemon` package first. Prints each run's wall and main-process
-CPU, and the medians.
+checkout's folder imports its `daemon` package first. Prints each run's wall and the CPU
+seconds of each role (main, claimer, workers, helpers: on two cores a backlog is bound by their
+sum, which drifts less than the wall), and the medians of both sides.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from bench.options import BenchOptions
 from bench.service import ServiceTree, run_once, temp_root
 
 THIS = bench.service.REPO
+ROLES = ("main", "claimer", "worker", "helper")
 
 
-def once(checkout: Path, opts: BenchOptions, source: Path) -> tuple[float, float]:
+def once(checkout: Path, opts: BenchOptions, source: Path) -> dict[str, float]:
+    """wall, then the CPU seconds of each role and of all (`all`)."""
     bench.service.REPO = checkout
     try:
         with temp_root("ab") as root:
@@ -34,9 +37,18 @@ def once(checkout: Path, opts: BenchOptions, source: Path) -> tuple[float, float
             copy_into(source, tree.inbox("emr"))
             time.sleep(1)  # the copies' writeback settles before the clock starts
             run = run_once(tree, 900)
-            return run.wall_s, run.main_cpu_s
     finally:
         bench.service.REPO = THIS
+    figures = {"wall": run.wall_s}
+    for role in ROLES:
+        figures[role] = sum(p.cpu_s for p in run.processes if p.role == role)
+    figures["all"] = sum(figures[role] for role in ROLES)
+    return figures
+
+
+def _line(side: str, figures: dict[str, float]) -> str:
+    cpu = "  ".join(f"{role} {figures[role]:4.2f}" for role in (*ROLES, "all"))
+    return f"{side:6} wall {figures['wall']:5.2f} s  CPU s: {cpu}"
 
 
 def main() -> None:
@@ -49,14 +61,14 @@ def main() -> None:
     source = emr_files(opts.cache, args.files, opts.emr_rows)
     for checkout in (args.before, THIS):  # neither side compiles its modules on the clock
         compileall.compile_dir(checkout / "daemon", quiet=1)
-    walls: dict[str, list[float]] = {"before": [], "this": []}
+    runs: dict[str, list[dict[str, float]]] = {"before": [], "this": []}
     for _ in range(args.pairs):
         for side, checkout in (("before", args.before.resolve()), ("this", THIS)):
-            wall, main_cpu = once(checkout, opts, source)
-            walls[side].append(wall)
-            print(f"{side:6} wall {wall:5.2f} s  main CPU {main_cpu:5.2f} s", flush=True)
-    for side, values in walls.items():
-        print(f"{side:6} median wall {statistics.median(values):.2f} s over {len(values)} runs")
+            runs[side].append(once(checkout, opts, source))
+            print(_line(side, runs[side][-1]), flush=True)
+    for side, figures in runs.items():
+        medians = {key: statistics.median(f[key] for f in figures) for key in figures[0]}
+        print(_line(f"{side}", medians).replace("wall", "median wall", 1))
 
 
 if __name__ == "__main__":

@@ -152,16 +152,16 @@ def run_emr(opts: BenchOptions) -> SectionResult:
     for executor in opts.executors:
         try:
             measure = functools.partial(run_service, opts, source, executor)
-            outputs[executor] = best_of(opts.repeat, measure, result, f"{executor}_wall_s")
+            outputs[executor] = best_of(opts.emr_repeat, measure, result, f"{executor}_wall_s")
         except Exception as exc:
             message = f"{executor} executor failed: {type(exc).__name__}: {exc}"
             result.notes.append(message[:600])
             result.check(f"{executor}: run --once succeeded", False)
     measure_naive = functools.partial(run_naive, source, opts.emr_files)
-    naive = best_of(opts.repeat, measure_naive, result, "naive_wall_s")
+    naive = best_of(opts.emr_repeat, measure_naive, result, "naive_wall_s")
     measure_polars = functools.partial(run_polars, source, opts.emr_files)
     check_against_naive(
-        result, "polars", best_of(opts.repeat, measure_polars, result, "polars_wall_s"), naive
+        result, "polars", best_of(opts.emr_repeat, measure_polars, result, "polars_wall_s"), naive
     )
     for executor, ours in outputs.items():
         if ours is None:
