@@ -119,17 +119,21 @@ def settled(
     ready: list[tuple[Candidate, bool]] = []
     for c in candidates.pop_due(now, limit):
         pipeline = pipelines[c.pipeline]
-        try:
-            st = os.lstat(c.path)
-        except OSError:
-            candidates.remove(c.path)
-            continue
-        signature = signature_of(st)
-        if signature != c.signature:
-            c.signature, c.stable_since = signature, now
-            if not c.is_closed_hint:
-                candidates.schedule(c, now + pipeline.settle_s)
+        # With no settle time there is nothing to wait for: the claim's own checks on the pinned
+        # entry (a regular file, no writer holding it, gone: quietly dropped) decide, without a
+        # look here first (an lstat a file on a backlog).
+        if pipeline.settle_s > 0:
+            try:
+                st = os.lstat(c.path)
+            except OSError:
+                candidates.remove(c.path)
                 continue
+            signature = signature_of(st)
+            if signature != c.signature:
+                c.signature, c.stable_since = signature, now
+                if not c.is_closed_hint:
+                    candidates.schedule(c, now + pipeline.settle_s)
+                    continue
         is_settled = now >= c.stable_since + pipeline.settle_s
         timed_out = now - c.stable_since >= max(pipeline.max_incomplete_s, pipeline.settle_s)
         if c.is_closed_hint or (is_settled and (not c.is_writing or timed_out)):

@@ -306,3 +306,26 @@ def test_a_pass_cut_short_by_the_cap_goes_on_where_it_stopped(
     (env.inbox / "link.csv").unlink()
     env.intake.scan()
     assert env.intake.left_in_inbox == 0
+
+
+def test_with_no_settle_time_the_claim_alone_judges_what_became_of_a_candidate(
+    env: Env, tmp_path: Path
+) -> None:
+    """settle_s = 0: no lstat before the claim. A candidate removed since it was offered is
+    dropped quietly; one replaced by a FIFO or a link is refused by the claim's own check on
+    the pinned entry; one rewritten since is taken as it is now (hashed after the move)."""
+    for name in ("gone.csv", "fifo.csv", "link.csv", "rewritten.csv"):
+        (env.inbox / name).write_bytes(GOOD)
+        env.intake.offer("emr", env.inbox / name)
+    (env.inbox / "gone.csv").unlink()
+    (env.inbox / "fifo.csv").unlink()
+    os.mkfifo(env.inbox / "fifo.csv")
+    (env.inbox / "link.csv").unlink()
+    (env.inbox / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
+    rewritten = GOOD + b"copd,2\n"
+    (env.inbox / "rewritten.csv").write_bytes(rewritten)
+    taken = env.intake.take_settled()
+    assert [(f.name, f.size) for f in taken] == [("rewritten.csv", len(rewritten))]
+    assert sorted(rejected(env)) == [("fifo.csv", "fifo"), ("link.csv", "symlink")]
+    assert env.intake.pending == 0
+    assert [row[:2] for row in env.files()] == [("rewritten.csv", "received")]
