@@ -8,7 +8,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
-BENCH_STAMP := $(VENV)/.installed-bench
+# The benchmarks run the service as `make run` installs it, in a venv of their own without the
+# dev tools (import-linter's `rich`, for one, is imported by structlog at every process start
+# where it is installed), plus polars and Dask for the side-by-side runs and py-spy.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-bench
 # -qq: no progress bars or notices; errors are still printed (and fail the target).
 PIP := $(BIN)/python -m pip --quiet --quiet
 CONFIG ?= config/medbatch.toml
@@ -28,9 +32,10 @@ $(DEV_STAMP): $(RUN_STAMP) pyproject.toml tests/plugins/example_processor/pyproj
 	$(PIP) install -e '.[dev]' -e tests/plugins/example_processor
 	touch $@
 
-# polars, the side-by-side baseline of the benchmarks: only `make bench` needs it.
-$(BENCH_STAMP): $(DEV_STAMP)
-	$(PIP) install -e '.[bench]'
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip --quiet --quiet install --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip --quiet --quiet install -e '.[bench]'
 	touch $@
 
 install: $(RUN_STAMP)
@@ -74,7 +79,7 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix daemon tests bench
 
 bench: $(BENCH_STAMP) bytecode
-	$(BIN)/python -m bench
+	$(BENCH_VENV)/bin/python -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
