@@ -208,3 +208,13 @@ def test_the_child_dies_with_the_service(tmp_path: Path) -> None:
         return state == "Z"
 
     wait_until(gone, 10, message="the claimer gone with its parent")
+
+
+def test_the_claimer_child_loads_only_what_a_claim_needs() -> None:
+    """It starts beside the service's start-up on the same cores: none of the config (pydantic),
+    the journal (sqlite3), the audit log or the data libraries is imported by the child."""
+    heavy = ("pydantic", "daemon.config", "sqlite3", "daemon.journal", "daemon.audit", "pandas",
+             "numpy", "pyarrow", "daemon.intake.intake", "daemon.service")  # fmt: skip
+    probe = f"import sys, daemon.intake.claimer; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
