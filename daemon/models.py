@@ -83,7 +83,9 @@ class IncomingFile:
     file_id: int
     pipeline: str
     name: str
-    spool_path: Path
+    # A string where the main loop makes it (a Path costs ~3 µs to build and as much again to
+    # pickle, per file); the worker makes the Path its processor is given.
+    spool_path: str | Path
     sha256: str
     size: int
     received_at: float

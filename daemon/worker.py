@@ -160,27 +160,26 @@ def _read_inputs(
         try:
             return cast(
                 tuple[list[Any], list[Facts | ProcessorError]],
-                read_many([(f.spool_path, f.name) for f in files]),
+                read_many([(Path(f.spool_path), f.name) for f in files]),
             )
         except Exception:  # noqa: S110 - file by file below names the input that fails
             pass
     partials: list[Any] = []
     outcomes: list[Facts | ProcessorError] = []
     for f in files:
+        path = Path(f.spool_path)
         try:
-            partial, facts = processor.read(f.spool_path, f.name)
+            partial, facts = processor.read(path, f.name)
         except ProcessorError as exc:
             outcomes.append(exc)
             continue
         except MemoryError:
             outcomes.append(
-                ProcessorError(
-                    f.spool_path, "out_of_memory", "reading it took more memory than free"
-                )
+                ProcessorError(path, "out_of_memory", "reading it took more memory than free")
             )
             continue
         except Exception as exc:
-            outcomes.append(ProcessorError(f.spool_path, "unreadable", type(exc).__name__))
+            outcomes.append(ProcessorError(path, "unreadable", type(exc).__name__))
             continue
         partials.append(partial)
         outcomes.append(facts)

@@ -292,7 +292,7 @@ class Intake:
                 refused.append(Refused(file_id, plan.pipeline.name, plan.name, plan.spool_name,
                                        outcome.refusal.reason))  # fmt: skip
             else:
-                spool_path = Path(entry.spool_path)
+                spool_path = entry.spool_path
                 received.append((file_id, outcome.sha256, outcome.size))
                 group = group_for(plan.pipeline, spool_path, self._group_key)
                 if group:

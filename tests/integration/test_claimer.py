@@ -105,7 +105,7 @@ def test_claims_are_made_in_the_child(env: Env) -> None:
     assert {t.name: t.sha256 for t in taken} == sums
     assert read_bytes_of(claimer.pid) - read_before >= sum(t.size for t in taken)
     assert journal_states(env) == {"received": 302}
-    assert all(t.spool_path.read_bytes().startswith(GOOD) for t in taken)
+    assert all(Path(t.spool_path).read_bytes().startswith(GOOD) for t in taken)
     assert list(env.inbox.iterdir()) == []
 
 

@@ -72,7 +72,7 @@ def test_a_renamed_in_file_is_claimed_into_the_spool(settings: Settings, parts) 
     (claimed,) = pump(intake, messages, 1)
 
     assert claimed.name == "a.csv" and claimed.size == 18
-    assert claimed.spool_path.read_text() == "diagnosis,age\nx,1\n"
+    assert Path(claimed.spool_path).read_text() == "diagnosis,age\nx,1\n"
     assert not (inbox / "a.csv").exists()
     events = [line["event"] for line in read_lines(settings.paths.audit)]
     assert events == ["file.received"]

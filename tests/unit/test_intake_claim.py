@@ -111,7 +111,7 @@ def test_a_file_held_open_for_writing_is_not_taken_until_closed(slow: Env, how: 
     slow.intake.offer("emr", path, is_writing=False)
     (taken,) = slow.intake.take_settled()
     assert (taken.sha256, taken.size) == (hashlib.sha256(final).hexdigest(), len(final))
-    assert taken.spool_path.read_bytes() == final
+    assert Path(taken.spool_path).read_bytes() == final
 
 
 def test_a_foreign_or_linked_file_is_replaced_by_a_private_copy(
@@ -136,7 +136,7 @@ def test_a_foreign_or_linked_file_is_replaced_by_a_private_copy(
         for t in taken:
             st = os.lstat(t.spool_path)
             assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_nlink) == (os.geteuid(), 0o600, 1)
-            assert t.spool_path.read_bytes() == GOOD
+            assert Path(t.spool_path).read_bytes() == GOOD
             assert t.sha256 == hashlib.sha256(GOOD).hexdigest()
         assert not [p for p in (tmp_path / "state" / "spool" / "emr").iterdir() if p.name[0] == "."]
     finally:
