@@ -6,14 +6,17 @@ Lines marked `"chain": "hmac-sha256"` are chained with the state's key; older un
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import json.encoder
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from daemon.fsutil import iso_utc_ms
 
@@ -219,12 +222,30 @@ class _ChainChecker:
             raise _ChainError(f"{where}: hash mismatch (line altered)")
 
 
-# Built once: json.dumps with any non-default option builds a new encoder on every call.
+# Built once: json.dumps with any non-default option builds a new encoder on every call, and
+# JSONEncoder.encode builds its C encoder on every call too. A line is a flat dict of strings,
+# numbers, booleans and lists (no cycle to look for), so one C encoder serves every line.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _c_encoder() -> Callable[[object, int], Sequence[str]] | None:
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without the C accelerator
+        return None
+    # markers (None: no cycle check), default, encoder, indent, key and item separators,
+    # sort_keys, skipkeys, allow_nan: what _CANONICAL's own encode passes.
+    encode = json.encoder.encode_basestring_ascii
+    args = (None, _CANONICAL.default, encode, None, ":", ",", True, False, True)
+    return cast(Callable[[object, int], Sequence[str]], make(*args))
+
+
+_C_ENCODE = _c_encoder()
+
+
 def canonical(obj: dict[str, object]) -> str:
-    return _CANONICAL.encode(obj)
+    if _C_ENCODE is None:
+        return _CANONICAL.encode(obj)
+    return "".join(_C_ENCODE(obj, 0))
 
 
 def line_hash(prev: str, line_without_hash: dict[str, object], key: bytes | None = None) -> str:
@@ -239,8 +260,15 @@ def text_hash(prev: str, canonical_text: str, key: bytes | None, is_keyed: bool)
     if is_keyed:
         if key is None:
             raise ValueError("a keyed audit line needs the chain key")
-        return hmac.digest(key, data, "sha256").hex()  # hmac.new's digest, in one C call
+        keyed = _keyed(key).copy()  # the key's pads hashed once, not once a line
+        keyed.update(data)
+        return keyed.hexdigest()
     return hashlib.sha256(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _keyed(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod="sha256")
 
 
 def log_files(folder: Path) -> list[Path]:

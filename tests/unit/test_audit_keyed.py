@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.audit import AuditEvent, AuditLog, load_chain_key, read_chain_key, verify
-from daemon.audit.verify import CHAIN_HMAC, FUTURE_SKEW_S, canonical
+from daemon.audit.verify import CHAIN_HMAC, FUTURE_SKEW_S, canonical, text_hash
 
 DAY = "2025-11-29"
 NOW = datetime.fromisoformat(f"{DAY}T12:00:00").replace(tzinfo=UTC).timestamp()
@@ -187,3 +187,48 @@ def test_the_chain_key_is_created_once_private(tmp_path: Path) -> None:
     key = load_chain_key(state)
     assert len(key) == 32 and load_chain_key(state) == key
     assert ((state / "audit-chain.key").stat().st_mode & 0o777) == 0o600
+
+
+AWKWARD_VALUES: list[object] = [
+    "plain.csv",
+    'quote " and backslash \\ and slash /',
+    "new\nline\ttab\x00nul\x1bESC\x7fDEL",
+    "é ü ß 中文 😀 \u202eRLO \ufeffBOM",
+    "surrogate-escaped \udcff byte",
+    "",
+    0,
+    -1,
+    2**63,
+    10**30,
+    1.5,
+    1e-300,
+    True,
+    False,
+    None,
+    ["a", 1, ["b", None]],
+    [],
+    {"nested": {"z": 1, "a": [True]}},
+]
+
+
+@pytest.mark.parametrize("value", AWKWARD_VALUES, ids=lambda v: repr(v)[:24])
+def test_canonical_text_is_json_dumps_with_sorted_keys(value: object) -> None:
+    """The line text hashed is exactly json.dumps(sort_keys, compact, ASCII) of the line, for
+    every kind of value a line carries: one shared C encoder must not differ from it."""
+    line = {"ts": "2026-12-01T00:00:00.000Z", "seq": 7, "event": "file.received", "v": value,
+            "file": value, "Z": 1, "a": 2}  # fmt: skip
+    expected = json.dumps(line, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert canonical(line) == expected
+    assert canonical(line) == expected  # the encoder keeps no state between lines
+
+
+def test_keyed_line_hash_is_hmac_sha256_of_prev_and_text_for_any_key() -> None:
+    """The chain HMAC (its key's pads hashed once, then copied) equals a fresh HMAC-SHA256 of
+    prev + canonical text, for several keys in turn and back again."""
+    keys = [secrets.token_bytes(32) for _ in range(6)]
+    for key in keys + keys[::-1]:
+        for text in ('{"a":1}', '{"file":"\\u00e9"}', "x" * 5000):
+            prev = secrets.token_hex(32)
+            want = hmac.new(key, (prev + text).encode("ascii"), hashlib.sha256).hexdigest()
+            assert text_hash(prev, text, key, True) == want
+            assert text_hash(prev, text, None, False) == sha256((prev + text).encode("ascii"))
