@@ -11,7 +11,7 @@ from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon.models import TERMINAL_FILE_STATES, BatchState, Facts, FileState
 
@@ -20,8 +20,10 @@ _TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 _IN_CHUNK = 500
 
 
-@dataclass(frozen=True, slots=True)
-class FileRow:
+class FileRow(NamedTuple):
+    """A row of `files` (a tuple: disposal reads every finished batch's rows, thousands a
+    minute on a backlog, and a tuple is built in a fifth of a frozen dataclass's time)."""
+
     id: int
     pipeline: str
     name: str
