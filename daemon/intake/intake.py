@@ -189,15 +189,19 @@ class Intake:
             path = entry.path
             if path in self._candidates:
                 return
-            st = entry.stat(follow_symlinks=False)  # cached by the DirEntry
+            # With nothing to wait for, there is no size or time to compare later: the listing's
+            # file type and inode do (no lstat a file on a backlog); the claim checks the rest.
+            is_plain = pipeline.settle_s == 0 and entry.is_file(follow_symlinks=False)
+            st = None if is_plain else entry.stat(follow_symlinks=False)  # cached by the entry
         except OSError:
             return
         self._refused.forget(pipeline.name, entry.name)  # new or changed: examined afresh
-        if not stat.S_ISREG(st.st_mode):  # waiting cannot make it a file: report it now
+        if st is not None and not stat.S_ISREG(st.st_mode):  # waiting cannot make it a file
             self._refuse_in_inbox(pipeline.name, entry.name, Refusal(kind_of(st.st_mode), st=st))
             return
+        signature = (entry.inode(), -1, -1) if st is None else signature_of(st)
         due = now + pipeline.settle_s
-        self._candidates.add(Candidate(pipeline.name, path, signature_of(st), now, due))
+        self._candidates.add(Candidate(pipeline.name, path, signature, now, due))
 
     def next_due(self) -> float | None:
         """Monotonic time at which the next candidate may be complete."""

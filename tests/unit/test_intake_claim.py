@@ -329,3 +329,23 @@ def test_with_no_settle_time_the_claim_alone_judges_what_became_of_a_candidate(
     assert sorted(rejected(env)) == [("fifo.csv", "fifo"), ("link.csv", "symlink")]
     assert env.intake.pending == 0
     assert [row[:2] for row in env.files()] == [("rewritten.csv", "received")]
+
+
+def test_with_no_settle_time_a_scan_reports_what_is_not_a_file_at_once(
+    env: Env, tmp_path: Path
+) -> None:
+    """settle_s = 0: the listing's file type stands in for an lstat. A FIFO, a link and a
+    folder are refused by the scan itself (never candidates); a plain file is taken."""
+    (env.inbox / "a.csv").write_bytes(GOOD)
+    os.mkfifo(env.inbox / "fifo.csv")
+    (env.inbox / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
+    (env.inbox / "folder.csv").mkdir()
+    assert env.intake.scan() == 1
+    assert sorted(rejected(env)) == [
+        ("fifo.csv", "fifo"),
+        ("folder.csv", "directory"),
+        ("link.csv", "symlink"),
+    ]
+    assert [f.name for f in env.intake.take_settled()] == ["a.csv"]
+    assert env.intake.scan() == 0  # refused entries are not looked at again, nor reported
+    assert len(rejected(env)) == 3
