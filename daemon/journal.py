@@ -2,6 +2,14 @@
 
 The service's main loop is its only writer; one method per state transition, each an explicit
 IMMEDIATE transaction. Reads live in `journal_queries` (which `status` and `trace` open read-only).
+
+Group commit: a transition that nothing outside the journal acts on (a claim's outcome, a
+seal, a disposal) commits without an fsync; it survives a crash of the process at once, and a
+power cut from the next durable commit on, which syncs the whole WAL. Every transition that
+something outside acts on is durable before it does: the claim intent before the claimer moves
+the files, the running mark before a worker publishes, the published mark before the archive
+renames; and the audit log syncs the journal (`sync`) before its own lines are made durable,
+so that it never holds a line the journal could lose.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.resources import files as package_files
@@ -36,49 +45,40 @@ class Journal(JournalQueries):
             os.fchmod(fd, 0o600)
             os.close(fd)
         super().__init__(path, sqlite3.connect(path, isolation_level=None, timeout=30.0))
-        self._check_integrity()
+        _check_integrity(self._db, path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._is_synced = True
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
-
-    def _check_integrity(self) -> None:
-        try:
-            (result,) = self._db.execute("PRAGMA quick_check").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise JournalCorruptError(
-                f"journal {self.path} is not a readable database ({exc}); refusing to start. "
-                "Restore it from a backup or move it aside deliberately."
-            ) from None
-        if result != "ok":
-            raise JournalCorruptError(
-                f"journal {self.path} failed PRAGMA quick_check ({result}); refusing to start."
-            )
-
-    def _migrate(self) -> None:
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise JournalCorruptError(
-                f"journal {self.path} has schema version {version}, newer than this medbatch "
-                f"({SCHEMA_VERSION}); upgrade medbatch"
-            )
-        if version < SCHEMA_VERSION:
-            schema = package_files("daemon").joinpath("schema.sql").read_text(encoding="utf-8")
-            if version:  # tables exist: only the steps since
-                schema = "\n".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
-            self._db.executescript(
-                f"BEGIN IMMEDIATE;\n{schema}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
-            )
+        _migrate(self._db, path)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """`durable=False`: committed without an fsync (see the module's group commit)."""
+        if not durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+        self._is_synced = durable
+
+    @property
+    def is_synced(self) -> bool:
+        """Every commit so far is durable (the last one was)."""
+        return self._is_synced
+
+    def sync(self) -> None:
+        """Make every commit durable: one fsync of the WAL, none if the last commit was durable."""
+        if not self._is_synced:
+            self.set_meta(synced_at=time.time())
 
     def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
         """Record intent to move (pipeline, name, spool_name, received_at) into the spool; the
@@ -106,7 +106,9 @@ class Journal(JournalQueries):
     ) -> None:
         """Claims that landed (id, sha256, size), vanished (id), or were refused (…, reason);
         `groups`: the batch group of landed files of a `batch_by` pipeline."""
-        with self.transaction() as db:
+        quarantined = list(quarantined)
+        # Refused ones are moved to the quarantine next: durable first. The rest, no fsync.
+        with self.transaction(durable=bool(quarantined)) as db:
             db.executemany(
                 f"UPDATE files SET state='{FileState.RECEIVED}', sha256=?, size=? WHERE id=?",
                 [(sha, size, fid) for fid, sha, size in received],
@@ -144,7 +146,8 @@ class Journal(JournalQueries):
         return cur.rowcount > 0
 
     def seal_batch(self, batch: Batch, opened_at: float) -> None:
-        with self.transaction() as db:
+        # No fsync: nothing acts on a seal before `mark_running`, which is durable.
+        with self.transaction(durable=False) as db:
             db.execute(
                 "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
                 f"n_files, n_bytes) VALUES (?, ?, ?, '{BatchState.SEALED}', ?, ?, ?, ?)",
@@ -268,7 +271,8 @@ class Journal(JournalQueries):
             )
 
     def mark_disposed(self, file_ids: Iterable[int]) -> None:
-        with self.transaction() as db:
+        # No fsync: lost to a power cut, recovery disposes again and finds the inputs gone.
+        with self.transaction(durable=False) as db:
             db.executemany("UPDATE files SET disposed=1 WHERE id=?", [(i,) for i in file_ids])
 
     def mark_pruned(self, file_ids: Iterable[int], at: float) -> None:
@@ -315,6 +319,36 @@ class Journal(JournalQueries):
                 "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
                 [(k, json.dumps(v)) for k, v in values.items()],
             )
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    try:
+        (result,) = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise JournalCorruptError(
+            f"journal {path} is not a readable database ({exc}); refusing to start. "
+            "Restore it from a backup or move it aside deliberately."
+        ) from None
+    if result != "ok":
+        raise JournalCorruptError(
+            f"journal {path} failed PRAGMA quick_check ({result}); refusing to start."
+        )
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise JournalCorruptError(
+            f"journal {path} has schema version {version}, newer than this medbatch "
+            f"({SCHEMA_VERSION}); upgrade medbatch"
+        )
+    if version < SCHEMA_VERSION:
+        schema = package_files("daemon").joinpath("schema.sql").read_text(encoding="utf-8")
+        if version:  # tables exist: only the steps since
+            schema = "\n".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+        db.executescript(
+            f"BEGIN IMMEDIATE;\n{schema}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+        )
 
 
 def _finish_files(db: sqlite3.Connection, result: BatchResult, at: float) -> None:

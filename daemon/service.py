@@ -66,6 +66,7 @@ log = structlog.get_logger()
 def _records(settings: Settings, metrics: Metrics, once: bool) -> tuple[Journal, TolerantAuditLog]:
     journal = Journal(settings.paths.journal)
     audit = TolerantAuditLog(settings.paths.audit, chain_key=load_chain_key(settings.paths.state))
+    audit.set_barrier(journal.sync)  # the journal's transitions are durable before their lines
     audit.set_hashed_pipelines(hashed_pipelines(settings), name_key_for(settings))
     audit.add_listener(metrics.on_audit)
     audit.record(DaemonStarted(pid=os.getpid(), version=__version__, once=once or None))

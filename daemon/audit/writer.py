@@ -78,6 +78,7 @@ class AuditLog:
         self._unsynced: list[bytes] = []
         self._is_tail_dirty = False
         self._is_dir_dirty = False
+        self._barrier: Callable[[], None] | None = None
         if not folder.is_dir():
             folder.mkdir(mode=0o750, parents=True, exist_ok=True)
             fsync_dir(folder.parent)
@@ -92,6 +93,11 @@ class AuditLog:
     @property
     def head(self) -> tuple[int, str]:
         return self._seq, self._hash
+
+    def set_barrier(self, barrier: Callable[[], None]) -> None:
+        """`barrier()` runs before each fsync of the log: the service passes the journal's
+        sync, so that no line is durable before the transition it records is."""
+        self._barrier = barrier
 
     def add_listener(self, listener: AuditListener) -> None:
         """Call `listener(event)` after each recorded event is written (metrics count them)."""
@@ -192,6 +198,8 @@ class AuditLog:
             return
         if self._synced_offset == self._offset and not (self._is_tail_dirty or self._is_dir_dirty):
             return  # nothing new: an idle service must not fsync on every tick
+        if self._barrier is not None:
+            self._barrier()
         try:
             if self._is_tail_dirty:
                 self._restore_tail(self._fd)

@@ -1,0 +1,96 @@
+"""Group commit: transitions nothing outside the journal acts on commit without an fsync; each
+one something outside acts on is durable before it does, and so is everything before it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.audit import AuditLog
+from daemon.audit.events import FileReceived
+from daemon.journal import Journal
+from daemon.models import Batch, BatchResult, IncomingFile
+
+FULL = 2
+
+
+def synchronous(journal: Journal) -> int:
+    return int(journal._db.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def claimed(journal: Journal, name: str) -> IncomingFile:
+    (file_id,) = journal.begin_claims([("emr", name, f"emr/{name}", 1000.0)])
+    return IncomingFile(file_id, "emr", name, f"/spool/emr/{name}", "ab" * 32, 10, 1000.0)
+
+
+def test_each_transition_is_durable_exactly_when_something_outside_acts_on_it(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    a, b = claimed(journal, "a.csv"), claimed(journal, "b.csv")
+    assert journal.is_synced  # the intent: the claimer moves the files next
+    journal.finish_claims([(a.file_id, a.sha256, 10), (b.file_id, b.sha256, 10)])
+    assert not journal.is_synced  # outcomes only: recovery redoes them from the intent
+    bad = claimed(journal, "bad.csv")
+    journal.finish_claims([], quarantined=[(bad.file_id, "", 0, "symlink")])
+    assert journal.is_synced  # the refused file is moved to the quarantine next
+    journal.seal_batch(Batch("B1", "emr", "emr", 3, 1001.0, (a, b)), 1000.0)
+    assert not journal.is_synced  # nothing acts on a seal before it runs
+    journal.mark_running("B1", 1002.0)
+    assert journal.is_synced  # a worker publishes next: the seal is durable with it
+    result = BatchResult("B1", tmp_path / "out", 1003.0, facts={a.file_id: {}, b.file_id: {}})
+    journal.mark_published(result, 1003.0)
+    assert journal.is_synced  # the archive renames follow
+    journal.mark_disposed([a.file_id, b.file_id])
+    assert not journal.is_synced  # lost to a power cut, disposal finds the inputs gone
+    assert synchronous(journal) == FULL  # every later commit is durable unless it says not
+    journal.close()
+
+
+def test_sync_makes_the_commits_durable_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    journal.sync()
+    assert journal.meta("synced_at") is None  # nothing to sync: no write at all
+    a = claimed(journal, "a.csv")
+    journal.finish_claims([(a.file_id, a.sha256, 10)])
+    journal.sync()
+    first = journal.meta("synced_at")
+    assert first is not None and journal.is_synced
+    journal.sync()
+    assert journal.meta("synced_at") == first  # already durable: no second write
+    journal.close()
+
+
+def test_a_failed_transaction_leaves_commits_durable_by_default(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    with pytest.raises(RuntimeError), journal.transaction(durable=False):
+        raise RuntimeError("boom")
+    assert synchronous(journal) == FULL
+    journal.close()
+
+
+def test_the_audit_log_syncs_the_journal_before_its_own_lines(tmp_path: Path) -> None:
+    """The barrier runs before each fsync of the log that has lines to make durable, never
+    when there is nothing new; a barrier that fails leaves the lines to the next sync."""
+    audit = AuditLog(tmp_path / "_audit")
+    calls: list[int] = []
+    failing = [True]
+
+    def barrier() -> None:
+        calls.append(audit.head[0])
+        if failing[0]:
+            raise OSError("journal unwritable")
+
+    audit.set_barrier(barrier)
+    audit.sync()
+    assert calls == []  # nothing new since the log opened
+    audit.record(FileReceived(pipeline="emr", file="a.csv", sha256="ab" * 32, size=1, file_id=1))
+    with pytest.raises(OSError):
+        audit.sync()
+    failing[0] = False
+    audit.sync()
+    assert calls == [audit.head[0], audit.head[0]]
+    audit.sync()
+    assert len(calls) == 2  # synced: nothing new
+    audit.close()
