@@ -331,7 +331,7 @@ class Service:
         self.flow.release_delayed()
         if can_publish:  # nothing is published while its audit line could not be written
             self.flow.dispatch()
-        self.audit.sync()
+        self.audit.sync_due()
         if self.audit.failing_since is not None:
             self.gate.pause(Reason.AUDIT_UNWRITABLE)
         self.metrics.set_queue_depth(Counter(t.batch.priority for t in self.dispatcher.waiting))

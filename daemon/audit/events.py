@@ -37,6 +37,19 @@ class AuditEvent(enum.StrEnum):
     FILE_REQUEUED = "file.requeued"
 
 
+# The events `reconcile` rebuilds from the journal when a crash or a power cut lost their lines:
+# the only ones whose fsync may wait (AuditLog.sync_due).
+REBUILT_EVENTS = frozenset(
+    {
+        AuditEvent.FILE_RECEIVED,
+        AuditEvent.FILE_QUARANTINED,
+        AuditEvent.FILE_DUPLICATE,
+        AuditEvent.BATCH_SEALED,
+        AuditEvent.BATCH_PUBLISHED,
+        AuditEvent.BATCH_FAILED,
+    }
+)
+
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per event class: payload() runs once a line
 
 

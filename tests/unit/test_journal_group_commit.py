@@ -3,12 +3,13 @@ one something outside acts on is durable before it does, and so is everything be
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from daemon.audit import AuditLog
-from daemon.audit.events import FileReceived
+from daemon.audit import AuditLog, reconcile, writer
+from daemon.audit.events import REBUILT_EVENTS, FileReceived, FileRejected, Record
 from daemon.journal import Journal
 from daemon.models import Batch, BatchResult, IncomingFile
 
@@ -94,3 +95,51 @@ def test_the_audit_log_syncs_the_journal_before_its_own_lines(tmp_path: Path) ->
     audit.sync()
     assert len(calls) == 2  # synced: nothing new
     audit.close()
+
+
+def test_the_per_step_audit_sync_waits_for_its_oldest_line_to_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sync_due` (each step of the main loop) groups a few steps' lines into one fsync, and one
+    journal barrier: not at once, but as soon as the oldest unsynced line is SYNC_LAG_S old."""
+    monkeypatch.setattr(writer, "SYNC_LAG_S", 0.05)
+    audit = AuditLog(tmp_path / "_audit")
+    barriers: list[float] = []
+    audit.set_barrier(lambda: barriers.append(time.monotonic()))
+    audit.sync_due()
+    assert barriers == []  # nothing written: nothing to sync
+    written_at = time.monotonic()
+    audit.record(FileReceived(pipeline="emr", file="a.csv", sha256="ab" * 32, size=1, file_id=1))
+    audit.sync_due()
+    assert barriers == []  # too young: left to a later step
+    deadline = time.monotonic() + 10
+    while not barriers and time.monotonic() < deadline:
+        audit.sync_due()
+    assert len(barriers) == 1 and barriers[0] - written_at >= 0.05
+    audit.sync_due()
+    assert len(barriers) == 1  # synced: nothing new
+    audit.close()
+
+
+def test_a_line_the_journal_cannot_rebuild_is_synced_by_its_own_step(tmp_path: Path) -> None:
+    """Only lines `reconcile` rebuilds wait for a later step's fsync; a rejection (or any other
+    line) makes the step that wrote it sync, with the waiting lines."""
+    audit = AuditLog(tmp_path / "_audit")
+    barriers: list[int] = []
+    audit.set_barrier(lambda: barriers.append(1))
+    audit.record(FileReceived(pipeline="emr", file="a.csv", sha256="ab" * 32, size=1, file_id=1))
+    audit.sync_due()
+    assert barriers == []
+    audit.record(FileRejected(pipeline="emr", file="b.csv", reason="symlink", size=0))
+    audit.sync_due()
+    assert barriers == [1]
+    audit.close()
+
+
+def test_the_lines_that_may_wait_are_exactly_those_reconcile_rebuilds() -> None:
+    rebuilt = {
+        value.event
+        for value in vars(reconcile).values()
+        if isinstance(value, type) and issubclass(value, Record) and value is not Record
+    }
+    assert rebuilt == REBUILT_EVENTS
