@@ -5,11 +5,9 @@ Pipelines whose file names may carry patient identity get a keyed hash in `file`
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -17,6 +15,7 @@ import structlog
 
 from daemon.audit.events import REBUILT_EVENTS, AuditEvent, AuditRecovered, Record
 from daemon.audit.names import hash_name
+from daemon.audit.tail import parse_head, read_last_line, truncate
 from daemon.audit.verify import (
     CHAIN_HMAC,
     FUTURE_SKEW_S,
@@ -34,7 +33,6 @@ log = structlog.get_logger()
 AuditListener = Callable[[Record], None]
 
 _RESERVED_FIELDS = frozenset({"ts", "seq", "event", "prev", "hash", "chain"})
-_TAIL_CHUNK_BYTES = 64 * 1024
 # The main loop's per-step sync waits until its oldest unsynced line is this old: one fsync
 # (and one of the journal) for a few steps' lines on a backlog. Only lines `reconcile` rebuilds
 # from the journal wait (REBUILT_EVENTS): a power cut loses none for good. Any other is synced
@@ -262,13 +260,13 @@ class AuditLog:
         """Continue the chain from the newest complete line; cut off torn tails (never synced)."""
         torn: list[tuple[str, int]] = []
         for path in reversed(log_files(self._folder)):
-            raw, torn_bytes = _read_last_line(path)
+            raw, torn_bytes = read_last_line(path)
             if torn_bytes:
-                _truncate(path, path.stat().st_size - torn_bytes)
+                truncate(path, path.stat().st_size - torn_bytes)
                 torn.append((path.name, torn_bytes))
             if raw is not None:
                 try:
-                    self._seq, self._hash, last_ms = _parse_head(raw)
+                    self._seq, self._hash, last_ms = parse_head(raw)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise AuditLogCorruptError(
                         f"{path.name}: last line is not an audit line ({exc}); "
@@ -316,39 +314,6 @@ class AuditLog:
         for data in self._unsynced:
             write_all(fd, data)
         self._is_tail_dirty = False
-
-
-def _parse_head(raw: bytes) -> tuple[int, str, int]:
-    line = json.loads(raw)
-    seq, digest, ts = line["seq"], line["hash"], line["ts"]
-    if not (isinstance(seq, int) and isinstance(digest, str) and isinstance(ts, str)):
-        raise TypeError("seq, hash or ts has the wrong type")
-    return seq, digest, round(datetime.fromisoformat(ts).timestamp() * 1000)
-
-
-def _read_last_line(path: Path) -> tuple[bytes | None, int]:
-    """The last newline-terminated line (without its newline) and the size of the torn tail."""
-    with path.open("rb") as file:
-        pos = file.seek(0, os.SEEK_END)
-        buf = b""
-        while pos > 0 and buf.count(b"\n") < 2:
-            step = min(_TAIL_CHUNK_BYTES, pos)
-            pos -= step
-            file.seek(pos)
-            buf = file.read(step) + buf
-    end = buf.rfind(b"\n")
-    if end == -1:
-        return None, len(buf)
-    return buf[buf.rfind(b"\n", 0, end) + 1 : end], len(buf) - end - 1
-
-
-def _truncate(path: Path, size: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TolerantAuditLog(AuditLog):
