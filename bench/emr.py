@@ -16,7 +16,7 @@ from bench.dask_cluster import DaskCluster
 from bench.datasets import EMR_NUMERIC, copy_into, emr_files
 from bench.options import BenchOptions
 from bench.profiling import py_spy_command, summarise_profile
-from bench.section import SectionResult, best_of
+from bench.section import SectionResult, best_of_each
 from bench.service import ServiceTree, run_once, temp_root
 from bench.throughput import (
     record_memory,
@@ -148,21 +148,16 @@ def run_emr(opts: BenchOptions) -> SectionResult:
     result = SectionResult("emr")
     source = emr_files(opts.cache, opts.emr_files, opts.emr_rows)
     result.add("files", opts.emr_files)
-    outputs = {}
-    for executor in opts.executors:
-        try:
-            measure = functools.partial(run_service, opts, source, executor)
-            outputs[executor] = best_of(opts.emr_repeat, measure, result, f"{executor}_wall_s")
-        except Exception as exc:
-            message = f"{executor} executor failed: {type(exc).__name__}: {exc}"
-            result.notes.append(message[:600])
-            result.check(f"{executor}: run --once succeeded", False)
-    measure_naive = functools.partial(run_naive, source, opts.emr_files)
-    naive = best_of(opts.emr_repeat, measure_naive, result, "naive_wall_s")
-    measure_polars = functools.partial(run_polars, source, opts.emr_files)
-    check_against_naive(
-        result, "polars", best_of(opts.emr_repeat, measure_polars, result, "polars_wall_s"), naive
-    )
+    measures = {
+        f"{executor}_wall_s": functools.partial(run_service, opts, source, executor)
+        for executor in opts.executors
+    }
+    measures["naive_wall_s"] = functools.partial(run_naive, source, opts.emr_files)
+    measures["polars_wall_s"] = functools.partial(run_polars, source, opts.emr_files)
+    values = best_of_each(opts.emr_repeat, measures, result)
+    naive = values.pop("naive_wall_s")
+    check_against_naive(result, "polars", values.pop("polars_wall_s"), naive)
+    outputs = {key.removesuffix("_wall_s"): value for key, value in values.items()}
     for executor, ours in outputs.items():
         if ours is None:
             continue

@@ -79,16 +79,39 @@ def best_of(
 ) -> T:
     """Run `measure` `repeat` times, each into a scratch result; keep the figures of the fastest
     (least disturbed by other work on the machine) and every run's checks; return its value."""
-    runs: list[tuple[SectionResult, T]] = []
+    return best_of_each(repeat, {wall_key: measure}, result)[wall_key]
+
+
+def best_of_each(
+    repeat: int, measures: dict[str, Callable[[SectionResult], T]], result: SectionResult
+) -> dict[str, T]:
+    """`best_of` for several sides at once (keyed by their wall figure), run in turn round by
+    round, so that a slow spell of the machine falls on every side alike. A side that raises is
+    dropped from later rounds (the exception is noted, its check failed)."""
+    runs: dict[str, list[tuple[SectionResult, T]]] = {key: [] for key in measures}
     for _ in range(max(1, repeat)):
-        scratch = SectionResult(result.name)
-        runs.append((scratch, measure(scratch)))
-    best, value = min(runs, key=lambda run: float(run[0].figures.get(wall_key) or "inf"))
-    result.merge(best)
-    for scratch, _ in runs:
-        for name, is_ok in scratch.checks.items():
-            result.checks[name] = result.checks.get(name, True) and is_ok
-    if repeat > 1:
-        walls = ", ".join(str(scratch.figures.get(wall_key)) for scratch, _ in runs)
-        result.notes.append(f"{result.name} {wall_key} over {repeat} runs: {walls} (best kept)")
-    return value
+        for wall_key, measure in measures.items():
+            if wall_key in runs:
+                try:
+                    scratch = SectionResult(result.name)
+                    runs[wall_key].append((scratch, measure(scratch)))
+                except Exception as exc:
+                    del runs[wall_key]
+                    side = wall_key.removesuffix("_wall_s")
+                    result.notes.append(f"{side} failed: {type(exc).__name__}: {exc}"[:600])
+                    result.check(f"{side}: run succeeded", False)
+    values: dict[str, T] = {}
+    for wall_key, side_runs in runs.items():
+        best, values[wall_key] = min(
+            side_runs, key=lambda run: float(run[0].figures.get(wall_key) or "inf")
+        )
+        result.merge(best)
+        for scratch, _ in side_runs:
+            for name, is_ok in scratch.checks.items():
+                result.checks[name] = result.checks.get(name, True) and is_ok
+        if repeat > 1:
+            walls = ", ".join(str(scratch.figures.get(wall_key)) for scratch, _ in side_runs)
+            result.notes.append(
+                f"{result.name} {wall_key} over {repeat} runs, sides in turn: {walls} (best kept)"
+            )
+    return values
