@@ -162,6 +162,12 @@ def run_emr(opts: BenchOptions) -> SectionResult:
         if ours is None:
             continue
         check_against_naive(result, executor, ours, naive)
+        if executor != "process":
+            # Issue 13's targets are the default executor's (what `make run` starts); a local
+            # Dask cluster on the same two cores adds a scheduler and its messages to a job it
+            # is not for (scale-out): its figures are reported beside them, not judged.
+            record_speedup(result, executor)
+            continue
         record_speedup(result, executor, SPEEDUP_TARGET, VS_POLARS_TARGET)
         result.target(f"{executor}_launch_to_first_claim_s", "<", FIRST_CLAIM_TARGET_S)
     if opts.profile:
