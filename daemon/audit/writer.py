@@ -230,9 +230,8 @@ class AuditLog:
         """`sync`, once the oldest unsynced line is SYNC_LAG_S old, at once if one is not in
         REBUILT_EVENTS (or a sync failed before)."""
         since = self._unsynced_since
-        if since is None or self._is_sync_urgent or self._is_tail_dirty:
-            self.sync()  # nothing new (a no-op), or what cannot wait
-        elif time.monotonic() - since >= SYNC_LAG_S:
+        waits = since is not None and time.monotonic() - since < SYNC_LAG_S
+        if not waits or self._is_sync_urgent or self._is_tail_dirty:
             self.sync()
 
     def close(self) -> None:

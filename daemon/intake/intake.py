@@ -251,7 +251,8 @@ class Intake:
                   for i, p in zip(ids, plans, strict=True)]  # fmt: skip
         chunk_id = next(self._chunk_ids)
         self._claiming[chunk_id] = claims
-        pipelines = {p.pipeline.name: ClaimRules.of(p.pipeline) for p in plans}
+        used = {p.pipeline.name: p.pipeline for p in plans}
+        pipelines = {name: ClaimRules.of(pipeline) for name, pipeline in used.items()}
         entries = [e for e, _ in claims]
         self._claimer.submit(Chunk(chunk_id, self._settings.paths.inbox, pipelines, entries))
 
