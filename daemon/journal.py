@@ -30,9 +30,13 @@ from daemon.models import TERMINAL_FILE_STATES, Batch, BatchResult, BatchState, 
 
 __all__ = ["BatchRow", "FileRow", "Journal", "JournalQueries"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Steps from an older version to the next (a fresh journal gets schema.sql whole).
-_MIGRATIONS = {1: "ALTER TABLE files ADD COLUMN group_key TEXT;"}
+_MIGRATIONS = {
+    1: "ALTER TABLE files ADD COLUMN group_key TEXT;",
+    2: "DROP INDEX IF EXISTS files_by_sha;\n"
+    "CREATE INDEX files_by_sha ON files (pipeline, substr(sha256, 1, 16));",
+}
 _TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 
 

@@ -18,6 +18,8 @@ from daemon.models import TERMINAL_FILE_STATES, BatchState, Facts, FileState
 _TERMINAL = ",".join(f"'{s}'" for s in TERMINAL_FILE_STATES)
 # Values in one `IN (...)`: well under SQLite's limit on bound parameters.
 _IN_CHUNK = 500
+# The content index's key: this many leading hex digits of a sha256 (64 bits; schema.sql).
+SHA_KEY_CHARS = 16
 
 
 class FileRow(NamedTuple):
@@ -82,15 +84,19 @@ class JournalQueries:
         """sha256 → the batch that already published that content in this pipeline."""
         found: dict[str, str] = {}
         for start in range(0, len(hashes), _IN_CHUNK):
-            chunk = list(dict.fromkeys(hashes[start : start + _IN_CHUNK]))
+            chunk = set(hashes[start : start + _IN_CHUNK])
+            prefixes = list(dict.fromkeys(sha[:SHA_KEY_CHARS] for sha in chunk))
             rows = self._db.execute(
-                # By content, not by state: published rows are most of the table.
+                # By content, not by state: published rows are most of the table. The index
+                # holds the hashes' prefixes; the whole hash is compared here.
                 "SELECT sha256, batch_id FROM files INDEXED BY files_by_sha WHERE pipeline=? AND "
-                f"state='{FileState.PUBLISHED}' AND sha256 IN ({','.join('?' * len(chunk))})",
-                (pipeline, *chunk),
+                f"substr(sha256, 1, {SHA_KEY_CHARS}) IN ({','.join('?' * len(prefixes))}) "
+                f"AND state='{FileState.PUBLISHED}'",
+                (pipeline, *prefixes),
             )
             for sha256, batch_id in rows:
-                found.setdefault(str(sha256), str(batch_id))
+                if sha256 in chunk:
+                    found.setdefault(str(sha256), str(batch_id))
         return found
 
     def unfinished_batches(self) -> list[BatchRow]:

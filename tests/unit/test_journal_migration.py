@@ -1,5 +1,6 @@
-"""Journal schema migrations: a version-1 journal (before `group_key`) opens as version 2 with its
-rows kept, and read-only queries work on either."""
+"""Journal schema migrations: a version-1 journal (before `group_key`) and a version-2 one (its
+content index on the whole hash) open as the current version with their rows kept, and
+read-only queries work on the older ones."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_version_1_gains_group_key_and_keeps_its_rows(tmp_path: Path) -> None:
     old.close()
     journal = Journal(path)
     (version,) = journal._db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     (row,) = journal.received()
     assert (row.name, row.group_key) == ("a.dcm", None)
     journal.finish_claims([(row.id, "ab", 10)], groups={row.id: "series:00ff"})
@@ -55,4 +56,30 @@ def test_a_new_journal_has_group_key(tmp_path: Path) -> None:
     (file_id,) = journal.begin_claims([("ct", "b.dcm", "ct/2", 5.0)])
     journal.finish_claims([(file_id, "cd", 3)], groups={file_id: "unknown"})
     assert [r.group_key for r in journal.received()] == ["unknown"]
+    journal.close()
+
+
+def test_version_2_gets_the_prefix_index_and_still_finds_published_contents(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    (file_id,) = journal.begin_claims([("emr", "a.csv", "emr/1", 5.0)])
+    journal.finish_claims([(file_id, "cd" * 32, 3)])
+    journal._db.execute("UPDATE files SET state='published', batch_id='B1' WHERE id=?", (file_id,))
+    # Back to version 2's schema: the index on the whole hash.
+    journal._db.executescript(
+        "DROP INDEX files_by_sha; CREATE INDEX files_by_sha ON files (pipeline, sha256);"
+        "PRAGMA user_version=2;"
+    )
+    journal.close()
+
+    journal = Journal(path)
+    (version,) = journal._db.execute("PRAGMA user_version").fetchone()
+    (sql,) = journal._db.execute(
+        "SELECT sql FROM sqlite_master WHERE name='files_by_sha'"
+    ).fetchone()
+    assert version == SCHEMA_VERSION == 3
+    assert "substr(sha256, 1, 16)" in sql
+    assert journal.publishers_of("emr", ["cd" * 32, "ef" * 32]) == {"cd" * 32: "B1"}
     journal.close()
