@@ -1,8 +1,9 @@
 """Disposal: where a finished input goes — archive, deletion or quarantine — and its paths.
 
 Main loop only, after the journal commit (idempotent: a crash in between is finished by
-recovery), except the renames into the archive: the `Archiver` thread makes them, and the main
-loop marks them disposed when they are done. `trace` derives the same paths from here.
+recovery), except the renames into the archive and the deletions: the `Archiver` thread makes
+them, and the main loop marks them disposed when they are done. `trace` derives the same paths
+from here.
 """
 
 from __future__ import annotations
@@ -144,22 +145,26 @@ def sidecar(
     }
 
 
-Move = tuple[int, str, str]  # (file id, spooled path, archived path)
+Move = tuple[int, str, str | None]  # (file id, spooled path, archived path; None: delete)
 
 
 def archive_all(moves: list[Move], folders: set[str]) -> list[int]:
-    """Make the day folders, rename each input into the archive; the ids now out of the spool.
-    A missing source was renamed before a crash (after the commit): done too."""
+    """Make the day folders, rename each input into the archive (or delete it); the ids now out
+    of the spool. A missing source was moved before a crash (after the commit): done too."""
     for folder in sorted(folders):
         make_folder(Path(folder))
     done = []
     for file_id, source, target in moves:
         try:
-            os.rename(source, target)
+            if target is None:
+                os.unlink(source)  # noqa: PTH108 - a string path: no Path built per input
+            else:
+                os.rename(source, target)
         except FileNotFoundError:
             pass
         except OSError as exc:  # kept in the spool; the next disposal tries again
-            log.error("disposal.archive_failed", file_id=file_id,
+            event = "disposal.archive_failed" if target else "disposal.failed"
+            log.error(event, file_id=file_id,
                       errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)))  # fmt: skip
             continue
         done.append(file_id)
@@ -167,11 +172,12 @@ def archive_all(moves: list[Move], folders: set[str]) -> list[int]:
 
 
 class Archiver:
-    """Renames into the archive on a thread of its own: on ext4 a rename costs ~16 µs of
-    kernel time, a third of a second of the main loop per 20,000 small inputs. The journal
-    stays the main loop's: a finished lot waits in `finished` and `wake` tells the main loop,
-    which marks it disposed. A crash before that leaves the rows undisposed: recovery renames
-    again, and finds the sources gone."""
+    """Renames into the archive, and deletions, on a thread of its own: on ext4 a rename costs
+    ~16 µs of kernel time, a third of a second of the main loop per 20,000 small inputs, and a
+    deletion more (it frees the blocks; inline, 20,000 deletions made a 6 s run 7 s). The
+    journal stays the main loop's: a finished lot waits in `finished` and `wake` tells the main
+    loop, which marks it disposed. A crash before that leaves the rows undisposed: recovery
+    moves again, and finds the sources gone."""
 
     def __init__(self, wake: Callable[[], None]) -> None:
         self._wake = wake
@@ -206,8 +212,8 @@ class Archiver:
 class Disposal:
     """Moves terminal inputs out of the spool: archive (or delete) or quarantine.
 
-    With an `Archiver`, the archive renames happen on its thread and `collect()` (main loop)
-    marks them disposed; without one, `dispose()` makes them itself."""
+    With an `Archiver`, the archive renames and deletions happen on its thread and `collect()`
+    (main loop) marks them disposed; without one, `dispose()` makes them itself."""
 
     def __init__(
         self,
@@ -261,7 +267,8 @@ class Disposal:
                         (row.id, quarantine(Path(source), folder, as_name, card).name)
                     )
                 elif pipeline is not None and pipeline.after_publish == "delete":
-                    Path(source).unlink()
+                    moves.append((row.id, source, None))
+                    continue
                 else:
                     day = _archive_folder(archive, row)
                     folders.add(day)

@@ -182,3 +182,34 @@ def test_close_waits_for_the_handed_renames_and_marks_them(
     disposal.close()
     assert _undisposed(journal) == set()
     assert not any((s.paths.spool / n).exists() for n in names)
+
+
+def test_deletions_run_on_the_archiver_thread_and_a_refused_one_is_kept(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """`after_publish = "delete"`: the inputs are deleted on the archiver's thread (inline,
+    20,000 deletions stalled the main loop for seconds), marked by collect(); one the file
+    system refuses to delete (EISDIR: a folder where it should be) stays undisposed, and goes
+    once it can."""
+    s = settings(tmp_path, "delete")
+    pipelines = {p.name: p for p in s.pipeline}
+    woken = threading.Event()
+    disposal = Disposal(s.paths, journal, lambda: pipelines, Archiver(woken.set))
+    ids = _published(journal, s, ["a.csv", "b.csv"])
+    stuck = s.paths.spool / "b.csv"
+    stuck.unlink()
+    stuck.mkdir()
+
+    assert disposal.dispose() == 2 and woken.wait(10)
+    assert disposal.collect() == 1 and _undisposed(journal) == {ids[1]}
+    assert not (s.paths.spool / "a.csv").exists() and stuck.is_dir()
+
+    stuck.rmdir()
+    stuck.write_bytes(b"b")
+    woken.clear()
+    assert disposal.dispose() == 1 and woken.wait(10)
+    assert disposal.collect() == 1 and _undisposed(journal) == set()
+    assert not stuck.exists()
+    (row,) = journal._files("id=?", (ids[0],))
+    assert copies_of(s.paths, pipelines, row, {}) == []
+    disposal.close()
