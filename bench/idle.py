@@ -34,6 +34,9 @@ def run_idle(opts: BenchOptions) -> SectionResult:
         tree = ServiceTree(root, pipelines, **sections)
         with ServiceProcess(tree) as service:
             service.wait_ready()
+            # The workers start after READY (the fork server imports every kind's libraries,
+            # 1-2 CPU-s): idle begins once they have, not while a slow machine still imports.
+            service.wait_ready(event="pool.ready")
             time.sleep(SETTLE_AFTER_READY_S)  # let start-up work (warm-up replies) finish
             before, started = tree_ticks(service.pid), time.perf_counter()
             time.sleep(opts.idle_s)

@@ -196,16 +196,17 @@ class ServiceProcess:
                 return parse_ts(str(line["timestamp"]))
         return None
 
-    def wait_ready(self, timeout_s: float = 60) -> float:
-        """Block until `daemon.ready` is logged; return seconds since launch."""
+    def wait_ready(self, timeout_s: float = 60, event: str = "daemon.ready") -> float:
+        """Block until `event` (by default `daemon.ready`) is logged; return seconds since
+        launch."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited {self.process.returncode}: {self.tail()}")
-            if any(line.get("event") == "daemon.ready" for line in self.logs()):
+            if any(line.get("event") == event for line in self.logs()):
                 return time.perf_counter() - self._started
             time.sleep(0.02)
-        raise TimeoutError(f"no daemon.ready within {timeout_s} s: {self.tail()}")
+        raise TimeoutError(f"no {event} within {timeout_s} s: {self.tail()}")
 
     def wait(self, timeout_s: float) -> tuple[int, float]:
         """Wait for exit; (exit status, seconds since launch)."""

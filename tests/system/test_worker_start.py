@@ -46,6 +46,7 @@ def test_a_pool_that_cannot_start_is_retried_ever_later_and_loses_nothing(
     assert all(r["counted"] is False for r in events(service, "batch.retried"))
     assert service.quarantined() == []
     assert service.process is not None and service.process.poll() is None
+    assert not events(service, "pool.ready"), "a pool whose workers cannot start is never ready"
     # And `medbatch status` says it is degraded, and why
     report = wait_until(
         lambda: (
@@ -78,4 +79,16 @@ def test_workers_keep_the_operators_numpy_huge_page_choice(make_service: MakeSer
     for pid in workers:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"NUMPY_MADVISE_HUGEPAGE=1" in environ
+    assert service.stop() == 0
+
+
+def test_a_pool_whose_workers_started_says_so_once(make_service: MakeService) -> None:
+    """`pool.ready`: the workers have imported their libraries and started (they do so while the
+    service starts and after `daemon.ready`), so an operator, or the idle bench, can count the
+    service as started whole."""
+    service = make_service([faulty(max_files=1)])
+    service.start()
+    wait_until(lambda: events(service, "pool.ready"), 60, message="pool.ready")
+    (ready,) = events(service, "pool.ready")
+    assert ready["workers"] == 2  # the test services' [workers] count
     assert service.stop() == 0
