@@ -169,7 +169,9 @@ class BatchFlow:
     def _commit(self, batch: Batch, result: BatchResult, run_s: float) -> None:
         now = self._wall()
         if result.is_published:
-            self._journal.mark_published(result, now)
+            # The archiver syncs the journal before it moves the inputs; the quarantined ones
+            # are moved here, on the main loop, once the commit is durable.
+            self._journal.mark_published(result, now, durable=bool(result.quarantined))
             waits = tuple(now - f.received_at for f in batch.files if f.file_id in result.facts)
         else:
             self._journal.mark_batch_quarantined(result, now)

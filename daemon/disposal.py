@@ -179,8 +179,9 @@ class Archiver:
     loop, which marks it disposed. A crash before that leaves the rows undisposed: recovery
     moves again, and finds the sources gone."""
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, wake: Callable[[], None], sync: Callable[[], None] = lambda: None) -> None:
         self._wake = wake
+        self._sync = sync  # makes the journal durable: each lot's published marks, first
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="archiver")
         self._lock = threading.Lock()
         self._finished: list[tuple[list[int], list[int]]] = []  # (ids handed over, ids done)
@@ -191,8 +192,9 @@ class Archiver:
     def _run(self, moves: list[Move], folders: set[str]) -> None:
         done: list[int] = []
         try:
+            self._sync()
             done = archive_all(moves, folders)
-        except OSError as exc:  # a day folder that cannot be made: all kept in the spool
+        except OSError as exc:  # an unsyncable journal, an unmakeable folder: all kept
             log.error("disposal.archive_failed", errno=errno.errorcode.get(exc.errno or 0))
         finally:  # whatever happened, the lot is handed back (the rest is tried again later)
             with self._lock:
@@ -288,6 +290,7 @@ class Disposal:
             self._moving.update(m[0] for m in moves)
             self._archiver.move(moves, folders)
         elif moves:
+            self._journal.sync()  # published marks may have been committed without an fsync
             done += archive_all(moves, folders)
         if done:
             self._journal.mark_disposed(done)

@@ -28,6 +28,19 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def sync_file(path: str) -> None:
+    """Make what was written to the file at `path` durable (fdatasync, from any process or
+    thread); a file that is not there has nothing to make durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """os.write until every byte is written (a short write is not an error)."""
     view = memoryview(data)

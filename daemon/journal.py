@@ -5,11 +5,12 @@ IMMEDIATE transaction. Reads live in `journal_queries` (which `status` and `trac
 
 Group commit: a transition that nothing outside the journal acts on (a claim's outcome, a
 seal, a disposal) commits without an fsync; it survives a crash of the process at once, and a
-power cut from the next durable commit on, which syncs the whole WAL. Every transition that
-something outside acts on is durable before it does: the claim intent before the claimer moves
-the files, the running mark before a worker publishes, the published mark before the archive
-renames; and the audit log syncs the journal (`sync`) before its own lines are made durable,
-so that it never holds a line the journal could lose.
+power cut from the next durable commit (or fdatasync of the WAL) on. Every transition that
+something outside acts on is durable before it does. Two of them are made durable by whoever
+acts on them, off the main loop: the claimer fdatasyncs the WAL before it moves a chunk's files
+(its intent rows), the archiver before it archives or deletes published inputs. The running
+mark is durable before a worker publishes; and the audit log syncs the journal (`sync`) before
+its own lines are made durable, so that it never holds a line the journal could lose.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.resources import files as package_files
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import JournalCorruptError
+from daemon.fsutil import sync_file
+from daemon.journal_checkpoint import Checkpointer
 from daemon.journal_queries import BatchRow, FileRow, JournalQueries
 from daemon.models import TERMINAL_FILE_STATES, Batch, BatchResult, BatchState, FileState, Reason
 
@@ -49,8 +51,12 @@ class Journal(JournalQueries):
             os.fchmod(fd, 0o600)
             os.close(fd)
         super().__init__(path, sqlite3.connect(path, isolation_level=None, timeout=30.0))
+        # The commits are durable once this file is (WAL mode): `sync_file` it from anywhere.
+        self.wal_path = f"{path}-wal"
         _check_integrity(self._db, path)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does them
+        self._checkpointer = Checkpointer(path, self.wal_path)
         self._db.execute("PRAGMA synchronous=FULL")
         self._is_synced = True
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -73,6 +79,12 @@ class Journal(JournalQueries):
             if not durable:
                 self._db.execute("PRAGMA synchronous=FULL")
         self._is_synced = durable
+        self._checkpointer.committed()
+
+    def close(self) -> None:
+        """Stop the checkpoints' thread, then close (SQLite checkpoints what is left)."""
+        self._checkpointer.close()
+        super().close()
 
     @property
     def is_synced(self) -> bool:
@@ -80,18 +92,22 @@ class Journal(JournalQueries):
         return self._is_synced
 
     def sync(self) -> None:
-        """Make every commit durable: one fsync of the WAL, none if the last commit was durable."""
+        """Make every commit durable: one fdatasync of the WAL, none if the last commit was."""
         if not self._is_synced:
-            self.set_meta(synced_at=time.time())
+            sync_file(self.wal_path)
+            self._is_synced = True
 
-    def begin_claims(self, claims: Iterable[tuple[str, str, str, float]]) -> list[int]:
+    def begin_claims(
+        self, claims: Iterable[tuple[str, str, str, float]], *, durable: bool = True
+    ) -> list[int]:
         """Record intent to move (pipeline, name, spool_name, received_at) into the spool; the
         new rows' ids in the order given (one statement: the rows are read back by their
-        spool name, unique and written only here under the write lock)."""
+        spool name, unique and written only here under the write lock). `durable=False`: the
+        claimer syncs the WAL before it moves anything."""
         rows = [(p, n, s, r) for p, n, s, r in claims]
         if not rows:
             return []
-        with self.transaction() as db:
+        with self.transaction(durable=durable) as db:
             (last,) = db.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()
             db.executemany(
                 "INSERT INTO files (pipeline, name, spool_name, received_at, state) "
@@ -223,8 +239,10 @@ class Journal(JournalQueries):
                     [(child.batch_id, f.file_id) for f in child.files],
                 )
 
-    def mark_published(self, result: BatchResult, at: float) -> None:
-        with self.transaction() as db:
+    def mark_published(self, result: BatchResult, at: float, *, durable: bool = True) -> None:
+        """`durable=False`: the archiver syncs the WAL before it moves an input (a batch that
+        quarantined some must stay durable: those are moved on the main loop)."""
+        with self.transaction(durable=durable) as db:
             db.execute(
                 f"UPDATE batches SET state='{BatchState.PUBLISHED}', finished_at=?, folder=? "
                 "WHERE id=?",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from daemon.admission import Admission
@@ -13,6 +14,7 @@ from daemon.batcher import Batcher
 from daemon.config import Pipeline, Settings
 from daemon.dispatcher import PriorityDispatcher
 from daemon.disposal import Archiver, Disposal
+from daemon.fsutil import sync_file
 from daemon.intake.claimer import ClaimerProcess
 from daemon.intake.intake import Intake
 from daemon.journal import Journal
@@ -52,7 +54,7 @@ def wire(
     batcher = Batcher(by_name(settings))
     dispatcher = PriorityDispatcher(workers.count, workers.memory_budget, settings.dispatch.aging_s)
     gate = IntakeGate(audit, journal)
-    archiver = Archiver(lambda: post(Archived()))
+    archiver = Archiver(lambda: post(Archived()), partial(sync_file, journal.wal_path))
     disposal = Disposal(settings.paths, journal, pipelines, archiver)
     rollups = Rollups(settings.paths.state, settings.paths.outbox, pipelines)
     listeners = standard_listeners(

@@ -4,7 +4,8 @@ The kernel side of a claim (two opens, a lease, a rename, an lstat, a read and a
 60 µs a small file) was a third of the main loop's time on a backlog. On a thread it would queue
 on the GIL with the loop (measured: no gain), so the service runs it in a child process of its
 own, while the loop commits the previous chunk. The journal stays the loop's: a chunk is sent
-only once its intent rows are committed, and its outcomes are written when they come back.
+only once its intent rows are committed, and its outcomes are written when they come back; the
+claimer makes those rows durable (an fdatasync of the WAL) before it moves anything.
 
 The child dies with the service (PR_SET_PDEATHSIG), ignores SIGTERM and SIGINT (the service
 stops it by closing its pipe, once the chunks it holds are back) and never touches the journal.
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import structlog
 
-from daemon.intake.claim import Entry, Outcome, claim_all
+from daemon.fsutil import sync_file
+from daemon.intake.claim import Entry, NotYet, Outcome, claim_all
 from daemon.intake.refusal import ClaimRules
 from daemon.logs import configure_logging
 
@@ -53,6 +55,21 @@ class Chunk:
     inbox: Path
     pipelines: Mapping[str, ClaimRules]  # those of its entries
     entries: list[Entry]
+    # The journal's WAL, when the entries' intent rows were committed without an fsync: it is
+    # made durable before any entry moves (here, not on the main loop, which goes on meanwhile).
+    journal_wal: str | None = None
+
+
+def claim_chunk(chunk: Chunk, unsafe: set[str]) -> list[Outcome]:
+    """The chunk's outcomes, in order. Nothing moves before its intent is durable: a journal
+    that cannot be synced leaves every entry in the inbox, looked at again later."""
+    if chunk.journal_wal is not None:
+        try:
+            sync_file(chunk.journal_wal)
+        except OSError as exc:
+            log.error("intake.journal_sync_failed", errno=errno.errorcode.get(exc.errno or 0))
+            return [NotYet(None) for _ in chunk.entries]
+    return claim_all(chunk.inbox, chunk.entries, chunk.pipelines, unsafe)
 
 
 # A chunk's outcomes, in its entries' order; None: the claimer died holding it.
@@ -67,8 +84,7 @@ class InProcessClaimer:
         self._finished: list[Finished] = []
 
     def submit(self, chunk: Chunk) -> None:
-        outcomes = claim_all(chunk.inbox, chunk.entries, chunk.pipelines, self._unsafe)
-        self._finished.append((chunk.chunk_id, outcomes))
+        self._finished.append((chunk.chunk_id, claim_chunk(chunk, self._unsafe)))
 
     def take_finished(self) -> list[Finished]:
         finished, self._finished = self._finished, []
@@ -250,8 +266,7 @@ def main(argv: list[str]) -> int:
             chunk: Chunk = from_parent.recv()
         except EOFError:
             return 0
-        outcomes = claim_all(chunk.inbox, chunk.entries, chunk.pipelines, unsafe)
-        to_parent.send((chunk.chunk_id, outcomes))
+        to_parent.send((chunk.chunk_id, claim_chunk(chunk, unsafe)))
 
 
 if __name__ == "__main__":

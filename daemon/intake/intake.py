@@ -243,9 +243,8 @@ class Intake:
             c.is_claiming = True
             plans.append(_Plan(self._pipelines[c.pipeline], c, recorded_name(c.name),
                                _spool_name(c.pipeline, c.name), now, is_settled))  # fmt: skip
-        ids = self._journal.begin_claims(
-            (p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans
-        )
+        rows = [(p.pipeline.name, p.name, p.spool_name, p.received_at) for p in plans]
+        ids = self._journal.begin_claims(rows, durable=False)  # the claimer syncs it first
         claims = [(Entry(i, p.pipeline.name, p.candidate.name,
                          f"{self._spool_prefix}{p.spool_name}", p.is_settled), p)
                   for i, p in zip(ids, plans, strict=True)]  # fmt: skip
@@ -254,7 +253,8 @@ class Intake:
         used = {p.pipeline.name: p.pipeline for p in plans}
         pipelines = {name: ClaimRules.of(pipeline) for name, pipeline in used.items()}
         entries = [e for e, _ in claims]
-        self._claimer.submit(Chunk(chunk_id, self._settings.paths.inbox, pipelines, entries))
+        inbox, wal = self._settings.paths.inbox, self._journal.wal_path
+        self._claimer.submit(Chunk(chunk_id, inbox, pipelines, entries, journal_wal=wal))
 
     @property
     def is_claiming(self) -> bool:

@@ -18,6 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.intake import claim
+from daemon.intake import claimer as claimer_module
 from daemon.intake.claim import Entry, NotYet, Taken
 from daemon.intake.claimer import MAX_FAILED_STARTS, ClaimerProcess
 from daemon.intake.intake import Intake
@@ -218,3 +219,47 @@ def test_the_claimer_child_loads_only_what_a_claim_needs() -> None:
     probe = f"import sys, daemon.intake.claimer; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_nothing_moves_before_its_intent_is_durable(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intent rows are committed without an fsync: the claimer makes the journal's WAL
+    durable before it moves a chunk's first entry (here the first chunk, claimed in this
+    process; the child runs the same `claim_chunk`)."""
+    seen: list[tuple[str, list[str]]] = []
+    real = claimer_module.sync_file
+
+    def spy(path: str) -> None:
+        seen.append((path, sorted(p.name for p in env.inbox.iterdir())))
+        real(path)
+
+    monkeypatch.setattr(claimer_module, "sync_file", spy)
+    (env.inbox / "a.csv").write_bytes(GOOD)
+    env.intake.scan()
+    assert [t.name for t in claim_everything(env)] == ["a.csv"]
+    assert seen == [(env.journal.wal_path, ["a.csv"])], "synced while still in the inbox"
+
+
+def test_a_child_that_cannot_sync_the_journal_moves_nothing(env: Env) -> None:
+    """A WAL the child cannot make durable (here its path runs through a file): every entry of
+    the chunk stays in the inbox, its intent dropped, and is claimed once the journal syncs."""
+    ready_claimer(env)
+    wal = env.journal.wal_path
+    blocker = env.root / "not-a-folder"
+    blocker.write_bytes(b"")
+    env.journal.wal_path = str(blocker / "journal.db-wal")
+    sums = drop(env, 20)
+    env.intake.scan()
+
+    def returned() -> bool:
+        env.intake.send_settled()
+        env.intake.collect()
+        return not env.intake.is_claiming and journal_states(env) == {"received": 2}
+
+    wait_until(returned, 30, 0.005, message="the chunk back, nothing claimed")
+    assert sorted(p.name for p in env.inbox.iterdir()) == sorted(sums)
+    env.journal.wal_path = wal
+    taken = claim_everything(env)
+    assert {t.name: t.sha256 for t in taken} == sums
+    assert list(env.inbox.iterdir()) == []

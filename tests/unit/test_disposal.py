@@ -12,6 +12,7 @@ import pytest
 from daemon.audit.names import hash_name, hashed_file_name, read_name_key
 from daemon.config import Settings
 from daemon.disposal import Archiver, Disposal, copies_of
+from daemon.fsutil import sync_file
 from daemon.journal import Journal
 
 NAMES = [
@@ -212,4 +213,37 @@ def test_deletions_run_on_the_archiver_thread_and_a_refused_one_is_kept(
     assert not stuck.exists()
     (row,) = journal._files("id=?", (ids[0],))
     assert copies_of(s.paths, pipelines, row, {}) == []
+    disposal.close()
+
+
+def test_the_archiver_makes_the_journal_durable_before_it_moves_an_input(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """Published marks are committed without an fsync: the archiver syncs the journal first;
+    when that fails, it moves nothing (the inputs wait in the spool, undisposed)."""
+    s = settings(tmp_path)
+    pipelines = {p.name: p for p in s.pipeline}
+    seen: list[list[str]] = []
+    failing = [True]
+
+    def sync() -> None:
+        seen.append(sorted(p.name for p in s.paths.spool.iterdir()))
+        if failing[0]:
+            raise OSError(5, "journal unsyncable")
+        sync_file(journal.wal_path)
+
+    woken = threading.Event()
+    disposal = Disposal(s.paths, journal, lambda: pipelines, Archiver(woken.set, sync))
+    ids = _published(journal, s, ["a.csv", "b.csv"])
+
+    assert disposal.dispose() == 2 and woken.wait(10)
+    assert disposal.collect() == 0 and _undisposed(journal) == set(ids)
+    assert seen == [["a.csv", "b.csv"]]
+
+    failing[0] = False
+    woken.clear()
+    assert disposal.dispose() == 2 and woken.wait(10)
+    assert disposal.collect() == 2 and _undisposed(journal) == set()
+    assert seen[1] == ["a.csv", "b.csv"], "synced before the first rename"
+    assert list(s.paths.spool.iterdir()) == []
     disposal.close()

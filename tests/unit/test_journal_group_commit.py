@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import journal as journal_module
 from daemon.audit import AuditLog, reconcile, writer
 from daemon.audit.events import REBUILT_EVENTS, FileReceived, FileRejected, Record
 from daemon.journal import Journal
@@ -30,7 +31,9 @@ def test_each_transition_is_durable_exactly_when_something_outside_acts_on_it(
 ) -> None:
     journal = Journal(tmp_path / "journal.db")
     a, b = claimed(journal, "a.csv"), claimed(journal, "b.csv")
-    assert journal.is_synced  # the intent: the claimer moves the files next
+    assert journal.is_synced  # an intent by default (recovery's adopted orphans)
+    journal.begin_claims([("emr", "c.csv", "emr/c.csv", 1000.0)], durable=False)
+    assert not journal.is_synced  # the main loop's: its claimer syncs before it moves them
     journal.finish_claims([(a.file_id, a.sha256, 10), (b.file_id, b.sha256, 10)])
     assert not journal.is_synced  # outcomes only: recovery redoes them from the intent
     bad = claimed(journal, "bad.csv")
@@ -41,25 +44,33 @@ def test_each_transition_is_durable_exactly_when_something_outside_acts_on_it(
     journal.mark_running("B1", 1002.0)
     assert journal.is_synced  # a worker publishes next: the seal is durable with it
     result = BatchResult("B1", tmp_path / "out", 1003.0, facts={a.file_id: {}, b.file_id: {}})
-    journal.mark_published(result, 1003.0)
-    assert journal.is_synced  # the archive renames follow
+    journal.mark_published(result, 1003.0, durable=False)
+    assert not journal.is_synced  # the archiver syncs before it moves the inputs
     journal.mark_disposed([a.file_id, b.file_id])
     assert not journal.is_synced  # lost to a power cut, disposal finds the inputs gone
     assert synchronous(journal) == FULL  # every later commit is durable unless it says not
     journal.close()
 
 
-def test_sync_makes_the_commits_durable_once(tmp_path: Path) -> None:
+def test_sync_makes_the_commits_durable_once_without_a_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sync` is one fdatasync of the WAL (which holds every commit), not a commit of its own;
+    none when the last commit was durable."""
+    synced: list[str] = []
+    real = journal_module.sync_file
+    monkeypatch.setattr(journal_module, "sync_file", lambda path: (synced.append(path), real(path)))
     journal = Journal(tmp_path / "journal.db")
     journal.sync()
-    assert journal.meta("synced_at") is None  # nothing to sync: no write at all
+    assert synced == []  # nothing to sync
     a = claimed(journal, "a.csv")
     journal.finish_claims([(a.file_id, a.sha256, 10)])
+    changes = journal._db.total_changes
     journal.sync()
-    first = journal.meta("synced_at")
-    assert first is not None and journal.is_synced
+    assert synced == [f"{tmp_path / 'journal.db'}-wal"] and journal.is_synced
+    assert journal._db.total_changes == changes  # no row written to sync
     journal.sync()
-    assert journal.meta("synced_at") == first  # already durable: no second write
+    assert len(synced) == 1  # already durable
     journal.close()
 
 

@@ -36,6 +36,7 @@ def test_published_contents_of_one_pipeline_across_chunks(tmp_path: Path) -> Non
     assert found == {sha: "B1" for sha in hashes[1:]}, "the refused input published nothing"
     assert journal.publishers_of("emr", []) == {}
     assert journal.publishers_of("other", [f"{5001:064x}"]) == {f"{5001:064x}": "B2"}
+    journal.close()
 
 
 def test_the_look_up_goes_by_content_not_through_every_published_row(tmp_path: Path) -> None:
@@ -52,6 +53,7 @@ def test_the_look_up_goes_by_content_not_through_every_published_row(tmp_path: P
     plan = journal._db.execute(f"EXPLAIN QUERY PLAN {query}").fetchall()
     details = " ".join(str(row[-1]) for row in plan)
     assert "files_by_sha (pipeline=? AND <expr>=?)" in details, details
+    journal.close()
 
 
 def test_hashes_that_share_the_index_prefix_are_told_apart(tmp_path: Path) -> None:
@@ -65,3 +67,4 @@ def test_hashes_that_share_the_index_prefix_are_told_apart(tmp_path: Path) -> No
 
     assert journal.publishers_of("emr", asked) == {sha: "B1" for sha in published[1:]}
     assert journal.publishers_of("emr", [f"{prefix}{9:048x}"]) == {}
+    journal.close()
