@@ -116,9 +116,12 @@ class BatchFlow:
         assert self.executor is not None
         if not self.executor.is_healthy():
             return
+        # Local workers sync the journal before they publish; a remote one cannot reach it.
+        wal = self._journal.wal_path if self.settings.workers.executor == "process" else None
         for task in self._dispatcher.pop_ready():
-            attempt = self._journal.mark_running(task.batch.batch_id, self._wall())
-            task = replace(task, batch=replace(task.batch, attempt=attempt))
+            batch_id = task.batch.batch_id
+            attempt = self._journal.mark_running(batch_id, self._wall(), durable=wal is None)
+            task = replace(task, batch=replace(task.batch, attempt=attempt), journal_wal=wal)
             self._listeners.emit(Started(task.batch))
             self.inflight[task.batch.batch_id] = flight = InFlight(task, self._mono())
             # Workers get the names as published (hashed), never the key nor the real names.

@@ -6,11 +6,12 @@ IMMEDIATE transaction. Reads live in `journal_queries` (which `status` and `trac
 Group commit: a transition that nothing outside the journal acts on (a claim's outcome, a
 seal, a disposal) commits without an fsync; it survives a crash of the process at once, and a
 power cut from the next durable commit (or fdatasync of the WAL) on. Every transition that
-something outside acts on is durable before it does. Two of them are made durable by whoever
-acts on them, off the main loop: the claimer fdatasyncs the WAL before it moves a chunk's files
-(its intent rows), the archiver before it archives or deletes published inputs. The running
-mark is durable before a worker publishes; and the audit log syncs the journal (`sync`) before
-its own lines are made durable, so that it never holds a line the journal could lose.
+something outside acts on is durable before it does, most made durable by whoever acts on them,
+off the main loop, with an fdatasync of the WAL: the claimer before it moves a chunk's files
+(their intent rows), a local worker before it publishes (the batch's seal and running mark; for
+a remote worker they are committed durably), the archiver before it archives or deletes
+published inputs. The audit log syncs the journal (`sync`) before its own lines are made
+durable, so that it never holds a line the journal could lose.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class Journal(JournalQueries):
         return cur.rowcount > 0
 
     def seal_batch(self, batch: Batch, opened_at: float) -> None:
-        # No fsync: nothing acts on a seal before `mark_running`, which is durable.
+        # No fsync: nothing acts on a seal before its batch publishes (see `mark_running`).
         with self.transaction(durable=False) as db:
             db.execute(
                 "INSERT INTO batches (id, pipeline, priority, state, opened_at, sealed_at, "
@@ -187,9 +188,10 @@ class Journal(JournalQueries):
                 [(batch.batch_id, f.file_id) for f in batch.files],
             )
 
-    def mark_running(self, batch_id: str, at: float) -> int:
-        """Start one more attempt; return its number."""
-        with self.transaction() as db:
+    def mark_running(self, batch_id: str, at: float, *, durable: bool = True) -> int:
+        """Start one more attempt; return its number. `durable=False`: the worker syncs the WAL
+        before it publishes (the seal with it)."""
+        with self.transaction(durable=durable) as db:
             db.execute(
                 f"UPDATE batches SET state='{BatchState.RUNNING}', attempts=attempts+1, "
                 "started_at=? WHERE id=?",

@@ -144,6 +144,9 @@ class BatchTask:
     config_sha256: str = ""
     # The pipeline keeps a rollup: hand back the batch's mergeable statistics.
     wants_rollup: bool = False
+    # The journal's WAL, when the batch's seal and running mark were committed without an
+    # fsync (local workers): the worker makes it durable before it publishes.
+    journal_wal: str | None = None
 
 
 def options_sha256(options: dict[str, Any]) -> str:

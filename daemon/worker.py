@@ -25,6 +25,7 @@ import structlog
 
 from daemon import __version__
 from daemon.errors import BatchFailedError, ProcessorError
+from daemon.fsutil import sync_file
 from daemon.logs import configure_logging, contain_library_logs
 from daemon.models import (
     BatchResult,
@@ -238,6 +239,8 @@ def _finish(
         published_at = time.time()
         manifest = build_manifest(batch, outputs, facts, quarantined, published_at, provenance)
         write_manifest(tmp, manifest)
+        if task.journal_wal is not None:
+            sync_file(task.journal_wal)  # the seal and running mark, before anything is seen
         publish(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

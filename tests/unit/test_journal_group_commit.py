@@ -42,7 +42,9 @@ def test_each_transition_is_durable_exactly_when_something_outside_acts_on_it(
     journal.seal_batch(Batch("B1", "emr", "emr", 3, 1001.0, (a, b)), 1000.0)
     assert not journal.is_synced  # nothing acts on a seal before it runs
     journal.mark_running("B1", 1002.0)
-    assert journal.is_synced  # a worker publishes next: the seal is durable with it
+    assert journal.is_synced  # a remote worker publishes next: the seal is durable with it
+    journal.mark_running("B1", 1002.5, durable=False)
+    assert not journal.is_synced  # a local worker syncs the WAL before it publishes
     result = BatchResult("B1", tmp_path / "out", 1003.0, facts={a.file_id: {}, b.file_id: {}})
     journal.mark_published(result, 1003.0, durable=False)
     assert not journal.is_synced  # the archiver syncs before it moves the inputs
