@@ -198,14 +198,15 @@ class JournalQueries:
         )
 
     def batches_changed_since(self, since: float) -> list[dict[str, Any]]:
-        """Batches sealed or finished at or after `since`."""
+        """Batches sealed, started or finished at or after `since`."""
         group_key = (
             "(SELECT max(group_key) FROM files f WHERE f.batch_id=b.id)"
             if self._has_group_key()
             else "NULL"
         )
         return self._dicts(
-            "SELECT id, pipeline, priority, state, sealed_at, finished_at, n_files, n_bytes, "
+            "SELECT id, pipeline, priority, state, sealed_at, started_at, finished_at, n_files, "
+            "n_bytes, "
             f"folder, reason, attempts, {group_key} AS group_key, "
             "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
             f"f.state='{FileState.PUBLISHED}') "
@@ -213,8 +214,8 @@ class JournalQueries:
             "(SELECT count(*) FROM files f WHERE f.batch_id=b.id AND "
             f"f.state='{FileState.QUARANTINED}') "
             "AS n_quarantined "
-            "FROM batches b WHERE sealed_at >= ? OR finished_at >= ?",
-            (since, since),
+            "FROM batches b WHERE sealed_at >= ? OR started_at >= ? OR finished_at >= ?",
+            (since, since, since),
         )
 
     def _dicts(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:

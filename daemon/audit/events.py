@@ -38,13 +38,15 @@ class AuditEvent(enum.StrEnum):
 
 
 # The events `reconcile` rebuilds from the journal when a crash or a power cut lost their lines:
-# the only ones whose fsync may wait (AuditLog.sync_due).
+# the only ones whose fsync may wait (AuditLog.sync_due). `batch.started`: the journal keeps a
+# batch's last attempt (its number and start), so that attempt's line is rebuilt.
 REBUILT_EVENTS = frozenset(
     {
         AuditEvent.FILE_RECEIVED,
         AuditEvent.FILE_QUARANTINED,
         AuditEvent.FILE_DUPLICATE,
         AuditEvent.BATCH_SEALED,
+        AuditEvent.BATCH_STARTED,
         AuditEvent.BATCH_PUBLISHED,
         AuditEvent.BATCH_FAILED,
     }

@@ -17,6 +17,7 @@ from daemon.audit.events import (
     BatchFailed,
     BatchPublished,
     BatchSealed,
+    BatchStarted,
     FileDuplicate,
     FileQuarantined,
     FileReceived,
@@ -47,9 +48,16 @@ def reconcile(journal: JournalQueries, audit: AuditLog, folder: Path, since: flo
 
 
 def key_of(event: Record) -> tuple[str, object]:
-    """What identifies one transition's line: (event, file id or batch id)."""
+    """What identifies one transition's line: (event, file id or batch id; with the attempt for
+    `batch.started`)."""
     payload = event.payload()
-    return event.event.value, payload.get("file_id" if event.event in _FILE_EVENTS else "batch_id")
+    return _key(event.event.value, payload)
+
+
+def _key(event: str, fields: dict[str, Any]) -> tuple[str, object]:
+    if event == AuditEvent.BATCH_STARTED:
+        return event, (fields.get("batch_id"), fields.get("attempt"))
+    return event, fields.get("file_id" if event in _FILE_EVENTS else "batch_id")
 
 
 def _present(folder: Path, since: float) -> set[tuple[str, object]]:
@@ -59,8 +67,7 @@ def _present(folder: Path, since: float) -> set[tuple[str, object]]:
     for line in read_lines(folder, since_day=day):
         if str(line.get("ts", ""))[:10] < day:
             continue
-        event = str(line.get("event"))
-        found.add((event, line.get("file_id") if event in _FILE_EVENTS else line.get("batch_id")))
+        found.add(_key(str(line.get("event")), line))
     return found
 
 
@@ -115,6 +122,10 @@ def _batch_transitions(b: dict[str, Any], since: float) -> list[Transition]:
             group=b["group_key"],
         )
         out.append((b["sealed_at"], sealed))
+    started = b["started_at"] or 0
+    if started >= since and b["attempts"] > 0:  # the last attempt: the one the journal keeps
+        attempt = BatchStarted(pipeline=pipeline, batch_id=batch_id, attempt=b["attempts"])
+        out.append((started, attempt))
     finished = b["finished_at"] or 0
     if finished < since:
         return out

@@ -38,7 +38,7 @@ def test_missing_lines_are_rebuilt_once(tmp_path: Path) -> None:
         1004.0,
     )
 
-    assert reconcile(journal, audit, tmp_path / "audit", since=0.0) == 4
+    assert reconcile(journal, audit, tmp_path / "audit", since=0.0) == 5
     assert reconcile(journal, audit, tmp_path / "audit", since=0.0) == 0
 
     lines = list(read_lines(tmp_path / "audit"))
@@ -47,8 +47,12 @@ def test_missing_lines_are_rebuilt_once(tmp_path: Path) -> None:
         for line in lines
         if line.get("recovered")
     ]
-    assert recovered[:2] == [("file.received", b.file_id), ("batch.sealed", "B1")]
-    assert sorted(recovered[2:], key=str) == [  # both at the publish time
+    assert recovered[:3] == [
+        ("file.received", b.file_id),
+        ("batch.sealed", "B1"),
+        ("batch.started", "B1"),
+    ]
+    assert sorted(recovered[3:], key=str) == [  # both at the publish time
         ("batch.published", "B1"),
         ("file.quarantined", b.file_id),
     ]
@@ -101,5 +105,32 @@ def test_a_rebuilt_published_line_carries_the_manifest_provenance(tmp_path: Path
     assert published["B1"]["options_sha256"] == options_sha256({"group_by": "ward"})
     assert "ward" not in json.dumps(published["B1"])
     assert not {"version", "host", "config_sha256", "options_sha256"} & set(published["B2"])
+    audit.close()
+    journal.close()
+
+
+def test_the_last_attempts_start_is_rebuilt_and_an_earlier_ones_line_kept(tmp_path: Path) -> None:
+    """The journal keeps a batch's last attempt: a lost `batch.started` of that attempt is
+    rebuilt (with its number), next to the earlier attempt's line that was written."""
+    journal = Journal(tmp_path / "journal.db")
+    audit = AuditLog(tmp_path / "audit")
+    f = claim(journal, "a.csv", 1000.0)
+    journal.seal_batch(Batch("B1", "emr", "emr", 3, 1002.0, (f,)), opened_at=1000.0)
+    audit.append(AuditEvent.BATCH_SEALED, pipeline="emr", batch_id="B1", files=1, bytes=10)
+    audit.append(AuditEvent.FILE_RECEIVED, pipeline="emr", file="a.csv", file_id=f.file_id)
+    assert journal.mark_running("B1", 1003.0) == 1
+    audit.append(AuditEvent.BATCH_STARTED, pipeline="emr", batch_id="B1", attempt=1)
+    journal.mark_sealed_again("B1", "worker_lost")
+    assert journal.mark_running("B1", 1005.0) == 2  # its line lost
+
+    assert reconcile(journal, audit, tmp_path / "audit", since=0.0) == 1
+    assert reconcile(journal, audit, tmp_path / "audit", since=0.0) == 0
+    started = [
+        (line["attempt"], bool(line.get("recovered")))
+        for line in read_lines(tmp_path / "audit")
+        if line["event"] == "batch.started"
+    ]
+    assert started == [(1, False), (2, True)]
+    assert verify(tmp_path / "audit").ok
     audit.close()
     journal.close()
