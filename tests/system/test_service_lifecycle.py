@@ -237,8 +237,8 @@ def test_lines_lost_after_the_recorded_head_are_rebuilt_at_start(
     # Then every lost transition line is back, marked recovered, payload unchanged
     assert service.run("audit", "verify").returncode == 0
     rebuilt = [line for line in read_lines(folder) if line.get("recovered")]
-    transitions = {"file.received", "file.quarantined", "batch.sealed", "batch.published",
-                   "batch.failed"}  # fmt: skip
+    transitions = {"file.received", "file.quarantined", "batch.sealed", "batch.started",
+                   "batch.published", "batch.failed"}  # fmt: skip
     expected = [line for line in lost if line["event"] in transitions]
     assert expected, "the cut lost no transition"
 
