@@ -85,7 +85,7 @@ class JournalQueries:
         found: dict[str, str] = {}
         for start in range(0, len(hashes), _IN_CHUNK):
             chunk = set(hashes[start : start + _IN_CHUNK])
-            prefixes = list(dict.fromkeys(sha[:SHA_KEY_CHARS] for sha in chunk))
+            prefixes = list({sha[:SHA_KEY_CHARS] for sha in chunk})
             rows = self._db.execute(
                 # By content, not by state: published rows are most of the table. The index
                 # holds the hashes' prefixes; the whole hash is compared here.

@@ -129,7 +129,7 @@ class ProcessExecutor:
         # tasks_abort only covers tasks it has registered), so an unbounded wait hangs forever;
         # a late pool is marked failed, so the batches queued in it are reclaimed (has_lost_work).
         late = self._starts.watch(warming, self._stopping, WARM_UP_TIMEOUT_S)
-        if not late and all(f.exception() is None for f in warming):
+        if not late and all(not f.cancelled() and f.exception() is None for f in warming):
             log.info("pool.ready", workers=len(warming))  # every worker imported and started
         if late and not self._stopping.is_set():
             log.warning("pool.warm_up_late", workers=len(late))
