@@ -258,7 +258,7 @@ class Service:
         return self.intake.pending == 0 and not self.batcher.open_batches() and self.flow.is_idle
 
     def _wait_and_handle(self) -> None:
-        due = self.intake.next_due()
+        due = self.intake.next_due(is_paused=bool(self.gate.paused))
         timeout = None if due is None else max(0.0, due - time.monotonic())
         if self.once and timeout is None:
             timeout = 0.2

@@ -203,8 +203,12 @@ class Intake:
         due = now + pipeline.settle_s
         self._candidates.add(Candidate(pipeline.name, path, signature, now, due))
 
-    def next_due(self) -> float | None:
-        """Monotonic time at which the next candidate may be complete."""
+    def next_due(self, *, is_paused: bool) -> float | None:
+        """Monotonic time at which the next candidate may be claimed; None while intake is
+        paused or the claimer holds all the chunks it may (the loop then waits for a message:
+        a finished chunk, a publish that resumes, a tick), so it never spins on a backlog."""
+        if is_paused or len(self._claiming) >= CHUNKS_HELD:
+            return None
         return self._candidates.next_due()
 
     # -- claiming -------------------------------------------------------------------------

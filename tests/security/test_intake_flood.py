@@ -11,18 +11,12 @@ import time
 from pathlib import Path
 
 from tests.security.corpus import emr_pipeline, good_emr, published_names
+from tests.support.service import cpu_s
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 
 LINKS, EMPTIES = 20_000, 10_000
 RESCAN_S = 1.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def flood(inbox: Path) -> None:

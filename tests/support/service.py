@@ -19,6 +19,7 @@ from tests.support.users import as_user
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def toml_value(value: Any) -> str:
@@ -48,6 +49,12 @@ def render_config(
         lines.append("[[pipeline]]")
         lines += [f"{k} = {toml_value(v)}" for k, v in pipeline.items()]
     return "\n".join(lines) + "\n"
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _cmdline(pid: int) -> bytes:

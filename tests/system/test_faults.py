@@ -31,7 +31,7 @@ from tests.support.faults import (
     sysctl,
     tmpfs,
 )
-from tests.support.service import Service
+from tests.support.service import Service, cpu_s
 from tests.support.waiting import wait_until
 from tests.system.conftest import MakeService
 
@@ -221,8 +221,12 @@ def test_full_outbox_pauses_intake_and_resumes_when_space_returns(
             later = {}
             for i in range(10, 15):
                 later[f"v{i}.csv"] = service.drop("emr", f"v{i}.csv", emr_csv(rng, rows=30))
+            cpu_at_drop = cpu_s(service.process.pid)
             wait_until(lambda: time.time() > paused_at + 4, 10, message="4 s of being full")
             assert_alive(service, "while the disk is full")
+            # The files waiting are due to be claimed: the main loop must wait, not spin on them
+            spent = cpu_s(service.process.pid) - cpu_at_drop
+            assert spent < 1.0, f"{spent:.2f} CPU-s in ~4 s paused with files waiting"
             reason = paused(service)
             assert reason, "no longer paused although the disk is still full"
             assert count_log(service, "intake.paused") >= 1

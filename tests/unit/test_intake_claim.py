@@ -84,10 +84,26 @@ def test_a_file_seen_without_a_close_waits_for_settle(slow: Env, clock: Clock) -
     (slow.inbox / "a.csv").write_bytes(GOOD)
     slow.intake.offer("emr", slow.inbox / "a.csv")
     assert slow.intake.take_settled() == []
-    assert slow.intake.next_due() == pytest.approx(clock.now + 30)
+    assert slow.intake.next_due(is_paused=False) == pytest.approx(clock.now + 30)
     clock.now += 30
     (taken,) = slow.intake.take_settled()
     assert taken.size == len(GOOD)
+
+
+def test_no_due_time_while_paused_or_while_the_claimer_holds_all_it_may(env: Env) -> None:
+    """A due backlog gives the main loop no time to wake at while intake is paused or the
+    claimer holds `CHUNKS_HELD` chunks: the loop waits for a message instead of spinning."""
+    for i in range(3 * 2):
+        (env.inbox / f"{i}.csv").write_bytes(GOOD)
+        env.intake.offer("emr", env.inbox / f"{i}.csv", is_writing=False)
+    now = env.intake._monotonic()
+    assert env.intake.next_due(is_paused=False) == pytest.approx(now)
+    assert env.intake.next_due(is_paused=True) is None
+    for _ in range(intake_module.CHUNKS_HELD):
+        env.intake.send_settled(limit=2)
+    assert env.intake.next_due(is_paused=False) is None  # full: its finished chunk wakes us
+    assert len(env.intake.collect()) == 2 * intake_module.CHUNKS_HELD
+    assert env.intake.next_due(is_paused=False) == pytest.approx(now)
 
 
 @pytest.mark.parametrize("how", ["append", "truncate", "rewrite"])
