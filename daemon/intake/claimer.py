@@ -138,12 +138,17 @@ class ClaimerProcess:
             self._here.submit(chunk)
             with self._lock:
                 self._finished += self._here.take_finished()
+            self._wake()  # finished at once: the main loop, which waits for this, takes it
             return
         with self._lock:
-            if link.is_done:  # it ended since: the chunk comes back lost, and is claimed again
+            is_lost = link.is_done  # it ended since: the chunk comes back lost, claimed again
+            if is_lost:
                 self._finished.append((chunk.chunk_id, None))
-                return
-            link.held.add(chunk.chunk_id)
+            else:
+                link.held.add(chunk.chunk_id)
+        if is_lost:
+            self._wake()
+            return
         with contextlib.suppress(OSError):  # it died: its reader reports this chunk lost
             link.to_child.send(chunk)
 

@@ -94,6 +94,23 @@ def ready_claimer(env: Env) -> ClaimerProcess:
     return claimer
 
 
+def test_every_finished_chunk_wakes_the_main_loop(env: Env) -> None:
+    """While the claimer holds all the chunks it may, the main loop waits for a wake: a chunk
+    claimed here (the child still starting) wakes it as surely as one the child returns."""
+    woken = Woken()
+    claimer = ClaimerProcess(woken, "INFO")
+    with_claimer(env, claimer)
+    for name in ("here.csv", "while-starting.csv", "in-child.csv"):
+        if name == "in-child.csv":
+            wait_until(lambda: claimer.pid is not None, 30, message="the claimer ready")
+        woken.event.clear()
+        (env.inbox / name).write_bytes(GOOD)
+        env.intake.scan()
+        env.intake.send_settled()
+        assert woken.event.wait(30), f"no wake for the chunk of {name}"
+        assert [t.name for t in env.intake.collect()] == [name]
+
+
 def test_claims_are_made_in_the_child(env: Env) -> None:
     """Once its imports are done, the child makes the claims (it reads every file to hash it):
     same outcome as in this process, each file once in the spool and the journal, hashed."""
