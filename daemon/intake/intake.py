@@ -87,8 +87,7 @@ class Intake:
         self._passes = Passes()  # inbox listings the cap on candidates cut short
         self._service_uid = os.geteuid()
         if threading.current_thread() is threading.main_thread():
-            # A writer opening a file we hold a lease on makes the kernel send us SIGIO, whose
-            # default action ends the process; the lease is released within the claim anyway.
+            # A writer opening a file we hold leased sends us SIGIO, which would end the process.
             signal.signal(signal.SIGIO, signal.SIG_IGN)
         self.reconfigure(settings)
 
@@ -176,8 +175,7 @@ class Intake:
     def _scan_entry(self, pipeline: Pipeline, entry: os.DirEntry[str], *, now: float) -> None:
         if is_ignored(entry.name):
             return
-        # A refused entry costs a dict look-up (a link keeps its inode for life: not even an
-        # lstat); the path stays a string, the candidates' key.
+        # A refused entry costs a dict look-up (a link keeps its inode: not even an lstat).
         try:
             if self._refused.inode(pipeline.name, entry.name) == entry.inode() and (
                 entry.is_symlink()
@@ -204,12 +202,10 @@ class Intake:
         self._candidates.add(Candidate(pipeline.name, path, signature, now, due))
 
     def next_due(self, *, is_paused: bool) -> float | None:
-        """Monotonic time at which the next candidate may be claimed; None while intake is
-        paused or the claimer holds all the chunks it may (the loop then waits for a message:
-        a finished chunk, a publish that resumes, a tick), so it never spins on a backlog."""
-        if is_paused or len(self._claiming) >= CHUNKS_HELD:
-            return None
-        return self._candidates.next_due()
+        """When the next candidate may be claimed; None while paused or the claimer is full:
+        the loop then waits for a message (a chunk back, a publish, a tick), never spinning."""
+        is_blocked = is_paused or len(self._claiming) >= CHUNKS_HELD
+        return None if is_blocked else self._candidates.next_due()
 
     # -- claiming -------------------------------------------------------------------------
 
