@@ -1,4 +1,4 @@
-"""Journal: SQLite (WAL, synchronous=FULL) holding every file's and batch's state.
+"""Journal: SQLite (WAL; FULL sync unless a commit says not) holding every file and batch.
 
 The service's main loop is its only writer; one method per state transition, each an explicit
 IMMEDIATE transaction. Reads live in `journal_queries` (which `status` and `trace` open read-only).
@@ -59,6 +59,7 @@ class Journal(JournalQueries):
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does them
         self._checkpointer = Checkpointer(path, self.wal_path)
         self._db.execute("PRAGMA synchronous=FULL")
+        self._is_full = True  # the connection's setting: changed only when a commit needs other
         self._is_synced = True
         self._db.execute("PRAGMA foreign_keys=ON")
         _migrate(self._db, path)
@@ -66,19 +67,16 @@ class Journal(JournalQueries):
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """`durable=False`: committed without an fsync (see the module's group commit)."""
-        if not durable:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._is_full != durable:  # set before each commit that needs the other setting
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._is_full = durable
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        finally:
-            if not durable:
-                self._db.execute("PRAGMA synchronous=FULL")
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
         self._is_synced = durable
         self._checkpointer.committed()
 

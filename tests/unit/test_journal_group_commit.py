@@ -14,7 +14,7 @@ from daemon.audit.events import REBUILT_EVENTS, FileReceived, FileRejected, Reco
 from daemon.journal import Journal
 from daemon.models import Batch, BatchResult, IncomingFile
 
-FULL = 2
+NORMAL, FULL = 1, 2
 
 
 def synchronous(journal: Journal) -> int:
@@ -50,7 +50,10 @@ def test_each_transition_is_durable_exactly_when_something_outside_acts_on_it(
     assert not journal.is_synced  # the archiver syncs before it moves the inputs
     journal.mark_disposed([a.file_id, b.file_id])
     assert not journal.is_synced  # lost to a power cut, disposal finds the inputs gone
-    assert synchronous(journal) == FULL  # every later commit is durable unless it says not
+    with journal.transaction(durable=False):
+        assert synchronous(journal) == NORMAL
+    with journal.transaction():  # every commit is durable unless it says not
+        assert synchronous(journal) == FULL
     journal.close()
 
 
@@ -76,11 +79,27 @@ def test_sync_makes_the_commits_durable_once_without_a_commit(
     journal.close()
 
 
+def test_the_sync_setting_changes_only_between_durable_and_other_commits(tmp_path: Path) -> None:
+    """A run of commits without an fsync (the main loop's every step) sets it once, not twice
+    a commit."""
+    journal = Journal(tmp_path / "journal.db")
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    for name in ("a.csv", "b.csv", "c.csv"):
+        journal.begin_claims([("emr", name, f"emr/{name}", 1000.0)], durable=False)
+    claimed(journal, "d.csv")
+    pragmas = [s for s in statements if s.startswith("PRAGMA")]
+    assert pragmas == ["PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL"]
+    journal._db.set_trace_callback(None)
+    journal.close()
+
+
 def test_a_failed_transaction_leaves_commits_durable_by_default(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.db")
     with pytest.raises(RuntimeError), journal.transaction(durable=False):
         raise RuntimeError("boom")
-    assert synchronous(journal) == FULL
+    with journal.transaction():
+        assert synchronous(journal) == FULL
     journal.close()
 
 
