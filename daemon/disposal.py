@@ -247,9 +247,10 @@ class Disposal:
         self._retry_at = time.monotonic() + wait_s
         log.warning("disposal.retry_scheduled", failures=self._failures, retry_in_s=wait_s)
 
-    def dispose(self) -> int:
-        """Dispose of every undisposed terminal input; return how many."""
-        rows = self._journal.undisposed(skip=self._moving)
+    def dispose(self, batch_id: str | None = None) -> int:
+        """Dispose of every undisposed terminal input (with `batch_id`, those of one batch: a
+        batch's outcome looks up its own files, not every file in flight); return how many."""
+        rows = self._journal.undisposed(skip=self._moving, batch_id=batch_id)
         pipelines = self._pipelines()
         spool, archive = f"{self._paths.spool}/", str(self._paths.archive)
         moves: list[Move] = []

@@ -110,10 +110,15 @@ class JournalQueries:
     def batch_files(self, batch_id: str) -> list[FileRow]:
         return self._files("batch_id=? ORDER BY id", (batch_id,))
 
-    def undisposed(self, skip: Container[int] = ()) -> list[FileRow]:
-        """Terminal files whose spooled copy has not been archived, quarantined or deleted,
-        but those in `skip` (renames already under way: no row built for them)."""
-        return self._files(f"disposed=0 AND state IN ({_TERMINAL}) ORDER BY id", skip=skip)
+    def undisposed(self, skip: Container[int] = (), batch_id: str | None = None) -> list[FileRow]:
+        """Terminal files whose spooled copy has not been archived, quarantined or deleted (of
+        one batch, with `batch_id`), but those in `skip` (renames already under way: no row
+        built for them)."""
+        where = f"disposed=0 AND state IN ({_TERMINAL}) ORDER BY id"
+        if batch_id is None:
+            return self._files(where, skip=skip)
+        # `+disposed`: by the batch's index, not the one of every file not yet disposed of.
+        return self._files(f"batch_id=? AND +{where}", (batch_id,), skip=skip)
 
     def meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

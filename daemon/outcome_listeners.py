@@ -279,7 +279,7 @@ class DisposalListener(Listener):
 
     def on_outcome(self, outcome: Outcome) -> None:
         if isinstance(outcome, Committed | GaveUp):
-            self._disposal.dispose()
+            self._disposal.dispose(outcome.batch.batch_id)
 
 
 class NotifyListener(Listener):

@@ -247,3 +247,32 @@ def test_the_archiver_makes_the_journal_durable_before_it_moves_an_input(
     assert seen[1] == ["a.csv", "b.csv"], "synced before the first rename"
     assert list(s.paths.spool.iterdir()) == []
     disposal.close()
+
+
+def test_a_batch_outcome_disposes_of_its_own_inputs_only(tmp_path: Path, journal: Journal) -> None:
+    """`dispose(batch_id)` looks up the batch's files by its index, not every file not yet
+    disposed of (thousands in flight during a backlog); a full `dispose()` takes the rest."""
+    s = settings(tmp_path)
+    pipelines = {p.name: p for p in s.pipeline}
+    disposal = Disposal(s.paths, journal, lambda: pipelines)
+    ids = _published(journal, s, ["a.csv", "b.csv", "c.csv"])
+    journal._db.executemany(
+        "UPDATE files SET batch_id=? WHERE id=?", [("B1", ids[0]), ("B1", ids[1]), ("B2", ids[2])]
+    )
+    in_flight = journal.begin_claims([("emr", "d.csv", "d.csv", 100.0)])
+    sql: list[str] = []
+    journal._db.set_trace_callback(sql.append)
+
+    assert disposal.dispose("B1") == 2
+    assert _undisposed(journal) == {ids[2]}
+    assert not (s.paths.spool / "a.csv").exists() and (s.paths.spool / "c.csv").is_file()
+    plans = [
+        journal._db.execute(f"EXPLAIN QUERY PLAN {q}").fetchall()  # its values filled in
+        for q in sql
+        if q.startswith("SELECT") and "batch_id=" in q
+    ]
+    journal._db.set_trace_callback(None)
+    assert plans and all("files_by_batch" in str(p) for p in plans), plans
+    assert disposal.dispose("B3") == 0
+    assert disposal.dispose() == 1 and _undisposed(journal) == set()
+    assert journal._files("id=?", (in_flight[0],))[0].state == "claiming"
