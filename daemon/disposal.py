@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -24,12 +25,12 @@ from typing import Any
 
 import structlog
 
+from daemon.archiving import Move, archive_all
 from daemon.audit.names import hash_name, hashed_file_name, load_name_key
 from daemon.config import PathsConfig, Pipeline
-from daemon.fsutil import atomic_write, iso_utc, utc_day
+from daemon.fsutil import atomic_write, iso_utc, make_folder, utc_day
 from daemon.journal import FileRow, Journal
 from daemon.models import Facts, FileState
-from daemon.outbox import make_folder
 
 log = structlog.get_logger()
 
@@ -145,49 +146,52 @@ def sidecar(
     }
 
 
-Move = tuple[int, str, str | None]  # (file id, spooled path, archived path; None: delete)
-
-
-def archive_all(moves: list[Move], folders: set[str]) -> list[int]:
-    """Make the day folders, rename each input into the archive (or delete it); the ids now out
-    of the spool. A missing source was moved before a crash (after the commit): done too."""
-    for folder in sorted(folders):
-        make_folder(Path(folder))
-    done = []
-    for file_id, source, target in moves:
-        try:
-            if target is None:
-                os.unlink(source)  # noqa: PTH108 - a string path: no Path built per input
-            else:
-                os.rename(source, target)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # kept in the spool; the next disposal tries again
-            event = "disposal.archive_failed" if target else "disposal.failed"
-            log.error(event, file_id=file_id,
-                      errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)))  # fmt: skip
-            continue
-        done.append(file_id)
-    return done
+# Hands a lot to another process: (moves, folders, reply) -> False when it cannot take it.
+# `reply(done ids)` comes from another thread, with [] for a lot that process died holding.
+Remote = Callable[[list[Move], list[str], Callable[[list[int]], None]], bool]
+STOP_WAIT_S = 30.0
 
 
 class Archiver:
-    """Renames into the archive, and deletions, on a thread of its own: on ext4 a rename costs
+    """Renames into the archive, and deletions, off the main loop: on ext4 a rename costs
     ~16 µs of kernel time, a third of a second of the main loop per 20,000 small inputs, and a
-    deletion more (it frees the blocks; inline, 20,000 deletions made a 6 s run 7 s). The
-    journal stays the main loop's: a finished lot waits in `finished` and `wake` tells the main
-    loop, which marks it disposed. A crash before that leaves the rows undisposed: recovery
-    moves again, and finds the sources gone."""
+    deletion more. The service hands each lot to its claimer process (`remote`): on a thread
+    here each rename's return queued for the GIL behind the main loop, and its 20,000 renames
+    cost the loop a whole CPU-second (bench/NOTES.md round 11). Without a ready claimer, a
+    thread of its own does them. The journal stays the main loop's: a finished lot waits in
+    `finished` and `wake` tells the main loop, which marks it disposed. A crash before that
+    leaves the rows undisposed: recovery moves again, and finds the sources gone."""
 
-    def __init__(self, wake: Callable[[], None], sync: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        wake: Callable[[], None],
+        sync: Callable[[], None] = lambda: None,
+        remote: Remote | None = None,
+    ) -> None:
         self._wake = wake
         self._sync = sync  # makes the journal durable: each lot's published marks, first
+        self._remote = remote  # syncs the journal itself
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="archiver")
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._finished: list[tuple[list[int], list[int]]] = []  # (ids handed over, ids done)
+        self._remote_lots = 0  # handed to the remote, not back yet
 
     def move(self, moves: list[Move], folders: set[str]) -> None:
+        handed = [m[0] for m in moves]
+        if self._remote is not None:
+            with self._lock:
+                self._remote_lots += 1
+            if self._remote(moves, sorted(folders), functools.partial(self._back, handed)):
+                return
+            with self._lock:
+                self._remote_lots -= 1
         self._pool.submit(self._run, moves, folders)
+
+    def _back(self, handed: list[int], done: list[int]) -> None:
+        with self._lock:
+            self._remote_lots -= 1
+            self._lock.notify_all()
+        self._finish(handed, done)
 
     def _run(self, moves: list[Move], folders: set[str]) -> None:
         done: list[int] = []
@@ -197,9 +201,12 @@ class Archiver:
         except OSError as exc:  # an unsyncable journal, an unmakeable folder: all kept
             log.error("disposal.archive_failed", errno=errno.errorcode.get(exc.errno or 0))
         finally:  # whatever happened, the lot is handed back (the rest is tried again later)
-            with self._lock:
-                self._finished.append(([m[0] for m in moves], done))
-            self._wake()
+            self._finish([m[0] for m in moves], done)
+
+    def _finish(self, handed: list[int], done: list[int]) -> None:
+        with self._lock:
+            self._finished.append((handed, done))
+        self._wake()
 
     def take_finished(self) -> list[tuple[list[int], list[int]]]:
         with self._lock:
@@ -207,8 +214,11 @@ class Archiver:
         return finished
 
     def close(self) -> None:
-        """Wait for the renames handed over (the main loop then collects them)."""
+        """Wait for the renames handed over (the main loop then collects them); a remote that
+        does not answer in STOP_WAIT_S leaves its lots undisposed, moved again at the next start."""
         self._pool.shutdown(wait=True)
+        with self._lock:
+            self._lock.wait_for(lambda: self._remote_lots == 0, STOP_WAIT_S)
 
 
 class Disposal:

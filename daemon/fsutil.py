@@ -5,6 +5,7 @@ Pure functions; safe in the main process and in workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -17,6 +18,22 @@ READ_BYTES = 1 << 20
 # read in chunks of a sensible size.
 MIN_READ_BYTES = 1 << 16
 _OPEN_FILE = os.O_RDONLY | os.O_CLOEXEC
+
+
+FOLDER_MODE = 0o750
+
+
+def make_folder(folder: Path) -> None:
+    """Create `folder` and any missing parent as FOLDER_MODE, whatever the umask (mkdir's
+    `parents=True` would give the parents the default mode)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=FOLDER_MODE)
+            os.chmod(path, FOLDER_MODE)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -5,7 +5,6 @@ Runs in workers; the main process only removes stale staging folders after a cra
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -13,10 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from daemon.fsutil import fsync_dir, iso_utc, sha256_of
+from daemon.fsutil import FOLDER_MODE, fsync_dir, iso_utc, make_folder, sha256_of
 from daemon.models import Batch, Facts, OutputFile, Provenance
 
-FOLDER_MODE = 0o750
 FILE_MODE = 0o640
 # A batch folder is private to the service until it is published whole (as mkstemp/mkdtemp).
 STAGING_MODE = 0o700
@@ -127,19 +125,6 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return dict(manifest)
-
-
-def make_folder(folder: Path) -> None:
-    """Create `folder` and any missing parent as FOLDER_MODE, whatever the umask (mkdir's
-    `parents=True` would give the parents the default mode)."""
-    missing = []
-    while not folder.is_dir():
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=FOLDER_MODE)
-            os.chmod(path, FOLDER_MODE)
 
 
 def remove_stale_staging(pipeline_dirs: Iterable[Path], batch_id: str = "") -> int:

@@ -54,7 +54,9 @@ def wire(
     batcher = Batcher(by_name(settings))
     dispatcher = PriorityDispatcher(workers.count, workers.memory_budget, settings.dispatch.aging_s)
     gate = IntakeGate(audit, journal)
-    archiver = Archiver(lambda: post(Archived()), partial(sync_file, journal.wal_path))
+    wal = journal.wal_path  # the archiver's lots go to the claimer process once it is up
+    remote = partial(claimer.archive, journal_wal=wal)
+    archiver = Archiver(lambda: post(Archived()), partial(sync_file, wal), remote)
     disposal = Disposal(settings.paths, journal, pipelines, archiver)
     rollups = Rollups(settings.paths.state, settings.paths.outbox, pipelines)
     listeners = standard_listeners(

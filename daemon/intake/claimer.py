@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import structlog
 
+from daemon.archiving import Move, archive_lot
 from daemon.fsutil import sync_file
 from daemon.intake.claim import Entry, NotYet, Outcome, claim_all
 from daemon.intake.refusal import ClaimRules
@@ -44,6 +46,7 @@ _PR_SET_PDEATHSIG = 1
 _PIPE_BYTES = 1 << 20  # two chunks of 500 entries (~75 KB each) never block the loop's send
 STOP_WAIT_S = 30.0
 _READY = -1  # the child's first message: its imports are done
+_ARCHIVED = -2  # a lot of archive moves is back: (_ARCHIVED, (lot_id, ids moved))
 COMMAND = (sys.executable, "-m", "daemon.intake.claimer")
 # Children in a row that died before returning a chunk: claims then stay in the main loop.
 MAX_FAILED_STARTS = 3
@@ -70,6 +73,16 @@ def claim_chunk(chunk: Chunk, unsafe: set[str]) -> list[Outcome]:
             log.error("intake.journal_sync_failed", errno=errno.errorcode.get(exc.errno or 0))
             return [NotYet(None) for _ in chunk.entries]
     return claim_all(chunk.inbox, chunk.entries, chunk.pipelines, unsafe)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLot:
+    """Published inputs to rename into the archive (or delete), once the WAL is synced."""
+
+    lot_id: int
+    moves: list[Move]
+    folders: list[str]
+    journal_wal: str
 
 
 # A chunk's outcomes, in its entries' order; None: the claimer died holding it.
@@ -101,6 +114,7 @@ class _Link:
     child: subprocess.Popen[bytes]
     to_child: Connection
     held: set[int] = field(default_factory=set)
+    lots: dict[int, Callable[[list[int]], None]] = field(default_factory=dict)  # their replies
     returned: int = 0  # chunks it sent back
     is_ready: bool = False  # imports done: until then the main loop claims itself
     is_done: bool = False  # ended: what it held was reported lost
@@ -126,6 +140,7 @@ class ClaimerProcess:
         self._failed_starts = 0
         self._here = InProcessClaimer()
         self._has_submitted = False
+        self._lot_ids = itertools.count()
 
     def start(self) -> None:
         """Start the child now (else the first chunk starts it)."""
@@ -151,6 +166,29 @@ class ClaimerProcess:
             return
         with contextlib.suppress(OSError):  # it died: its reader reports this chunk lost
             link.to_child.send(chunk)
+
+    def archive(
+        self,
+        moves: list[Move],
+        folders: list[str],
+        reply: Callable[[list[int]], None],
+        *,
+        journal_wal: str,
+    ) -> bool:
+        """Hand the child archive moves (`daemon.disposal.Archiver`'s remote); False when no
+        child is ready. `reply(ids moved)` is called from the reader thread; with [] if the
+        child dies holding the lot (its inputs stay undisposed, tried again)."""
+        link = self._link
+        if link is None or not link.is_ready:
+            return False
+        lot_id = next(self._lot_ids)
+        with self._lock:
+            if link.is_done:
+                return False
+            link.lots[lot_id] = reply
+        with contextlib.suppress(OSError):  # it died: its reader replies for this lot
+            link.to_child.send(ArchiveLot(lot_id, moves, folders, journal_wal))
+        return True
 
     def take_finished(self) -> list[Finished]:
         with self._lock:
@@ -226,6 +264,12 @@ class ClaimerProcess:
                     link.is_ready = True
                     log.info("intake.claimer_ready", pid=link.child.pid)
                     continue
+                if chunk_id == _ARCHIVED:
+                    lot_id, moved = outcomes
+                    with self._lock:
+                        reply = link.lots.pop(lot_id)
+                    reply(moved)
+                    continue
                 with self._lock:
                     link.held.discard(chunk_id)
                     link.returned += 1
@@ -244,8 +288,12 @@ class ClaimerProcess:
         with self._lock:
             lost, link.held, link.is_done = link.held, set(), True
             self._finished += [(chunk_id, None) for chunk_id in sorted(lost)]
-        if code != 0 or lost:
-            log.error("intake.claimer_died", exitcode=code, chunks_lost=len(lost))
+            lots, link.lots = link.lots, {}
+        if code != 0 or lost or lots:
+            log.error("intake.claimer_died", exitcode=code, chunks_lost=len(lost),
+                      archive_lots_lost=len(lots))  # fmt: skip
+        for reply in lots.values():
+            reply([])
         self._wake()
 
 
@@ -268,11 +316,18 @@ def main(argv: list[str]) -> int:
     to_parent.send((_READY, None))
     while True:
         try:
-            chunk: Chunk = from_parent.recv()
+            work: Chunk | ArchiveLot = from_parent.recv()
         except EOFError:
             return 0
-        to_parent.send((chunk.chunk_id, claim_chunk(chunk, unsafe)))
+        if isinstance(work, ArchiveLot):
+            moved = archive_lot(work.journal_wal, work.moves, work.folders)
+            to_parent.send((_ARCHIVED, (work.lot_id, moved)))
+        else:
+            to_parent.send((work.chunk_id, claim_chunk(work, unsafe)))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run as the package's module, not as __main__: what the parent pickles names its classes.
+    from daemon.intake.claimer import main as package_main
+
+    sys.exit(package_main(sys.argv[1:]))

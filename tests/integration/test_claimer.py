@@ -280,3 +280,67 @@ def test_a_child_that_cannot_sync_the_journal_moves_nothing(env: Env) -> None:
     taken = claim_everything(env)
     assert {t.name: t.sha256 for t in taken} == sums
     assert list(env.inbox.iterdir()) == []
+
+
+class Replies:
+    """The ids each archive lot moved, as the reader thread hands them back."""
+
+    def __init__(self) -> None:
+        self.got: list[list[int]] = []
+        self.event = threading.Event()
+
+    def __call__(self, moved: list[int]) -> None:
+        self.got.append(moved)
+        self.event.set()
+
+
+def spooled(env: Env, count: int) -> list[tuple[int, str, str | None]]:
+    """`count` inputs in the spool, as archive moves into `archive/day/`."""
+    spool, day = env.root / "state" / "spool" / "emr", env.root / "archive" / "day"
+    spool.mkdir(parents=True, exist_ok=True)
+    moves: list[tuple[int, str, str | None]] = []
+    for i in range(count):
+        (spool / f"p{i}.csv").write_bytes(GOOD)
+        moves.append((1000 + i, str(spool / f"p{i}.csv"), str(day / f"p{i}.csv")))
+    return moves
+
+
+def test_the_claimer_archives_a_lot_once_the_journal_is_synced(env: Env) -> None:
+    """Archive renames run in the child (not on a thread of the service, where they queue for
+    the GIL behind the main loop): the day folder made, each input moved, its id replied; a
+    journal that cannot be synced moves nothing (the lot comes back empty, tried again later)."""
+    claimer = ready_claimer(env)
+    moves = spooled(env, 300)
+    folder = str(env.root / "archive" / "day")
+    (env.root / "plain").write_bytes(b"")
+    unsyncable = str(env.root / "plain" / "journal.db-wal")  # ENOTDIR: cannot be synced
+    replies = Replies()
+    assert claimer.archive(moves[:100], [folder], replies, journal_wal=unsyncable)
+    assert replies.event.wait(30)
+    assert replies.got == [[]] and all(Path(source).exists() for _, source, _ in moves)
+
+    replies.event.clear()
+    wal = env.journal.wal_path
+    assert claimer.archive(moves, [folder], replies, journal_wal=wal)
+    assert replies.event.wait(30)
+    assert replies.got[1] == [file_id for file_id, _, _ in moves]
+    assert sorted(p.name for p in Path(folder).iterdir()) == sorted(f"p{i}.csv" for i in range(300))
+    assert not any(Path(source).exists() for _, source, _ in moves)
+
+
+def test_a_lot_the_claimer_dies_holding_comes_back_empty(env: Env) -> None:
+    """kill -9 with a lot handed over: its reply is [] (the inputs stay undisposed, and the
+    next disposal moves what is left); with no child ready, the lot is refused (the archiver
+    thread takes it)."""
+    claimer = ready_claimer(env)
+    child = claimer.pid
+    assert child is not None
+    moves = spooled(env, 50)
+    replies = Replies()
+    os.kill(child, signal.SIGSTOP)
+    assert claimer.archive(moves, [], replies, journal_wal=env.journal.wal_path)
+    os.kill(child, signal.SIGKILL)
+    assert replies.event.wait(30)
+    assert replies.got == [[]]
+    assert not claimer.archive(moves, [], replies, journal_wal=env.journal.wal_path)
+    assert ClaimerProcess(Woken(), "INFO").archive(moves, [], replies, journal_wal="x") is False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -276,3 +277,39 @@ def test_a_batch_outcome_disposes_of_its_own_inputs_only(tmp_path: Path, journal
     assert disposal.dispose("B3") == 0
     assert disposal.dispose() == 1 and _undisposed(journal) == set()
     assert journal._files("id=?", (in_flight[0],))[0].state == "claiming"
+
+
+def test_the_archiver_hands_lots_to_its_remote_and_waits_for_them_at_close(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """A remote that takes the lot does the moves (its reply comes from another thread, and
+    `close` waits for it); one that refuses (no claimer ready) leaves them to the thread."""
+    s = settings(tmp_path)
+    pipelines = {p.name: p for p in s.pipeline}
+    woken = threading.Event()
+    taken: list[tuple[list[Any], list[str]]] = []
+    accepting = [False]
+
+    def remote(moves: list[Any], folders: list[str], reply: Any) -> bool:
+        if not accepting[0]:
+            return False
+        taken.append((moves, folders))
+        threading.Timer(0.2, reply, args=([m[0] for m in moves],)).start()
+        return True
+
+    archiver = Archiver(woken.set, remote=remote)
+    disposal = Disposal(s.paths, journal, lambda: pipelines, archiver)
+    ids = _published(journal, s, ["a.csv", "b.csv", "c.csv"])
+    journal._db.executemany("UPDATE files SET batch_id=? WHERE id=?", [("B1", ids[0])])
+
+    assert disposal.dispose("B1") == 1 and woken.wait(10)  # refused: the thread moved it
+    assert taken == [] and not (s.paths.spool / "a.csv").exists()
+    assert disposal.collect() == 1
+
+    accepting[0] = True
+    assert disposal.dispose() == 2
+    ((moves, folders),) = taken
+    assert [m[0] for m in moves] == ids[1:] and len(folders) == 1
+    disposal.close()  # waits for the remote's reply, then marks the lot
+    assert _undisposed(journal) == set()
+    assert (s.paths.spool / "b.csv").exists(), "handed over, and not moved here as well"
