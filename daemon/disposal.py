@@ -1,8 +1,9 @@
 """Disposal: where a finished input goes — archive, deletion or quarantine — and its paths.
 
 Main loop only, after the journal commit (idempotent: a crash in between is finished by
-recovery), except the renames into the archive and the deletions: the `Archiver` thread makes
-them, and the main loop marks them disposed when they are done. `trace` derives the same paths
+recovery), except the renames into the archive and the deletions: the `Archiver` hands them to
+a process of its own (a thread until it is up), and the main loop marks them disposed when they
+are done. `trace` derives the same paths
 from here.
 """
 
@@ -155,22 +156,25 @@ STOP_WAIT_S = 30.0
 class Archiver:
     """Renames into the archive, and deletions, off the main loop: on ext4 a rename costs
     ~16 µs of kernel time, a third of a second of the main loop per 20,000 small inputs, and a
-    deletion more. The service hands each lot to its claimer process (`remote`): on a thread
+    deletion more. The service hands each lot to a process of its own (`remote`): on a thread
     here each rename's return queued for the GIL behind the main loop, and its 20,000 renames
-    cost the loop a whole CPU-second (bench/NOTES.md round 11). Without a ready claimer, a
-    thread of its own does them. The journal stays the main loop's: a finished lot waits in
-    `finished` and `wake` tells the main loop, which marks it disposed. A crash before that
-    leaves the rows undisposed: recovery moves again, and finds the sources gone."""
+    cost the loop a whole CPU-second (bench/NOTES.md round 11). Until that process is up (or
+    if it cannot start), a thread of its own does them. The journal stays the main loop's: a
+    finished lot waits in `finished` and `wake` tells the main loop, which marks it disposed.
+    A crash before that leaves the rows undisposed: recovery moves again, and finds the
+    sources gone."""
 
     def __init__(
         self,
         wake: Callable[[], None],
         sync: Callable[[], None] = lambda: None,
         remote: Remote | None = None,
+        close_remote: Callable[[], None] = lambda: None,
     ) -> None:
         self._wake = wake
         self._sync = sync  # makes the journal durable: each lot's published marks, first
         self._remote = remote  # syncs the journal itself
+        self._close_remote = close_remote
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="archiver")
         self._lock = threading.Condition()
         self._finished: list[tuple[list[int], list[int]]] = []  # (ids handed over, ids done)
@@ -219,6 +223,7 @@ class Archiver:
         self._pool.shutdown(wait=True)
         with self._lock:
             self._lock.wait_for(lambda: self._remote_lots == 0, STOP_WAIT_S)
+        self._close_remote()
 
 
 class Disposal:

@@ -176,9 +176,9 @@ class ClaimerProcess:
         journal_wal: str,
     ) -> bool:
         """Hand the child archive moves (`daemon.disposal.Archiver`'s remote); False when no
-        child is ready. `reply(ids moved)` is called from the reader thread; with [] if the
-        child dies holding the lot (its inputs stay undisposed, tried again)."""
-        link = self._link
+        child is ready (the first call starts one). `reply(ids moved)` is called from the reader
+        thread; with [] if the child dies holding the lot (its inputs stay undisposed)."""
+        link = self._live_link()
         if link is None or not link.is_ready:
             return False
         lot_id = next(self._lot_ids)

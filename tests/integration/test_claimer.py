@@ -330,8 +330,8 @@ def test_the_claimer_archives_a_lot_once_the_journal_is_synced(env: Env) -> None
 
 def test_a_lot_the_claimer_dies_holding_comes_back_empty(env: Env) -> None:
     """kill -9 with a lot handed over: its reply is [] (the inputs stay undisposed, and the
-    next disposal moves what is left); with no child ready, the lot is refused (the archiver
-    thread takes it)."""
+    next disposal moves what is left); with no child ready, the lot is refused (the archiver's
+    thread takes it) and a child started for the next."""
     claimer = ready_claimer(env)
     child = claimer.pid
     assert child is not None
@@ -342,5 +342,15 @@ def test_a_lot_the_claimer_dies_holding_comes_back_empty(env: Env) -> None:
     os.kill(child, signal.SIGKILL)
     assert replies.event.wait(30)
     assert replies.got == [[]]
+    # No child ready: refused (the archiver's thread moves the lot), and one is started
     assert not claimer.archive(moves, [], replies, journal_wal=env.journal.wal_path)
-    assert ClaimerProcess(Woken(), "INFO").archive(moves, [], replies, journal_wal="x") is False
+    wait_until(lambda: claimer.pid not in (None, child), 30, message="a new child")
+    fresh = ClaimerProcess(Woken(), "INFO")  # a process only for archive lots starts alike
+    try:
+        assert not fresh.archive(moves, [], replies, journal_wal=env.journal.wal_path)
+        wait_until(lambda: fresh.pid is not None, 30, message="the mover ready")
+        assert fresh.archive(moves, [], replies, journal_wal=env.journal.wal_path)
+        wait_until(lambda: len(replies.got) == 2, 30, message="the lot moved")
+        assert replies.got[1] == [file_id for file_id, _, _ in moves]
+    finally:
+        fresh.close()
