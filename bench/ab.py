@@ -25,7 +25,7 @@ from bench.options import BenchOptions
 from bench.service import ServiceTree, run_once, temp_root
 
 THIS = bench.service.REPO
-ROLES = ("main", "claimer", "worker", "helper")
+ROLES = ("main", "claimer", "mover", "worker", "helper")
 
 
 def once(checkout: Path, opts: BenchOptions, source: Path) -> dict[str, float]:

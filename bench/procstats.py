@@ -15,7 +15,7 @@ from bench.cpu import CLOCK_TICKS_PER_S, cpu_ticks, descendants
 @dataclass(frozen=True)
 class ProcStat:
     pid: int
-    role: str  # "main", "worker", "claimer" or "helper" (resource tracker, fork server)
+    role: str  # "main", "worker", "claimer", "mover" or "helper" (resource tracker, fork server)
     peak_rss_mib: float
     cpu_s: float
     series: tuple[tuple[float, int], ...] = ()  # (epoch seconds, CPU ticks) at each sample
@@ -37,14 +37,14 @@ def _hwm_kib(pid: int) -> int:
 
 def _role(pid: int, root: int) -> str:
     """main; worker (a pool worker: a child of the fork server, or a Dask worker); claimer;
-    helper (multiprocessing's resource tracker and fork server)."""
+    mover (the archive renames); helper (multiprocessing's resource tracker and fork server)."""
     if pid == root:
         return "main"
     with contextlib.suppress(OSError):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         if b"daemon.intake.claimer" in cmdline:
-            return "claimer"
+            return "mover" if cmdline.rstrip(b"\0").endswith(b"disposal.mover") else "claimer"
         if b"resource_tracker" in cmdline or (b"forkserver" in cmdline and parent == root):
             return "helper"
     return "worker"

@@ -47,7 +47,7 @@ def _role(processes: list[str]) -> str:
     if len(processes) == 1:
         return "main process"
     if "daemon.intake.claimer" in last:
-        return "claimer"
+        return "mover" if last.rstrip('"').endswith("disposal.mover") else "claimer"
     if "forkserver" in last and len(processes) == 2:
         return "fork server"
     return "workers"

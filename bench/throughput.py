@@ -57,7 +57,7 @@ def record_memory(result: SectionResult, prefix: str, run: OnceRun) -> None:
     if workers:
         result.add(f"{prefix}worker_peak_rss_mib", max(w.peak_rss_mib for w in workers), "MiB")
         result.add(f"{prefix}worker_cpu_s", " / ".join(f"{w.cpu_s:.1f}" for w in workers), "s")
-    for name in ("claimer", "helper"):
+    for name in ("claimer", "mover", "helper"):
         if named := [p for p in run.processes if p.role == name]:
             result.add(f"{prefix}{name}_cpu_s", round(sum(p.cpu_s for p in named), 2), "s")
 

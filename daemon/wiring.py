@@ -56,7 +56,8 @@ def wire(
     gate = IntakeGate(audit, journal)
     # Archive renames in a process of their own (the claimer's code, given only lots to move),
     # beside the claims: in the claimer they queued behind its claims (bench/NOTES.md round 11).
-    mover, wal = ClaimerProcess(lambda: None, _log_level()), journal.wal_path
+    mover = ClaimerProcess(lambda: None, _log_level(), role="disposal.mover")
+    wal = journal.wal_path
     remote = partial(mover.archive, journal_wal=wal)
     archiver = Archiver(lambda: post(Archived()), partial(sync_file, wal), remote, mover.close)
     disposal = Disposal(settings.paths, journal, pipelines, archiver)

@@ -11,8 +11,10 @@ The child dies with the service (PR_SET_PDEATHSIG), ignores SIGTERM and SIGINT (
 stops it by closing its pipe, once the chunks it holds are back) and never touches the journal.
 When it dies, the chunks it held come back as lost, and the main loop finishes each entry as
 recovery finishes an interrupted claim (`claim.finish_lost`); the next chunk starts a new child.
+The same child code moves published inputs into the archive (`ArchiveLot`) for the service's
+archiver, in a second child of that role (`disposal.mover`).
 
-    python -m daemon.intake.claimer LEVEL READ_FD WRITE_FD PARENT_PID
+    python -m daemon.intake.claimer LEVEL READ_FD WRITE_FD PARENT_PID ROLE
 """
 
 from __future__ import annotations
@@ -125,12 +127,18 @@ class ClaimerProcess:
     second chunk starts it (the first is claimed here at once: neither the child's start nor
     its imports delay the service's first claim); until it is ready, chunks are claimed here.
     A child that keeps dying before it returns a chunk (it cannot start here) leaves the claims
-    to this process, said once."""
+    to this process, said once. The service runs a second one given only archive lots (role
+    `disposal.mover`): the archiver's renames, off the main loop's GIL and the claims' way."""
 
     def __init__(
-        self, wake: Callable[[], None], log_level: str, command: Sequence[str] = COMMAND
+        self,
+        wake: Callable[[], None],
+        log_level: str,
+        command: Sequence[str] = COMMAND,
+        role: str = "intake.claimer",
     ) -> None:
         self._wake = wake
+        self._role = role  # its log events' prefix, and the last word of its command line
         self._log_level = log_level
         self._command = list(command)
         self._lock = threading.Lock()
@@ -222,13 +230,13 @@ class ClaimerProcess:
         if self._failed_starts >= MAX_FAILED_STARTS:
             if self._failed_starts == MAX_FAILED_STARTS:
                 self._failed_starts += 1
-                log.error("intake.claimer_unavailable", claims="in the main loop")
+                log.error(f"{self._role}_unavailable", work="in the main process")
             return None
         try:
             self._link = self._start()
         except OSError as exc:
             self._failed_starts += 1
-            log.error("intake.claimer_start_failed", errno=errno.errorcode.get(exc.errno or 0))
+            log.error(f"{self._role}_start_failed", errno=errno.errorcode.get(exc.errno or 0))
         return self._link
 
     def _start(self) -> _Link:
@@ -237,7 +245,7 @@ class ClaimerProcess:
         with contextlib.suppress(OSError):
             fcntl.fcntl(to_child_w, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         args = [*self._command, self._log_level, str(to_child_r), str(from_child_w),
-                str(os.getpid())]  # fmt: skip
+                str(os.getpid()), self._role]  # fmt: skip
         try:
             child = subprocess.Popen(args, pass_fds=(to_child_r, from_child_w))
         except OSError:
@@ -262,7 +270,7 @@ class ClaimerProcess:
                 chunk_id, outcomes = from_child.recv()
                 if chunk_id == _READY:
                     link.is_ready = True
-                    log.info("intake.claimer_ready", pid=link.child.pid)
+                    log.info(f"{self._role}_ready", pid=link.child.pid)
                     continue
                 if chunk_id == _ARCHIVED:
                     lot_id, moved = outcomes
@@ -290,7 +298,7 @@ class ClaimerProcess:
             self._finished += [(chunk_id, None) for chunk_id in sorted(lost)]
             lots, link.lots = link.lots, {}
         if code != 0 or lost or lots:
-            log.error("intake.claimer_died", exitcode=code, chunks_lost=len(lost),
+            log.error(f"{self._role}_died", exitcode=code, chunks_lost=len(lost),
                       archive_lots_lost=len(lots))  # fmt: skip
         for reply in lots.values():
             reply([])
@@ -305,7 +313,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    level, read_fd, write_fd, parent_pid = argv
+    level, read_fd, write_fd, parent_pid, _role = argv  # the role: for `ps` to show
     _die_with_parent(int(parent_pid))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGIO):
         signal.signal(signum, signal.SIG_IGN)  # SIGIO: a writer opening a file we hold leased

@@ -191,10 +191,16 @@ class Service:
                    if b"multiprocessing.forkserver" in _cmdline(p)]  # fmt: skip
         return [worker for server in servers for worker in _children(server)]
 
-    def claimer_pid(self) -> int | None:
-        """The service's claimer process, if it runs one now."""
+    def claimer_pid(self, role: str = "intake.claimer") -> int | None:
+        """The service's claimer process (or with role "disposal.mover", the process of its
+        archive renames), if it runs one now."""
         assert self.process is not None
-        found = [p for p in _children(self.process.pid) if b"daemon.intake.claimer" in _cmdline(p)]
+        found = [
+            p
+            for p in _children(self.process.pid)
+            if b"daemon.intake.claimer" in (cmd := _cmdline(p))
+            and cmd.rstrip(b"\0").endswith(role.encode())
+        ]
         return found[0] if found else None
 
     def stderr(self) -> str:

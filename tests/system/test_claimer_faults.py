@@ -15,6 +15,7 @@ from tests.system.conftest import MakeService
 from tests.system.test_faults import assert_alive, emr
 
 READY = "intake.claimer_ready"
+MOVER_READY = "disposal.mover_ready"
 
 
 def new_claimer(service: Service, killed: list[int]) -> int:
@@ -71,3 +72,46 @@ def test_a_killed_claimer_loses_no_file_and_is_replaced(make_service: MakeServic
     told = [(d["exitcode"], d["chunks_lost"]) for d in deaths(service)]
     assert told[0][0] == told[1][0] == -signal.SIGKILL, told
     assert int(str(told[0][1])) >= 1 and told[1][1] == 0, told
+
+
+def test_a_killed_mover_loses_no_input_and_the_archive_is_finished(
+    make_service: MakeService,
+) -> None:
+    """The process of the archive renames (the claimer's code, role `disposal.mover`) stopped
+    with lots in hand, then killed: every file is still published once, the lots come back
+    empty (`disposal.mover_died`), and the inputs they held are archived later all the same;
+    the spool ends empty."""
+    rng = random.Random(1302)
+    service = make_service([emr(max_files=50)])
+    service.start()
+    # Given a mover that is up (the first lot starts it; the thread archives until it is)
+    dropped: dict[str, str] = {}
+
+    def mover() -> int | None:
+        dropped[f"m{len(dropped)}.csv"] = service.drop("emr", f"m{len(dropped)}.csv", emr_csv(rng))
+        wait_until(lambda: service.accounted() == len(dropped), 30, message="published")
+        pid = service.claimer_pid("disposal.mover")
+        ready = [line["pid"] for line in service.logs() if line.get("event") == MOVER_READY]
+        return pid if pid in ready else None
+
+    first = wait_until(mover, 60, 0.2, message="the mover ready")
+    # When it is stopped while batches publish, and killed with their lots in hand
+    os.kill(first, signal.SIGSTOP)
+    dropped |= {
+        f"v{i:03d}.csv": service.drop("emr", f"v{i:03d}.csv", emr_csv(rng)) for i in range(300)
+    }
+    published = "SELECT count(*) FROM files WHERE state = 'published'"
+    wait_until(lambda: service.journal(published) == [(len(dropped),)], 60, message="published")
+    assert service.accounted() < len(dropped), "no lot was held by the stopped mover"
+    os.kill(first, signal.SIGKILL)
+    # Then nothing is lost, and every input leaves the spool
+    wait_until(lambda: any(line.get("event") == "disposal.mover_died" for line in service.logs()),
+               30, message="the mover's death noticed")  # fmt: skip
+    spool = service.spool / "emr"
+    wait_until(lambda: not any(spool.iterdir()), 60, message="the spool emptied")
+    assert_alive(service, "after its mover was killed")
+    assert service.stop() == 0
+    check_accounting(service, dropped)
+    assert service.journal("SELECT count(*) FROM files WHERE disposed = 0") == [(0,)]
+    (died,) = [line for line in service.logs() if line.get("event") == "disposal.mover_died"]
+    assert died["exitcode"] == -signal.SIGKILL and int(str(died["archive_lots_lost"])) >= 1
