@@ -57,6 +57,7 @@ def wire(
     # Archive renames in a process of their own (the claimer's code, given only lots to move),
     # beside the claims: in the claimer they queued behind its claims (bench/NOTES.md round 11).
     mover = ClaimerProcess(lambda: None, _log_level(), role="disposal.mover")
+    mover.start()  # now: its imports done before the first publish, not during the next drops
     wal = journal.wal_path
     remote = partial(mover.archive, journal_wal=wal)
     archiver = Archiver(lambda: post(Archived()), partial(sync_file, wal), remote, mover.close)
