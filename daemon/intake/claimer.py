@@ -46,6 +46,7 @@ log = structlog.get_logger()
 
 _PR_SET_PDEATHSIG = 1
 _PIPE_BYTES = 1 << 20  # two chunks of 500 entries (~75 KB each) never block the loop's send
+_MOVE_BYTES = 64  # an archive move pickled, besides its two paths (an overestimate)
 STOP_WAIT_S = 30.0
 _READY = -1  # the child's first message: its imports are done
 _ARCHIVED = -2  # a lot of archive moves is back: (_ARCHIVED, (lot_id, ids moved))
@@ -116,7 +117,8 @@ class _Link:
     child: subprocess.Popen[bytes]
     to_child: Connection
     held: set[int] = field(default_factory=set)
-    lots: dict[int, Callable[[list[int]], None]] = field(default_factory=dict)  # their replies
+    lots: dict[int, tuple[Callable[[list[int]], None], int]] = field(default_factory=dict)
+    lot_bytes: int = 0  # about what the lots it holds take in its pipe
     returned: int = 0  # chunks it sent back
     is_ready: bool = False  # imports done: until then the main loop claims itself
     is_done: bool = False  # ended: what it held was reported lost
@@ -184,16 +186,19 @@ class ClaimerProcess:
         journal_wal: str,
     ) -> bool:
         """Hand the child archive moves (`daemon.disposal.Archiver`'s remote); False when no
-        child is ready (the first call starts one). `reply(ids moved)` is called from the reader
-        thread; with [] if the child dies holding the lot (its inputs stay undisposed)."""
+        child is ready (the first call starts one), or while the lots it holds would fill half
+        its pipe: a stalled child never blocks the main loop's send. `reply(ids moved)` is
+        called from the reader thread; with [] if the child dies holding the lot."""
         link = self._live_link()
         if link is None or not link.is_ready:
             return False
         lot_id = next(self._lot_ids)
+        size = sum(len(source) + len(target or "") + _MOVE_BYTES for _, source, target in moves)
         with self._lock:
-            if link.is_done:
+            if link.is_done or link.lot_bytes + size > _PIPE_BYTES // 2:
                 return False
-            link.lots[lot_id] = reply
+            link.lots[lot_id] = (reply, size)
+            link.lot_bytes += size
         with contextlib.suppress(OSError):  # it died: its reader replies for this lot
             link.to_child.send(ArchiveLot(lot_id, moves, folders, journal_wal))
         return True
@@ -275,7 +280,8 @@ class ClaimerProcess:
                 if chunk_id == _ARCHIVED:
                     lot_id, moved = outcomes
                     with self._lock:
-                        reply = link.lots.pop(lot_id)
+                        reply, size = link.lots.pop(lot_id)
+                        link.lot_bytes -= size
                     reply(moved)
                     continue
                 with self._lock:
@@ -300,7 +306,7 @@ class ClaimerProcess:
         if code != 0 or lost or lots:
             log.error(f"{self._role}_died", exitcode=code, chunks_lost=len(lost),
                       archive_lots_lost=len(lots))  # fmt: skip
-        for reply in lots.values():
+        for reply, _ in lots.values():
             reply([])
         self._wake()
 

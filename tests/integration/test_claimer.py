@@ -354,3 +354,32 @@ def test_a_lot_the_claimer_dies_holding_comes_back_empty(env: Env) -> None:
         assert replies.got[1] == [file_id for file_id, _, _ in moves]
     finally:
         fresh.close()
+
+
+def test_a_stalled_child_never_blocks_the_main_loop_handing_it_lots(env: Env) -> None:
+    """A stopped child (SIGSTOP) with lots piling up: they are refused (the archiver's thread
+    takes them) before its pipe could fill, so handing one over never blocks; once it runs
+    again, every lot it took is moved and replied."""
+    claimer = ready_claimer(env)
+    child = claimer.pid
+    assert child is not None
+    moves = spooled(env, 500)
+    lot = [(i, source, f"{target}-{'x' * 200}") for i, source, target in moves if target]
+    replies = Replies()
+    accepted: list[bool] = []
+
+    def hand_over() -> None:
+        for _ in range(40):  # ~170 KB a lot: 40 would be 7 MB, past any pipe
+            accepted.append(claimer.archive(lot, [], replies, journal_wal=env.journal.wal_path))
+
+    os.kill(child, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=hand_over)
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "handing a lot to a stalled child blocked"
+    finally:
+        os.kill(child, signal.SIGCONT)
+    taken = accepted.count(True)
+    assert 1 <= taken < 40 and accepted == [True] * taken + [False] * (40 - taken)
+    wait_until(lambda: len(replies.got) == taken, 30, message="the lots it took replied")
