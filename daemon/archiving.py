@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from daemon.fsutil import make_folder, sync_file
+from daemon.fsutil import make_folder
 
 log = structlog.get_logger()
 
@@ -42,11 +43,14 @@ def archive_all(moves: list[Move], folders: set[str] | list[str]) -> list[int]:
     return done
 
 
-def archive_lot(journal_wal: str, moves: list[Move], folders: list[str]) -> list[int]:
-    """`archive_all`, once the journal's published marks are durable (an fdatasync of its WAL);
-    a journal that cannot be synced, or a folder that cannot be made, keeps every input."""
+def archive_lot(
+    sync: Callable[[], None], moves: list[Move], folders: set[str] | list[str]
+) -> list[int]:
+    """`archive_all`, once `sync` made the journal's published marks durable (an fdatasync of
+    its WAL); a journal that cannot be synced, or a folder that cannot be made, keeps every
+    input."""
     try:
-        sync_file(journal_wal)
+        sync()
         return archive_all(moves, folders)
     except OSError as exc:
         log.error("disposal.archive_failed", errno=errno.errorcode.get(exc.errno or 0))

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from daemon.archiving import Move, archive_all
+from daemon.archiving import Move, archive_all, archive_lot
 from daemon.audit.names import hash_name, hashed_file_name, load_name_key
 from daemon.config import PathsConfig, Pipeline
 from daemon.fsutil import atomic_write, iso_utc, make_folder, utc_day
@@ -200,10 +200,7 @@ class Archiver:
     def _run(self, moves: list[Move], folders: set[str]) -> None:
         done: list[int] = []
         try:
-            self._sync()
-            done = archive_all(moves, folders)
-        except OSError as exc:  # an unsyncable journal, an unmakeable folder: all kept
-            log.error("disposal.archive_failed", errno=errno.errorcode.get(exc.errno or 0))
+            done = archive_lot(self._sync, moves, folders)
         finally:  # whatever happened, the lot is handed back (the rest is tried again later)
             self._finish([m[0] for m in moves], done)
 

@@ -31,6 +31,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -334,7 +335,7 @@ def main(argv: list[str]) -> int:
         except EOFError:
             return 0
         if isinstance(work, ArchiveLot):
-            moved = archive_lot(work.journal_wal, work.moves, work.folders)
+            moved = archive_lot(partial(sync_file, work.journal_wal), work.moves, work.folders)
             to_parent.send((_ARCHIVED, (work.lot_id, moved)))
         else:
             to_parent.send((work.chunk_id, claim_chunk(work, unsafe)))
