@@ -186,7 +186,8 @@ class Service:
         if not self.once:
             self.watcher.start(inbox_folders(self.settings))
         self._checkpoint()
-        found = self.intake.scan()
+        if not (found := self.intake.scan()) and not self.once:
+            self.intake.claimer.start()  # idle: its child starts now, not with the first drops
         self.periodic = Periodic(self._messages)
         service = self.settings.service
         assert self.monitor is not None
@@ -259,9 +260,7 @@ class Service:
 
     def _wait_and_handle(self) -> None:
         due = self.intake.next_due(is_paused=bool(self.gate.paused))
-        timeout = None if due is None else max(0.0, due - time.monotonic())
-        if self.once and timeout is None:
-            timeout = 0.2
+        timeout = (0.2 if self.once else None) if due is None else max(0.0, due - time.monotonic())
         try:
             message = self._messages.get(timeout=timeout)
         except queue.Empty:

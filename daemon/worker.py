@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
@@ -74,12 +75,30 @@ def _start(kinds: tuple[str, ...], memory_limit: int | None, nice: int) -> None:
         preload = getattr(processor, "preload_optional", None)
         if memory_limit is not None and preload is not None:
             preload()  # what some options load on first use would otherwise eat into the cap
+        _warm_up(processor)
     # Under a cgroup limit (the unit's MemoryMax) the OOM killer takes a worker, never the
     # service: raising one's own score needs no privilege.
     with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text("500")
     if memory_limit is not None:
         cap_address_space(memory_limit)
+
+
+def _warm_up(processor: type[Processor]) -> None:
+    """The processor's warm-up in a scratch folder: only a head start, so a failure (no
+    writable temporary folder) is said and the worker starts all the same."""
+    warm_up = getattr(processor, "warm_up", None)
+    if warm_up is None:
+        return
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="medbatch-warm-up-") as folder:
+            warm_up(Path(folder))
+    except Exception as exc:
+        log.warning("worker.warm_up_failed", kind=processor.kind, error=type(exc).__name__)
+        return
+    ms = round(1000 * (time.perf_counter() - started))
+    log.debug("worker.warmed_up", kind=processor.kind, ms=ms)
 
 
 def _lower_priority(steps: int) -> None:

@@ -100,6 +100,9 @@ class InProcessClaimer:
         self._unsafe: set[str] = set()
         self._finished: list[Finished] = []
 
+    def start(self) -> None:
+        pass
+
     def submit(self, chunk: Chunk) -> None:
         self._finished.append((chunk.chunk_id, claim_chunk(chunk, self._unsafe)))
 
@@ -126,9 +129,10 @@ class _Link:
 
 
 class ClaimerProcess:
-    """The claimer child, and a thread that reads its outcomes and wakes the main loop. The
-    second chunk starts it (the first is claimed here at once: neither the child's start nor
-    its imports delay the service's first claim); until it is ready, chunks are claimed here.
+    """The claimer child, and a thread that reads its outcomes and wakes the main loop. A
+    service whose inboxes are empty at start starts it then; with a backlog, the second chunk
+    starts it (the first is claimed here at once: neither the child's start nor its imports
+    delay the service's first claim); until it is ready, chunks are claimed here.
     A child that keeps dying before it returns a chunk (it cannot start here) leaves the claims
     to this process, said once. The service runs a second one given only archive lots (role
     `disposal.mover`): the archiver's renames, off the main loop's GIL and the claims' way."""

@@ -76,7 +76,7 @@ class Intake:
         claimer: ClaimerProcess | InProcessClaimer | None = None,
     ) -> None:
         self._journal = journal
-        self._claimer = InProcessClaimer() if claimer is None else claimer
+        self.claimer = InProcessClaimer() if claimer is None else claimer
         self._claiming: dict[int, list[_Claim]] = {}  # chunks sent, not back yet
         self._chunk_ids = itertools.count()
         self._audit = audit
@@ -254,7 +254,7 @@ class Intake:
         pipelines = {name: ClaimRules.of(pipeline) for name, pipeline in used.items()}
         entries = [e for e, _ in claims]
         inbox, wal = self._settings.paths.inbox, self._journal.wal_path
-        self._claimer.submit(Chunk(chunk_id, inbox, pipelines, entries, journal_wal=wal))
+        self.claimer.submit(Chunk(chunk_id, inbox, pipelines, entries, journal_wal=wal))
 
     @property
     def is_claiming(self) -> bool:
@@ -264,7 +264,7 @@ class Intake:
         """The files of the chunks the claimer finished, now in the spool and journal; a chunk
         it died holding is finished here, as recovery finishes an interrupted claim."""
         taken: list[IncomingFile] = []
-        for chunk_id, outcomes in self._claimer.take_finished():
+        for chunk_id, outcomes in self.claimer.take_finished():
             claims = self._claiming.pop(chunk_id)
             if outcomes is None:
                 outcomes = [claim.finish_lost(e, p.pipeline) for e, p in claims]
@@ -274,7 +274,7 @@ class Intake:
     def close(self) -> None:
         """Stop: the chunks the claimer holds come back and are journaled (their files wait in
         the journal for the next start's batches)."""
-        self._claimer.close()
+        self.claimer.close()
         self.collect()
 
     def _apply(self, claims: list[_Claim], outcomes: list[claim.Outcome]) -> list[IncomingFile]:

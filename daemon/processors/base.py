@@ -29,7 +29,9 @@ class Processor(Protocol):
     merging all of them at once, so results are exact over the batch, however it is split.
 
     A processor may also have a static `preload_optional()`: it imports what only some options
-    use, which a worker under a memory cap calls before the cap is set.
+    use, which a worker under a memory cap calls before the cap is set; and a `warm_up(folder)`
+    class method: a tiny input of its own, read, merged and written into a scratch folder in the
+    pool's initializer, so the first batch does not pay the libraries' first calls.
     """
 
     kind: ClassVar[str]

@@ -35,11 +35,30 @@ def deaths(service: Service) -> list[dict[str, object]]:
     return [line for line in service.logs() if line.get("event") == "intake.claimer_died"]
 
 
+def test_an_idle_service_starts_its_claimer_before_the_first_drop(
+    make_service: MakeService,
+) -> None:
+    """Inboxes empty at start: the claimer's child starts with the service, so its start and
+    imports are not paid by the first files dropped (a backlog's second chunk starts it)."""
+    rng = random.Random(1303)
+    service = make_service([emr(max_files=1)])
+    service.start()
+    # Given a service that found nothing to claim at start: its claimer is up already
+    ready = new_claimer(service, [])
+    assert service.accounted() == 0
+    # When files are dropped, they are published, and the same child serves them
+    dropped = {f"d{i}.csv": service.drop("emr", f"d{i}.csv", emr_csv(rng)) for i in range(3)}
+    wait_until(lambda: service.accounted() == len(dropped), 30, message="the files accounted")
+    assert service.claimer_pid() == ready
+    assert service.stop() == 0
+    check_accounting(service, dropped)
+
+
 def test_a_killed_claimer_loses_no_file_and_is_replaced(make_service: MakeService) -> None:
     rng = random.Random(1301)
     service = make_service([emr(max_files=500)])
     service.start()
-    # Given a claimer (the second chunk starts it) that holds the chunks of 1,000 new files
+    # Given a claimer (started with the idle service) that holds the chunks of 1,000 new files
     # (stopped: it cannot finish them)
     dropped: dict[str, str] = {}
     for name in ("first.csv", "second.csv"):
