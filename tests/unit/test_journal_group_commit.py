@@ -3,6 +3,7 @@ one something outside acts on is durable before it does, and so is everything be
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,8 +14,15 @@ from daemon.audit import AuditLog, reconcile, writer
 from daemon.audit.events import REBUILT_EVENTS, FileReceived, FileRejected, Record
 from daemon.journal import Journal
 from daemon.models import Batch, BatchResult, IncomingFile
+from daemon.outcome_listeners import AuditTrail
+from daemon.outcomes import Committed, GaveUp
 
 NORMAL, FULL = 1, 2
+
+
+def audit_lines(folder: Path) -> list[str]:
+    return [line for path in sorted(folder.glob("audit-*.jsonl")) for line in
+            path.read_text().splitlines()]  # fmt: skip
 
 
 def synchronous(journal: Journal) -> int:
@@ -164,6 +172,35 @@ def test_a_line_the_journal_cannot_rebuild_is_synced_by_its_own_step(tmp_path: P
     assert barriers == []
     audit.record(FileRejected(pipeline="emr", file="b.csv", reason="symlink", size=0))
     audit.sync_due()
+    assert barriers == [1]
+    audit.close()
+
+
+@pytest.mark.parametrize("outcome", ["published", "gave_up"])
+def test_a_batchs_outcome_lines_wait_for_the_steps_sync(tmp_path: Path, outcome: str) -> None:
+    """batch.published, batch.failed and file.quarantined are rebuilt from the journal: a
+    batch's outcome writes them without an fsync of its own (one each batch, with the
+    journal's, made a 20,000-file backlog's 40 batches 40 syncs on the main loop); the step's
+    `sync_due` makes them durable with the rest."""
+    audit = AuditLog(tmp_path / "_audit")
+    barriers: list[int] = []
+    audit.set_barrier(lambda: barriers.append(1))
+    a, b = (IncomingFile(i, "emr", f"{i}.csv", f"/spool/emr/{i}.csv", "ab" * 32, 10, 1000.0)
+            for i in (1, 2))  # fmt: skip
+    batch = Batch("B1", "emr", "emr", 3, 1001.0, (a, b))
+    if outcome == "published":
+        quarantined = {b.file_id: ("unreadable", "ParserError")}
+        result = BatchResult("B1", tmp_path / "out", 1003.0, facts={1: {}}, quarantined=quarantined)
+        AuditTrail(audit).on_outcome(Committed(batch, result, run_s=1.0))
+    else:
+        AuditTrail(audit).on_outcome(GaveUp(batch, "processor_failed"))
+    assert barriers == []
+    written = [json.loads(line)["event"] for line in audit_lines(tmp_path / "_audit")]
+    assert "file.quarantined" in written
+    assert ("batch.published" if outcome == "published" else "batch.failed") in written
+    deadline = time.monotonic() + 10
+    while not barriers and time.monotonic() < deadline:
+        audit.sync_due()
     assert barriers == [1]
     audit.close()
 
