@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="throughput sections: run each side N times, keep the fastest (a busy machine); "
-        "default 1, and 3 for the small-file EMR section",
+        "default 1, and 3 (sides in turn) for the small-file EMR, imaging and genomics sections",
     )
     return parser
 
@@ -79,7 +79,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     )
     opts = opts.quick_sized() if args.quick else opts
     if args.repeat is not None:
-        opts = dataclasses.replace(opts, repeat=args.repeat, emr_repeat=args.repeat)
+        opts = dataclasses.replace(opts, repeat=args.repeat, short_repeat=args.repeat)
     return opts
 
 

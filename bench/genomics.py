@@ -12,7 +12,7 @@ import pandas as pd
 from bench.baseline import compare_tables, run_baseline
 from bench.datasets import copy_into, genomics_files
 from bench.options import BenchOptions
-from bench.section import SectionResult, best_of
+from bench.section import SectionResult, best_of_each
 from bench.service import ServiceTree, run_once, temp_root
 from bench.throughput import record_naive, record_run, record_speedup
 
@@ -82,12 +82,12 @@ def run_genomics(opts: BenchOptions) -> SectionResult:
     cells = opts.genomics_files * opts.genomics_genes * opts.genomics_samples
     result.add("files", opts.genomics_files)
     result.add("value_cells", cells)
-    ours = best_of(
-        opts.repeat, functools.partial(run_service, opts, source, cells), result, "medbatch_wall_s"
-    )
-    theirs = best_of(
-        opts.repeat, functools.partial(run_naive, source, cells), result, "naive_wall_s"
-    )
+    measures = {
+        "medbatch_wall_s": functools.partial(run_service, opts, source, cells),
+        "naive_wall_s": functools.partial(run_naive, source, cells),
+    }
+    values = best_of_each(opts.short_repeat, measures, result)
+    ours, theirs = values["medbatch_wall_s"], values["naive_wall_s"]
     record_speedup(result, "medbatch", SPEEDUP_TARGET)
     same_keys, worst = compare_tables(ours, theirs, "gene", ["mean", "std"])
     counts_equal = same_keys and bool(

@@ -11,7 +11,7 @@ import pandas as pd
 from bench.baseline import compare_tables, run_baseline
 from bench.datasets import copy_into, image_files
 from bench.options import BenchOptions
-from bench.section import SectionResult, best_of
+from bench.section import SectionResult, best_of_each
 from bench.service import ServiceTree, run_once, temp_root
 from bench.throughput import record_naive, record_run, record_speedup
 
@@ -62,10 +62,12 @@ def run_imaging(opts: BenchOptions) -> SectionResult:
     result = SectionResult("imaging")
     source = image_files(opts.cache, opts.images)
     result.add(UNIT, opts.images)
-    measure = functools.partial(run_service, opts, source)
-    ours = best_of(opts.repeat, measure, result, "medbatch_wall_s")
-    measure_naive = functools.partial(run_naive, source, opts.images)
-    theirs = best_of(opts.repeat, measure_naive, result, "naive_wall_s")
+    measures = {
+        "medbatch_wall_s": functools.partial(run_service, opts, source),
+        "naive_wall_s": functools.partial(run_naive, source, opts.images),
+    }
+    values = best_of_each(opts.short_repeat, measures, result)
+    ours, theirs = values["medbatch_wall_s"], values["naive_wall_s"]
     record_speedup(result, "medbatch", SPEEDUP_TARGET)
     same_keys, worst = compare_tables(ours, theirs, "source", STATS)
     result.add("max_rel_error", worst)

@@ -19,9 +19,10 @@ class BenchOptions:
     workers: int = 2
     profile: bool = False
     repeat: int = 1  # throughput sections: best of N runs of each side
-    # Small files: each side's wall is 3 to 6 s, and this VM drifts ±15 % from minute to minute, so
-    # every side (medbatch, Dask, naive, polars) is run this many times and its fastest kept.
-    emr_repeat: int = 3
+    # Small files, images, expression tables: each side's wall is 3 to 15 s, and this VM drifts
+    # ±15 % from minute to minute, so every side (medbatch, Dask, naive, polars) is run this many
+    # times, the sides in turn, and its fastest kept.
+    short_repeat: int = 3
     # Sizes (full run / --quick).
     emr_files: int = 20000
     emr_rows: int = 50
@@ -44,7 +45,7 @@ class BenchOptions:
         return dataclasses.replace(
             self,
             quick=True,
-            emr_repeat=1,
+            short_repeat=1,
             emr_files=1000,
             emr_max_files=100,
             latency_drops=30,
