@@ -34,10 +34,11 @@ AuditListener = Callable[[Record], None]
 
 _RESERVED_FIELDS = frozenset({"ts", "seq", "event", "prev", "hash", "chain"})
 # The main loop's per-step sync waits until its oldest unsynced line is this old: one fsync
-# (and one of the journal) for a few steps' lines on a backlog. Only lines `reconcile` rebuilds
+# (and one of the journal) for a second of a backlog's lines. Only lines `reconcile` rebuilds
 # from the journal wait (REBUILT_EVENTS): a power cut loses none for good. Any other is synced
-# by the step that wrote it.
-SYNC_LAG_S = 0.25
+# by the step that wrote it. (0.25 s: 43 fsyncs of the main thread per 20,000-file backlog;
+# 1 s: 29, bench/NOTES.md round 12.)
+SYNC_LAG_S = 1.0
 
 
 class AuditLogCorruptError(MedbatchError):
